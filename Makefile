@@ -1,0 +1,37 @@
+# Two entry points: `make run` (set up, run the main job) and `make test`
+# (set up with the dev extra, lint, run the test suite). Both are idempotent:
+# the venv is rebuilt only when pyproject.toml changes.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP     := $(VENV)/.stamp-run
+DEV_STAMP := $(VENV)/.stamp-dev
+
+.PHONY: run test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@ $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/tlbsim run experiments/configs/default.toml --out results/default
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check tlbsim tests experiments benchmarks
+
+test: $(DEV_STAMP) lint
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/tlbsim bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
