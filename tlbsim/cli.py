@@ -1,0 +1,116 @@
+"""`tlbsim` command line: run | bench.
+
+Bad input (a config error, a missing file, an unwritable output) prints one
+line naming the problem and exits 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from tlbsim.config import Config, ConfigError, parse_override
+
+EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's own convention)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _load_config(path: str, sets: list[str]) -> Config:
+    overrides = dict(parse_override(s) for s in sets or ())
+    return Config.from_toml(path, overrides)
+
+
+SUMMARY_ROWS = (
+    ("policy", "policy", "{}"),
+    ("shootdowns_completed", "shootdowns completed", "{:,}"),
+    ("shootdowns_incomplete", "shootdowns incomplete", "{:,}"),
+    ("shootdowns_failed", "shootdowns failed (HV_STATUS != SUCCESS)", "{:,}"),
+    ("latency_mean_us", "latency mean (us)", "{:.3f}"),
+    ("latency_p50_us", "latency p50 (us)", "{:.3f}"),
+    ("latency_p99_us", "latency p99 (us)", "{:.3f}"),
+    ("suspensions", "suspensions (locked TLB)", "{:,}"),
+    ("guest_work_fraction", "guest work fraction", "{:.4f}"),
+    ("refill_us", "refill time, all VPs (us)", "{:.1f}"),
+    ("collateral_entries", "collateral TLB entries lost", "{:.0f}"),
+    ("events", "SimPy events", "{:,}"),
+)
+
+
+def format_summary(summary: pd.Series) -> str:
+    lines = []
+    for key, label, fmt in SUMMARY_ROWS:
+        value = summary.get(key)
+        if value is None:
+            continue
+        text = "n/a" if isinstance(value, float) and value != value else fmt.format(value)
+        lines.append(f"  {label:<42} {text:>14}")
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> int:
+    from tlbsim.simulate import simulate
+
+    config = _load_config(args.config, args.set)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a directory")
+    result = simulate(config, seed=args.seed)
+    print(f"tlbsim run {args.config} (seed {args.seed}, {config.partition.vps} VPs on "
+          f"{min(config.partition.lps, config.partition.vps)} LPs, {config.partition.duration_us:,.0f} us simulated)")
+    print(format_summary(result.summary))
+    if args.out:
+        try:
+            out = result.save(args.out)
+        except OSError as e:
+            raise UsageError(f"cannot write results to {args.out}: {e.strerror or e}") from None
+        print(f"results written to {out}/ (shootdowns, vps, exits .parquet + manifest.json)")
+    return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+    from tlbsim.bench import main as bench_main
+
+    return bench_main(quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tlbsim", description="Discrete-event simulator of TLB shootdowns in multi-VP VMs.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="simulate one configuration and print its summary")
+    run.add_argument("config", help="TOML configuration (see experiments/configs/default.toml)")
+    run.add_argument("--seed", type=int, default=0, help="root seed (default 0)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set partition.vps=32")
+    run.add_argument("--out", metavar="DIR", help="write Parquet tables and manifest.json here")
+    run.set_defaults(func=cmd_run)
+
+    bench = sub.add_parser("bench", help="measure simulator speed against raw SimPy")
+    bench.add_argument("--quick", action="store_true", help="smaller workloads (a smoke test, not a measurement)")
+    bench.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError) as e:
+        print(f"tlbsim: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("tlbsim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Typed, validated configuration.
+
+Every cost is a named parameter in microseconds whose default traces to a row
+of shared/reference/calibration.md (the ``# src:`` comments and
+experiments/configs/default.toml say which); defaults marked *estimate* are
+reasoned, not measured.
+
+Validation happens here, at the edge: the model receives a ``Config`` it can
+trust. Every error names the dotted key that is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tlbsim import hv
+
+POLICIES = ("ipi", "mask", "all", "linux", "kvm-pv")
+SHARING = ("all", "groups", "private")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the key it is about."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    vps: int = 16  # virtual processors; > 64 means the Ex calls
+    lps: int = 16  # host logical processors given to this partition; lps < vps is overcommit
+    semantics: str = "tlfs"  # "tlfs" (Hyper-V) or "kvm" (KVM's Hyper-V emulation)
+    slice_us: float = 10_000.0  # src: calibration "host scheduler slice", Hyper-V 10 ms
+    duration_us: float = 100_000.0  # simulated time per run
+
+    def check(self, key: str) -> None:
+        _positive(self.vps, f"{key}.vps")
+        _positive(self.lps, f"{key}.lps")
+        if self.vps > hv.MAX_VP_INDEX + 1:
+            raise ConfigError(f"{key}.vps", f"at most {hv.MAX_VP_INDEX + 1} VPs (64 banks x 64)")
+        if self.semantics not in ("tlfs", "kvm"):
+            raise ConfigError(f"{key}.semantics", f"must be 'tlfs' or 'kvm', not {self.semantics!r}")
+        _positive(self.slice_us, f"{key}.slice_us")
+        _positive(self.duration_us, f"{key}.duration_us")
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    """Costs of the flush paths, microseconds."""
+
+    vmexit_roundtrip_us: float = 0.6  # src: calibration "VM exit + entry round trip"
+    hypercall_decode_us: float = 0.1  # estimate: decode + validate the input block
+    flush_per_running_target_us: float = 1.0  # src: calibration "hypervisor flush of one running target"
+    flush_all_broadcast_us: float = 1.5  # estimate: ALL_PROCESSORS fixed cost (one broadcast, no mask walk)
+    flush_all_per_running_target_us: float = 0.25  # estimate: ack collection per running VP on the ALL path
+    mask_per_vp_us: float = 0.02  # estimate: walking one set bit of a ProcessorMask / VP set
+    vp_set_per_bank_us: float = 0.05  # estimate: reading one HV_VP_SET bank word
+    list_per_range_us: float = 0.05  # estimate: one GVA range entry
+    continuation_limit_us: float = 50.0  # src: calibration "hypercall continuation limit" (TLFS)
+    target_interrupt_us: float = 0.6  # src: calibration VM exit round trip: a running target's LP is interrupted
+    deferred_flush_us: float = 0.28  # src: calibration "local single-page flush path": applied at next entry
+    invlpg_us: float = 0.08  # src: calibration "INVLPG, one page"
+    local_flush_us: float = 0.28  # src: calibration "local single-page flush path"
+    full_flush_us: float = 0.4  # estimate: CR3 reload path (local path + a CR3 write)
+    flush_ceiling_pages: int = 33  # src: calibration, Linux tlb_single_page_flush_ceiling
+    vipi_send_us: float = 2.5  # src: calibration "virtual IPI with trapped ICR, per target"
+    posted_interrupts: bool = False  # src: calibration IPIv: -20 % on virtual IPIs when on
+    posted_interrupt_discount: float = 0.20  # src: calibration "posted interrupts / IPIv discount"
+    pv_ipi_per_target_us: float = 1.0  # src: calibration "KVM PV IPI hypercall, ~1 us per target"
+    halt_wake_us: float = 2.5  # estimate: waking a halted VP (same order as a unicast virtual IPI)
+    refill_us: float = 0.036  # src: calibration "refill cost, nested" (90 cycles, estimate)
+
+    def check(self, key: str) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, bool):
+                _non_negative(value, f"{key}.{f.name}")
+        if not 0 <= self.posted_interrupt_discount < 1:
+            raise ConfigError(f"{key}.posted_interrupt_discount", "must be in [0, 1)")
+
+    def vipi_us(self) -> float:
+        discount = self.posted_interrupt_discount if self.posted_interrupts else 0.0
+        return self.vipi_send_us * (1.0 - discount)
+
+    def local_flush_cost_us(self, pages: int | None) -> float:
+        """A guest's own flush: INVLPG per page up to the ceiling, else a full flush."""
+        if pages is None or pages > self.flush_ceiling_pages:
+            return self.full_flush_us
+        return self.local_flush_us + (pages - 1) * self.invlpg_us
+
+
+@dataclass(frozen=True)
+class TlbConfig:
+    capacity: int = 1536  # entries; src: calibration "second-level TLB entries" (Skylake STLB)
+    working_set_pages: int = 1024  # non-global pages a VP touches in its address space (estimate)
+    global_pages: int = 256  # global (PTE.G, kernel) pages a VP touches (estimate)
+    fill_rate_per_us: float = 0.5  # entries filled per us of guest execution (estimate)
+    start_warm: bool = True  # TLBs start full to their working set (no warm-up transient)
+    hypervisor_flush: str = "vpid"  # "vpid": an address-space flush by the hypervisor drops every
+    # non-global entry of the VP (INVVPID single-context); "exact": only the named address space
+
+    def check(self, key: str) -> None:
+        _positive(self.capacity, f"{key}.capacity")
+        _non_negative(self.working_set_pages, f"{key}.working_set_pages")
+        _non_negative(self.global_pages, f"{key}.global_pages")
+        _non_negative(self.fill_rate_per_us, f"{key}.fill_rate_per_us")
+        if self.hypervisor_flush not in ("vpid", "exact"):
+            raise ConfigError(f"{key}.hypervisor_flush", "must be 'vpid' or 'exact'")
+
+
+@dataclass(frozen=True)
+class ExitSpec:
+    rate_per_ms: float = 0.0  # exits per ms of guest execution
+    cost_us: float = 1.0  # time the virtualization stack takes to handle one
+
+    def check(self, key: str) -> None:
+        _non_negative(self.rate_per_ms, f"{key}.rate_per_ms")
+        _non_negative(self.cost_us, f"{key}.cost_us")
+
+
+@dataclass(frozen=True)
+class ExitsConfig:
+    """Exit rates per ms of guest time and handling costs; all *estimates*
+    (no public source gives a WHP exit mix), except that every handling cost
+    is at least the 0.6 us round trip of calibration.md."""
+
+    memory_access: ExitSpec = ExitSpec(0.5, 8.0)  # MMIO emulated in the stack; sets TlbFlushInhibit
+    x64_io_port_access: ExitSpec = ExitSpec(0.5, 4.0)
+    x64_halt: ExitSpec = ExitSpec(0.2, 1.0)  # then idle: halt_idle_mean_us
+    x64_msr_access: ExitSpec = ExitSpec(1.0, 1.5)  # also the cost basis of a trapped x2APIC ICR write
+    x64_cpuid: ExitSpec = ExitSpec(0.1, 1.0)
+    x64_interrupt_window: ExitSpec = ExitSpec(0.2, 1.0)
+    x64_apic_eoi: ExitSpec = ExitSpec(0.5, 1.0)
+    canceled: ExitSpec = ExitSpec(0.0, 1.0)  # the host kicking a running VP (interrupt delivery)
+    halt_idle_mean_us: float = 200.0  # mean idle time after HLT unless woken earlier (exponential)
+
+    def check(self, key: str) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, ExitSpec):
+                value.check(f"{key}.{f.name}")
+        _non_negative(self.halt_idle_mean_us, f"{key}.halt_idle_mean_us")
+
+    def specs(self) -> dict[str, ExitSpec]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.type in ("ExitSpec", ExitSpec)}
+
+
+@dataclass(frozen=True)
+class LocksConfig:
+    vsm_rate_per_ms: float = 0.0  # VSM TlbLocked episodes per ms per VP (0: VSM off)
+    vsm_hold_mean_us: float = 20.0  # mean time a higher VTL keeps TlbLocked set
+    vsm_hold_distribution: str = "exponential"  # "exponential" or "fixed"
+    vsm_vps: list[int] = field(default_factory=list)  # VPs with a VTL1 (empty: all)
+    memory_access_inhibit: bool = True  # TlbFlushInhibit while a MemoryAccess exit is emulated
+
+    def check(self, key: str) -> None:
+        _non_negative(self.vsm_rate_per_ms, f"{key}.vsm_rate_per_ms")
+        _non_negative(self.vsm_hold_mean_us, f"{key}.vsm_hold_mean_us")
+        if self.vsm_hold_distribution not in ("exponential", "fixed"):
+            raise ConfigError(f"{key}.vsm_hold_distribution", "must be 'exponential' or 'fixed'")
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    policy: str = "mask"  # one of POLICIES
+    rate_per_ms: float = 0.5  # shootdowns initiated per VP per ms (Poisson)
+    burst_size: int = 1  # shootdowns per arrival (back to back)
+    pages: int = 1  # pages per shootdown
+    full_flush_fraction: float = 0.0  # fraction of shootdowns that flush the whole address space
+    sharing: str = "all"  # which VPs run the same address space: all / groups / private
+    group_size: int = 4  # VPs per address space with sharing = "groups"
+    initiators: list[int] = field(default_factory=list)  # VPs that initiate (empty: all)
+    processor_mask: int = 0  # explicit ProcessorMask for the mask policy (0: derive from sharing)
+    trace: str = ""  # CSV of time_us,vp,address_space,pages (replaces the Poisson arrivals)
+
+    def check(self, key: str) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"{key}.policy", f"must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+        _non_negative(self.rate_per_ms, f"{key}.rate_per_ms")
+        _positive(self.burst_size, f"{key}.burst_size")
+        _positive(self.pages, f"{key}.pages")
+        if not 0 <= self.full_flush_fraction <= 1:
+            raise ConfigError(f"{key}.full_flush_fraction", "must be in [0, 1]")
+        if self.sharing not in SHARING:
+            raise ConfigError(f"{key}.sharing", f"must be one of {', '.join(SHARING)}")
+        _positive(self.group_size, f"{key}.group_size")
+        if not 0 <= self.processor_mask <= hv.U64_MAX:
+            raise ConfigError(f"{key}.processor_mask", "must be a 64-bit ProcessorMask")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    check_invariants: bool = False  # assert the model's invariants during the run (on in tests)
+
+    def check(self, key: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Config:
+    partition: PartitionConfig = PartitionConfig()
+    costs: CostConfig = CostConfig()
+    tlb: TlbConfig = TlbConfig()
+    exits: ExitsConfig = ExitsConfig()
+    locks: LocksConfig = LocksConfig()
+    workload: WorkloadConfig = WorkloadConfig()
+    run: RunConfig = RunConfig()
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).check(f.name)
+        n = self.partition.vps
+        for key, vps in (("locks.vsm_vps", self.locks.vsm_vps), ("workload.initiators", self.workload.initiators)):
+            bad = [v for v in vps if not 0 <= v < n]
+            if bad:
+                raise ConfigError(key, f"VP {bad[0]} does not exist (the partition has VPs 0..{n - 1})")
+        mask = self.workload.processor_mask
+        if mask:
+            bad = [v for v in hv.mask_to_vps(mask) if v >= n]
+            if bad:
+                raise ConfigError(
+                    "workload.processor_mask", f"{mask:#x} names VP {bad[0]}, but the partition has VPs 0..{n - 1}"
+                )
+
+    # ------------------------------------------------------------ building
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError("", f"config file {path} does not exist") from None
+        except OSError as e:
+            raise ConfigError("", f"cannot read {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("", f"{path} is not valid TOML: {e}") from None
+        return cls.from_dict(_apply_overrides(data, overrides or {}))
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
+        """A new Config with dotted-key overrides: ``{"partition.vps": 32}``."""
+        return Config.from_dict(_apply_overrides(self.to_dict(), overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- helpers
+def _positive(value, key: str) -> None:
+    if not value > 0 or math.isinf(value):
+        raise ConfigError(key, f"must be a finite number > 0, got {value!r}")
+
+
+def _non_negative(value, key: str) -> None:
+    if not value >= 0:
+        raise ConfigError(key, f"must be >= 0, got {value!r}")
+
+
+def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    import copy
+
+    data = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(dotted, f"{part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"partition.vps=32"`` -> ``("partition.vps", 32)``; values are TOML
+    (numbers, booleans, quoted strings, arrays), bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(text, "an override is KEY=VALUE")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    if not key:
+        raise ConfigError(text, "an override needs a key before '='")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a table, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list, got {type(value).__name__}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(key, "union types are not supported in config")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        if math.isnan(value):
+            raise ConfigError(key, "must be a number, got nan")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls, data: dict[str, Any], prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(prefix + key, f"unknown key{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)

@@ -1,0 +1,258 @@
+"""Guest flush policies: how the guest OS shoots down a TLB entry.
+
+Every policy first flushes the initiator's own TLB (as Linux and Windows do),
+then reaches the other VPs that may cache the address space ("targets"):
+
+- ``ipi``: a virtual IPI per target (a trapped x2APIC ICR write: one
+  X64MsrAccess exit each on the sender), the targets flush locally and ack,
+  the sender spins until every ack is in.
+- ``mask``: HvCallFlushVirtualAddressSpace(NON_GLOBAL_MAPPINGS_ONLY) with a
+  ProcessorMask of exactly the targets (the Ex call with an HV_VP_SET when
+  an index is >= 64); no call when there is no target.
+- ``all``: the same call with HV_FLUSH_ALL_PROCESSORS.
+- ``linux``: arch/x86/hyperv/mmu.c's choices (see reference/hyperv-flush.md),
+  falling back to IPIs on any failure status.
+- ``kvm-pv``: KVM's PV flush: preempted targets are flagged to flush at
+  their next entry, the others get IPIs (one PV send-IPI hypercall) and the
+  initiator waits for them.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+from tlbsim import hv
+from tlbsim.hv import FlushCall, HvCallCode, HvFlushFlags, HvStatus, VpSet
+from tlbsim.model.tlb import FlushScope
+from tlbsim.model.vp import DESCHEDULED, EXIT, FLUSH, I_HYPERCALL, I_MSR
+
+NG = HvFlushFlags.NON_GLOBAL_MAPPINGS_ONLY
+#: Linux: (PAGE_SIZE - sizeof header) / sizeof(u64) GVA entries per call.
+LINUX_MAX_GVAS = (4096 - 24) // 8
+
+
+class Shootdown:
+    """One shootdown in flight; becomes one row of result.shootdowns."""
+
+    __slots__ = (
+        "id", "initiator", "policy", "address_space", "pages", "arrival_us", "issue_us", "complete_us",
+        "call_code", "flags", "n_targets", "running_targets", "deferred_targets", "ipis", "suspensions",
+        "reissues", "suspended_us", "hypercall_us", "refill_entries", "collateral_entries", "status",
+        "pending_acks", "acked", "stuck_on", "targets",
+    )
+
+    def __init__(self, sid: int, initiator: int, policy: str, req, now: float):
+        self.id = sid
+        self.initiator = initiator
+        self.policy = policy
+        self.address_space = req.address_space
+        self.pages = req.pages
+        self.arrival_us = req.arrival_us
+        self.issue_us = now
+        self.complete_us = math.nan
+        self.call_code = 0
+        self.flags = 0
+        self.n_targets = 0
+        self.running_targets = 0
+        self.deferred_targets = 0
+        self.ipis = 0
+        self.suspensions = 0
+        self.reissues = 0
+        self.suspended_us = 0.0
+        self.hypercall_us = 0.0
+        self.refill_entries = 0.0
+        self.collateral_entries = 0.0
+        self.status = "IN_PROGRESS"
+        self.pending_acks = 0
+        self.acked = None
+        self.stuck_on = ""
+        self.targets: tuple[int, ...] = ()
+
+    def ack(self) -> None:
+        self.pending_acks -= 1
+        if self.pending_acks == 0:
+            self.acked.succeed()
+
+
+class Policy:
+    name = ""
+
+    def __init__(self, part):
+        self.part = part
+        self.env = part.env
+        self.costs = part.config.costs
+
+    def shootdown(self, vp, req):
+        part = self.part
+        env = self.env
+        sd = part.new_shootdown(vp, self.name, req)
+        scope = FlushScope(req.address_space, True, req.pages)
+        targets = part.targets_of(vp, req.address_space)
+        sd.targets = tuple(t.index for t in targets)
+        if req.address_space == vp.address_space:
+            vp.set_state(FLUSH)
+            yield env.timeout(self.costs.local_flush_cost_us(req.pages))
+            vp.local_flush(scope, sd)
+        status = HvStatus.SUCCESS
+        if targets:
+            status = yield from self.remote(vp, sd, scope, targets)
+        sd.status = status.name if isinstance(status, HvStatus) else str(status)
+        part.complete(sd)
+
+    def remote(self, vp, sd, scope, targets):
+        raise NotImplementedError
+
+    # Shared by ipi, kvm-pv and the linux fallback.
+    def _ipis(self, vp, sd, scope, targets, per_target_us: float, exit_index: int, staggered: bool):
+        env = self.env
+        k = len(targets)
+        sd.ipis += k
+        sd.pending_acks += k
+        sd.n_targets = max(sd.n_targets, k)
+        if sd.acked is None or sd.acked.triggered:
+            sd.acked = env.event()
+        if staggered:  # one trapped ICR write per target, each an exit
+            vp.record_exit(exit_index, k, per_target_us * k)
+            for i, t in enumerate(targets):
+                env.timeout(per_target_us * (i + 1)).callbacks.append(partial(_deliver, t, sd, scope))
+            send_us = per_target_us * k
+        else:  # one PV send-IPI hypercall for all of them
+            send_us = self.costs.vmexit_roundtrip_us + per_target_us * k
+            vp.record_exit(exit_index, 1, send_us)
+            env.timeout(send_us).callbacks.append(partial(_deliver_all, targets, sd, scope))
+        vp.exit_index = exit_index
+        vp.set_state(EXIT)
+        yield env.timeout(send_us)
+        vp.exit_index = -1
+        yield from vp.spin_until_acked(sd)
+
+
+def _deliver(target, sd, scope, _event) -> None:
+    target.post_ipi(sd, scope)
+
+
+def _deliver_all(targets, sd, scope, _event) -> None:
+    for t in targets:
+        t.post_ipi(sd, scope)
+
+
+class IpiPolicy(Policy):
+    name = "ipi"
+
+    def remote(self, vp, sd, scope, targets):
+        yield from self._ipis(vp, sd, scope, targets, self.costs.vipi_us(), I_MSR, staggered=True)
+        return HvStatus.SUCCESS
+
+
+class KvmPvPolicy(Policy):
+    name = "kvm-pv"
+
+    def remote(self, vp, sd, scope, targets):
+        sd.n_targets = len(targets)
+        others = []
+        for t in targets:
+            if t.state == DESCHEDULED:  # KVM_VCPU_PREEMPTED: flag KVM_VCPU_FLUSH_TLB, no IPI
+                t.defer(scope, sd, True)
+            else:
+                others.append(t)
+        if others:
+            yield from self._ipis(vp, sd, scope, others, self.costs.pv_ipi_per_target_us, I_HYPERCALL, False)
+        return HvStatus.SUCCESS
+
+
+class HypercallPolicy(Policy):
+    def build(self, vp, sd, scope, targets) -> tuple[FlushCall, FlushScope] | None:
+        raise NotImplementedError
+
+    def remote(self, vp, sd, scope, targets):
+        built = self.build(vp, sd, scope, targets)
+        if built is None:
+            return HvStatus.SUCCESS
+        call, hv_scope = built
+        status = yield from self.part.hypervisor.flush(vp, call, hv_scope, sd)
+        return status
+
+
+def _target_call(address_space: int, flags: int, vps: list[int]) -> FlushCall:
+    if vps and max(vps) >= 64:
+        return FlushCall.space_ex(address_space, flags, hv.vps_to_vp_set(vps))
+    return FlushCall.space(address_space, flags, hv.vps_to_mask(vps))
+
+
+class MaskPolicy(HypercallPolicy):
+    name = "mask"
+
+    def build(self, vp, sd, scope, targets):
+        vps = [t.index for t in targets]
+        whole = FlushScope(scope.address_space, True, None)
+        return _target_call(scope.address_space, NG, vps), whole
+
+
+class AllPolicy(HypercallPolicy):
+    name = "all"
+
+    def build(self, vp, sd, scope, targets):
+        whole = FlushScope(scope.address_space, True, None)
+        return FlushCall.space(scope.address_space, HvFlushFlags.ALL_PROCESSORS | NG, 0), whole
+
+
+class LinuxPolicy(HypercallPolicy):
+    name = "linux"
+
+    def build(self, vp, sd, scope, targets):
+        n_vps = self.part.config.partition.vps
+        cpus = sorted({vp.index, *(t.index for t in targets)})  # mm_cpumask, the initiator included
+        pages = scope.pages
+        if pages is not None and pages > self.costs.flush_ceiling_pages:
+            pages = None  # flush_tlb_mm_range turns a large range into a full flush
+        flags = 0
+        ex = False
+        if len(cpus) == n_vps:
+            flags |= HvFlushFlags.ALL_PROCESSORS
+        elif cpus[-1] >= 64:
+            ex = True
+        if pages is None:
+            flags |= NG
+            hv_scope = FlushScope(scope.address_space, True, None)
+            gvas = None
+        else:
+            n_banks = cpus[-1] // 64 + 1 if ex else 0
+            gva_n = -(-pages // hv.GVA_RANGE_MAX_PAGES)
+            limit = LINUX_MAX_GVAS - n_banks if ex else LINUX_MAX_GVAS
+            if gva_n > limit:
+                hv_scope = FlushScope(scope.address_space, False, None)
+                gvas = None
+            else:
+                hv_scope = FlushScope(scope.address_space, True, pages)
+                gvas = hv.gva_ranges_for(0x1000, pages)
+        if ex:
+            top_bank = cpus[-1] // 64
+            words = [0] * (top_bank + 1)  # Linux sends every bank up to the highest
+            for c in cpus:
+                words[c // 64] |= 1 << (c % 64)
+            vp_set = VpSet(0, (1 << (top_bank + 1)) - 1, tuple(words))
+            call = (FlushCall.space_ex(scope.address_space, flags, vp_set) if gvas is None
+                    else FlushCall.list_ex(scope.address_space, flags, vp_set, gvas))
+        else:
+            mask = 0 if flags & HvFlushFlags.ALL_PROCESSORS else hv.vps_to_mask(cpus)
+            call = (FlushCall.space(scope.address_space, flags, mask) if gvas is None
+                    else FlushCall.list(scope.address_space, flags, mask, gvas))
+        return call, hv_scope
+
+    def remote(self, vp, sd, scope, targets):
+        status = yield from super().remote(vp, sd, scope, targets)
+        if status != HvStatus.SUCCESS:  # Linux falls back to native IPIs on any failure
+            yield from self._ipis(vp, sd, scope, targets, self.costs.vipi_us(), I_MSR, staggered=True)
+        return status
+
+
+POLICY_CLASSES = {p.name: p for p in (IpiPolicy, MaskPolicy, AllPolicy, LinuxPolicy, KvmPvPolicy)}
+
+
+def make_policy(name: str, part) -> Policy:
+    return POLICY_CLASSES[name](part)
+
+
+# The call codes a policy can issue, for documentation and tests.
+CALL_CODES = {c.name: int(c) for c in HvCallCode}

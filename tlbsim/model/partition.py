@@ -1,0 +1,227 @@
+"""Wires one run: environment, host, VPs, hypervisor, policy; runs it and
+returns plain records (lists and dicts). No file I/O, no printing."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import simpy
+
+from tlbsim import hv
+from tlbsim.config import Config, ExitSpec
+from tlbsim.model import rng
+from tlbsim.model.guest import Shootdown, make_policy
+from tlbsim.model.host import Host
+from tlbsim.model.hypervisor import Hypervisor
+from tlbsim.model.locks import VsmTlbLock
+from tlbsim.model.vp import EXIT_REASONS, GUEST, TIME_COLUMNS, VP
+from tlbsim.model.workload import PoissonArrivals, TraceArrivals, TraceEvent
+
+SHOOTDOWN_COLUMNS = (
+    "id", "initiator_vp", "policy", "address_space", "pages", "call_code", "flags", "n_targets",
+    "running_targets", "deferred_targets", "ipis", "arrival_us", "issue_us", "complete_us", "latency_us",
+    "suspensions", "reissues", "suspended_us", "hypercall_us", "refill_entries", "collateral_entries",
+    "status", "stuck_on",
+)
+
+
+class InvariantError(AssertionError):
+    """The model broke one of its own invariants (check_invariants on)."""
+
+
+def cr3_of(as_index: int) -> int:
+    """The CR3 value that names address space ``as_index``."""
+    return (as_index + 1) << 12
+
+
+@dataclass
+class Records:
+    """What one run produced, as plain columns; results.Result makes DataFrames of it."""
+
+    shootdowns: dict[str, list] = field(default_factory=dict)
+    vps: dict[str, list] = field(default_factory=dict)
+    exits: dict[str, list] = field(default_factory=dict)
+    duration_us: float = 0.0
+    events: int = 0
+    requests_waiting: int = 0
+    host: dict[str, int] = field(default_factory=dict)
+
+
+class Partition:
+    def __init__(self, config: Config, seed: int = 0, trace: list[TraceEvent] | None = None):
+        self.config = config
+        self.env = simpy.Environment()
+        p = config.partition
+        w = config.workload
+        self.host = Host(self.env, min(p.lps, p.vps), p.slice_us)
+        self.hypervisor = Hypervisor(self)
+        self.policy = make_policy(w.policy, self)
+        specs = config.exits.specs()
+        self.exit_specs = [
+            specs[r.name.lower()] if r.name.lower() in specs else ExitSpec(0.0, config.costs.vmexit_roundtrip_us)
+            for r in EXIT_REASONS
+        ]
+        self.shootdowns: list[Shootdown] = []
+        self.in_flight: dict[int, Shootdown] = {}
+        self._next_id = 0
+
+        as_index = [self._as_index(i) for i in range(p.vps)]
+        self.sharers: dict[int, list[VP]] = {}
+        streams = rng.vp_streams(seed, p.vps)
+        initiators = set(w.initiators) if w.initiators else set(range(p.vps))
+        vsm_vps = set(config.locks.vsm_vps) if config.locks.vsm_vps else set(range(p.vps))
+        per_vp_trace: dict[int, list[TraceEvent]] = {}
+        for e in trace or ():
+            per_vp_trace.setdefault(e.vp, []).append(e)
+        self.vps: list[VP] = []
+        for i in range(p.vps):
+            if trace is not None:
+                arrivals = TraceArrivals(per_vp_trace.get(i, []), cr3_of)
+            else:
+                rate = w.rate_per_ms if i in initiators else 0.0
+                arrivals = PoissonArrivals(streams[i]["workload"], rate, w.burst_size, w.pages,
+                                           w.full_flush_fraction)
+            lk = config.locks
+            vsm = (VsmTlbLock(streams[i]["vsm"], lk.vsm_rate_per_ms, lk.vsm_hold_mean_us,
+                              lk.vsm_hold_distribution == "fixed")
+                   if lk.vsm_rate_per_ms > 0 and i in vsm_vps else None)
+            vp = VP(self, i, cr3_of(as_index[i]), streams[i], arrivals, vsm)
+            self.vps.append(vp)
+            self.sharers.setdefault(vp.address_space, []).append(vp)
+        self._mask_targets = hv.mask_to_vps(w.processor_mask) if w.processor_mask else None
+
+    def _as_index(self, vp: int) -> int:
+        w = self.config.workload
+        if w.sharing == "all":
+            return 0
+        if w.sharing == "groups":
+            return vp // w.group_size
+        return vp
+
+    # ------------------------------------------------------------ policy API
+    def targets_of(self, vp: VP, address_space: int) -> list[VP]:
+        """The other VPs that may cache ``address_space`` (Linux's mm_cpumask)."""
+        if self._mask_targets is not None:
+            return [self.vps[i] for i in self._mask_targets if i != vp.index]
+        return [t for t in self.sharers.get(address_space, ()) if t is not vp]
+
+    def new_shootdown(self, vp: VP, policy: str, req) -> Shootdown:
+        sd = Shootdown(self._next_id, vp.index, policy, req, self.env.now)
+        self._next_id += 1
+        self.in_flight[sd.id] = sd
+        return sd
+
+    def complete(self, sd: Shootdown) -> None:
+        sd.complete_us = self.env.now
+        del self.in_flight[sd.id]
+        self.shootdowns.append(sd)
+        if self.config.run.check_invariants:
+            self._check_flush_guarantee(sd)
+
+    # ------------------------------------------------------------ invariants
+    def _check_flush_guarantee(self, sd: Shootdown) -> None:
+        """After a flush returns, every targeted VP has had the flush applied,
+        or has it pending and is not running guest code."""
+        if sd.status not in ("SUCCESS",):
+            return
+        for i in sd.targets:
+            t = self.vps[i]
+            if sd.id in t.applied_ids:
+                continue
+            pending = any(d[0] is sd for d in t.deferred)
+            if not pending or t.state == GUEST:
+                raise InvariantError(
+                    f"shootdown {sd.id} by VP {sd.initiator} returned at {self.env.now} us but target VP {i} "
+                    f"neither flushed nor holds it pending (state {t.state})"
+                )
+
+    def _check_end(self, duration: float) -> None:
+        for vp in self.vps:
+            total = sum(vp.acc)
+            if not math.isclose(total, duration, rel_tol=1e-9, abs_tol=1e-6):
+                raise InvariantError(f"VP {vp.index}: time by state sums to {total} us, not {duration} us")
+        ids = [sd.id for sd in self.shootdowns] + list(self.in_flight)
+        if len(ids) != len(set(ids)) or len(ids) != self._next_id:
+            raise InvariantError(f"shootdowns lost or duplicated: {len(ids)} recorded of {self._next_id} issued")
+
+    # ------------------------------------------------------------ running
+    def run(self) -> Records:
+        duration = self.config.partition.duration_us
+        self.env.run(until=duration)
+        for vp in self.vps:
+            vp.settle()
+        if self.config.run.check_invariants:
+            self._check_end(duration)
+        return self._records(duration)
+
+    def _records(self, duration: float) -> Records:
+        rows = self.shootdowns + sorted(self.in_flight.values(), key=lambda s: s.id)
+        for sd in self.in_flight.values():
+            sd.status = "INCOMPLETE"
+            if not sd.stuck_on and sd.suspensions:
+                sd.stuck_on = "suspended on a locked TLB"
+        cols: dict[str, list] = {c: [] for c in SHOOTDOWN_COLUMNS}
+        for sd in rows:
+            cols["id"].append(sd.id)
+            cols["initiator_vp"].append(sd.initiator)
+            cols["policy"].append(sd.policy)
+            cols["address_space"].append(sd.address_space)
+            cols["pages"].append(0 if sd.pages is None else sd.pages)
+            cols["call_code"].append(sd.call_code)
+            cols["flags"].append(int(sd.flags))
+            cols["n_targets"].append(sd.n_targets)
+            cols["running_targets"].append(sd.running_targets)
+            cols["deferred_targets"].append(sd.deferred_targets)
+            cols["ipis"].append(sd.ipis)
+            cols["arrival_us"].append(sd.arrival_us)
+            cols["issue_us"].append(sd.issue_us)
+            cols["complete_us"].append(sd.complete_us)
+            cols["latency_us"].append(sd.complete_us - sd.issue_us)
+            cols["suspensions"].append(sd.suspensions)
+            cols["reissues"].append(sd.reissues)
+            cols["suspended_us"].append(sd.suspended_us)
+            cols["hypercall_us"].append(sd.hypercall_us)
+            cols["refill_entries"].append(sd.refill_entries)
+            cols["collateral_entries"].append(sd.collateral_entries)
+            cols["status"].append(sd.status)
+            cols["stuck_on"].append(sd.stuck_on)
+        vps: dict[str, list] = {"vp": [], "address_space": []}
+        for name in TIME_COLUMNS:
+            vps[f"{name}_us"] = []
+        for extra in ("refill_entries", "collateral_entries", "flushes_applied", "deferred_applied", "exits"):
+            vps[extra] = []
+        exits: dict[str, list] = {"vp": [], "reason": [], "code": [], "count": [], "time_us": []}
+        for vp in self.vps:
+            vps["vp"].append(vp.index)
+            vps["address_space"].append(vp.address_space)
+            for i, name in enumerate(TIME_COLUMNS):
+                vps[f"{name}_us"].append(vp.acc[i])
+            vps["refill_entries"].append(vp.refill_entries)
+            vps["collateral_entries"].append(vp.collateral_entries)
+            vps["flushes_applied"].append(vp.flushes_applied)
+            vps["deferred_applied"].append(vp.deferred_applied)
+            vps["exits"].append(sum(vp.exit_count))
+            for i, reason in enumerate(EXIT_REASONS):
+                exits["vp"].append(vp.index)
+                exits["reason"].append(reason.name)
+                exits["code"].append(int(reason))
+                exits["count"].append(vp.exit_count[i])
+                exits["time_us"].append(vp.exit_time[i])
+        return Records(
+            shootdowns=cols, vps=vps, exits=exits, duration_us=duration,
+            events=_events_processed(self.env),
+            requests_waiting=sum(len(vp.requests) for vp in self.vps),
+            host={"dispatches": self.host.dispatches, "preemptions": self.host.preemptions},
+        )
+
+
+def _events_processed(env) -> int:
+    """Events scheduled so far: SimPy numbers every scheduled event from an
+    itertools.count, whose repr is ``count(N)``."""
+    text = repr(getattr(env, "_eid", "count(0)"))
+    return int(text[text.index("(") + 1 : text.rindex(")")] or 0)
+
+
+def simulate_records(config: Config, seed: int = 0, trace: list[TraceEvent] | None = None) -> Records:
+    return Partition(config, seed, trace).run()
