@@ -1,0 +1,112 @@
+"""Configuration at the edge, and the command line's contract: one clear
+line and exit 2 on bad input, results + manifest on success."""
+
+import json
+import math
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tlbsim import Config, ConfigError, Result, simulate
+from tlbsim.cli import main
+from tlbsim.config import parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "experiments" / "configs" / "default.toml"
+
+
+def test_default_toml_documents_every_key_with_the_code_defaults():
+    data = tomllib.loads(DEFAULT.read_text())
+    assert Config.from_dict(data) == Config()
+    code = Config().to_dict()
+    for section, keys in code.items():
+        assert set(data[section]) == set(keys), section
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        ({"partition.vps": "many"}, "partition.vps"),
+        ({"partition.vpus": 3}, "partition.vpus"),
+        ({"costs.invlpg_us": -0.1}, "costs.invlpg_us"),
+        ({"partition.duration_us": math.inf}, "partition.duration_us"),
+        ({"workload.policy": "magic"}, "workload.policy"),
+        ({"workload.processor_mask": 0x10000}, "workload.processor_mask"),
+        ({"workload.initiators": [99]}, "workload.initiators"),
+        ({"exits.memory_access.cost_us": -1}, "exits.memory_access.cost_us"),
+        ({"exits.memory_access": 3}, "exits.memory_access"),
+        ({"run.check_invariants": "yes"}, "run.check_invariants"),
+    ],
+)
+def test_invalid_configs_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        Config().with_overrides(overrides)
+    assert err.value.key == key and str(err.value).startswith(key)
+
+
+def test_overrides_parse_as_toml_values():
+    assert parse_override("partition.vps=32") == ("partition.vps", 32)
+    assert parse_override("workload.policy=linux") == ("workload.policy", "linux")
+    assert parse_override("locks.vsm_vps=[1, 2]") == ("locks.vsm_vps", [1, 2])
+    assert parse_override("workload.processor_mask=0x51") == ("workload.processor_mask", 0x51)
+    with pytest.raises(ConfigError):
+        parse_override("novalue")
+
+
+def test_run_writes_tables_and_manifest(tmp_path, capsys):
+    out = tmp_path / "r"
+    rc = main(["run", str(DEFAULT), "--seed", "4", "--set", "partition.duration_us=20000", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "latency p99 (us)" in text and "guest work fraction" in text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 4 and manifest["config"]["partition"]["duration_us"] == 20000
+    assert manifest["tlbsim_version"] and manifest["git_revision"]
+    loaded = Result.load(out)
+    again = simulate(Config.from_toml(DEFAULT, {"partition.duration_us": 20000}), seed=4)
+    pd.testing.assert_frame_equal(loaded.shootdowns, again.shootdowns, check_dtype=False)
+    assert set(loaded.shootdowns.columns) >= {
+        "initiator_vp", "policy", "call_code", "flags", "n_targets", "issue_us", "complete_us", "latency_us",
+        "suspensions", "reissues", "status"}
+    assert set(loaded.exits.columns) == {"vp", "reason", "code", "count", "time_us"}
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["run", "missing.toml"], "does not exist"),
+        (["run", str(DEFAULT), "--set", "partition.vps=abc"], "partition.vps"),
+        (["run", str(DEFAULT), "--set", "partition.vps=4", "--set", "workload.processor_mask=0x30"],
+         "workload.processor_mask"),
+        (["run", str(DEFAULT), "--set", "costs.refill_us=-1"], "costs.refill_us"),
+        (["run", str(DEFAULT), "--set", "nonsense"], "KEY=VALUE"),
+        (["run", str(DEFAULT), "--seed", "x"], "invalid int"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
+    with pytest.raises(SystemExit) if "--seed" in args else _no_raise():
+        rc = main(args)
+        assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_toml_and_out_path(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[partition\nvps = 3")
+    assert main(["run", str(bad)]) == 2
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    assert main(["run", str(DEFAULT), "--out", str(f)]) == 2
+    assert f.read_text() == "keep me"
+    assert len(capsys.readouterr().err.strip().splitlines()) == 2
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
