@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 import pandas as pd
 
 from tlbsim.model.partition import Records
 
 
+def _column(values) -> np.ndarray | list:
+    if isinstance(values, array):  # zero-copy view of the recorder's buffer
+        return np.frombuffer(values, dtype=np.int64 if values.typecode == "q" else np.float64)
+    return values
+
+
 def shootdowns_frame(rec: Records) -> pd.DataFrame:
-    df = pd.DataFrame(rec.shootdowns)
-    return df.astype({"policy": "string", "status": "string", "stuck_on": "string"}) if len(df) else df
+    cols = {name: _column(v) for name, v in rec.shootdowns.items()}
+    for name in ("policy", "status", "stuck_on"):
+        cols[name] = pd.array(cols[name], dtype="string")
+    return pd.DataFrame(cols)
 
 
 def vps_frame(rec: Records) -> pd.DataFrame:

@@ -162,11 +162,18 @@ class KvmPvPolicy(Policy):
 
 
 class HypercallPolicy(Policy):
+    def __init__(self, part):
+        super().__init__(part)
+        self._built: dict = {}
+
     def build(self, vp, sd, scope, targets) -> tuple[FlushCall, FlushScope] | None:
         raise NotImplementedError
 
     def remote(self, vp, sd, scope, targets):
-        built = self.build(vp, sd, scope, targets)
+        key = (vp.index, scope, len(targets))
+        built = self._built.get(key)
+        if built is None:  # targets of (initiator, address space) are fixed for a run
+            built = self._built[key] = self.build(vp, sd, scope, targets)
         if built is None:
             return HvStatus.SUCCESS
         call, hv_scope = built

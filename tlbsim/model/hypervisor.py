@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from tlbsim import hv
 from tlbsim.hv import FlushCall, HvStatus
 from tlbsim.model.tlb import FlushScope
-from tlbsim.model.vp import HYPERCALL, I_HYPERCALL, SUSPENDED
+from tlbsim.model.vp import HYPERCALL, I_HYPERCALL, I_MEMORY, SUSPENDED
 
 if TYPE_CHECKING:
     from tlbsim.model.partition import Partition
@@ -41,6 +41,15 @@ class Hypervisor:
         self.semantics = part.config.partition.semantics
         self.whole_context = part.config.tlb.hypervisor_flush == "vpid"
         self.n_vps = part.config.partition.vps
+        self._validations: dict[FlushCall, hv.Validation] = {}
+
+    def validate(self, call: FlushCall) -> hv.Validation:
+        """hv.validate, memoised: a call's status depends only on the call
+        and the partition, and guests issue the same few calls again and again."""
+        v = self._validations.get(call)
+        if v is None:
+            v = self._validations[call] = hv.validate(call, self.semantics, self.n_vps)
+        return v
 
     def call_cost_us(self, call: FlushCall, validation: hv.Validation, k_running: int) -> float:
         c = self.costs
@@ -69,7 +78,7 @@ class Hypervisor:
         vps = self.part.vps
         c = self.costs
         while True:
-            validation = hv.validate(call, self.semantics, self.n_vps)
+            validation = self.validate(call)
             sd.call_code = call.call_code
             sd.flags = call.flags
             if not validation.ok:
@@ -81,6 +90,8 @@ class Hypervisor:
             now = env.now
             lock_end = None
             for t in targets:
+                if t.vsm is None and t.exit_index != I_MEMORY:
+                    continue  # cannot be locked now: no VTL1, not emulating a MemoryAccess
                 end = t.locked_until(now)
                 if end is not None and t.requires(scope):
                     lock_end = end

@@ -4,6 +4,7 @@ returns plain records (lists and dicts). No file I/O, no printing."""
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass, field
 
 import simpy
@@ -24,6 +25,63 @@ SHOOTDOWN_COLUMNS = (
     "suspensions", "reissues", "suspended_us", "hypercall_us", "refill_entries", "collateral_entries",
     "status", "stuck_on",
 )
+
+
+_INT_COLUMNS = ("id", "initiator_vp", "address_space", "pages", "call_code", "flags", "n_targets",
+                "running_targets", "deferred_targets", "ipis", "suspensions", "reissues")
+_FLOAT_COLUMNS = ("arrival_us", "issue_us", "complete_us", "latency_us", "suspended_us", "hypercall_us",
+                  "refill_entries", "collateral_entries")
+_STR_COLUMNS = ("policy", "status", "stuck_on")
+
+
+class ShootdownRecorder:
+    """One row per shootdown, appended column by column into typed arrays
+    (8 bytes a value; strings are shared references), so a run can record
+    millions of shootdowns."""
+
+    def __init__(self):
+        self.ints = {c: array("q") for c in _INT_COLUMNS}
+        self.floats = {c: array("d") for c in _FLOAT_COLUMNS}
+        self.strs: dict[str, list[str]] = {c: [] for c in _STR_COLUMNS}
+        self.n = 0
+
+    def add(self, sd) -> None:
+        i, f, s = self.ints, self.floats, self.strs
+        i["id"].append(sd.id)
+        i["initiator_vp"].append(sd.initiator)
+        i["address_space"].append(sd.address_space)
+        i["pages"].append(0 if sd.pages is None else sd.pages)
+        i["call_code"].append(sd.call_code)
+        i["flags"].append(int(sd.flags))
+        i["n_targets"].append(sd.n_targets)
+        i["running_targets"].append(sd.running_targets)
+        i["deferred_targets"].append(sd.deferred_targets)
+        i["ipis"].append(sd.ipis)
+        i["suspensions"].append(sd.suspensions)
+        i["reissues"].append(sd.reissues)
+        f["arrival_us"].append(sd.arrival_us)
+        f["issue_us"].append(sd.issue_us)
+        f["complete_us"].append(sd.complete_us)
+        f["latency_us"].append(sd.complete_us - sd.issue_us)
+        f["suspended_us"].append(sd.suspended_us)
+        f["hypercall_us"].append(sd.hypercall_us)
+        f["refill_entries"].append(sd.refill_entries)
+        f["collateral_entries"].append(sd.collateral_entries)
+        s["policy"].append(sd.policy)
+        s["status"].append(sd.status)
+        s["stuck_on"].append(sd.stuck_on)
+        self.n += 1
+
+    def columns(self) -> dict:
+        out = {}
+        for c in SHOOTDOWN_COLUMNS:
+            if c in self.ints:
+                out[c] = self.ints[c]
+            elif c in self.floats:
+                out[c] = self.floats[c]
+            else:
+                out[c] = self.strs[c]
+        return out
 
 
 class InvariantError(AssertionError):
@@ -62,7 +120,7 @@ class Partition:
             specs[r.name.lower()] if r.name.lower() in specs else ExitSpec(0.0, config.costs.vmexit_roundtrip_us)
             for r in EXIT_REASONS
         ]
-        self.shootdowns: list[Shootdown] = []
+        self.recorder = ShootdownRecorder()
         self.in_flight: dict[int, Shootdown] = {}
         self._next_id = 0
 
@@ -115,9 +173,9 @@ class Partition:
     def complete(self, sd: Shootdown) -> None:
         sd.complete_us = self.env.now
         del self.in_flight[sd.id]
-        self.shootdowns.append(sd)
         if self.config.run.check_invariants:
             self._check_flush_guarantee(sd)
+        self.recorder.add(sd)
 
     # ------------------------------------------------------------ invariants
     def _check_flush_guarantee(self, sd: Shootdown) -> None:
@@ -141,7 +199,7 @@ class Partition:
             total = sum(vp.acc)
             if not math.isclose(total, duration, rel_tol=1e-9, abs_tol=1e-6):
                 raise InvariantError(f"VP {vp.index}: time by state sums to {total} us, not {duration} us")
-        ids = [sd.id for sd in self.shootdowns] + list(self.in_flight)
+        ids = list(self.recorder.ints["id"]) + list(self.in_flight)
         if len(ids) != len(set(ids)) or len(ids) != self._next_id:
             raise InvariantError(f"shootdowns lost or duplicated: {len(ids)} recorded of {self._next_id} issued")
 
@@ -156,36 +214,12 @@ class Partition:
         return self._records(duration)
 
     def _records(self, duration: float) -> Records:
-        rows = self.shootdowns + sorted(self.in_flight.values(), key=lambda s: s.id)
-        for sd in self.in_flight.values():
+        for sd in sorted(self.in_flight.values(), key=lambda s: s.id):
             sd.status = "INCOMPLETE"
             if not sd.stuck_on and sd.suspensions:
                 sd.stuck_on = "suspended on a locked TLB"
-        cols: dict[str, list] = {c: [] for c in SHOOTDOWN_COLUMNS}
-        for sd in rows:
-            cols["id"].append(sd.id)
-            cols["initiator_vp"].append(sd.initiator)
-            cols["policy"].append(sd.policy)
-            cols["address_space"].append(sd.address_space)
-            cols["pages"].append(0 if sd.pages is None else sd.pages)
-            cols["call_code"].append(sd.call_code)
-            cols["flags"].append(int(sd.flags))
-            cols["n_targets"].append(sd.n_targets)
-            cols["running_targets"].append(sd.running_targets)
-            cols["deferred_targets"].append(sd.deferred_targets)
-            cols["ipis"].append(sd.ipis)
-            cols["arrival_us"].append(sd.arrival_us)
-            cols["issue_us"].append(sd.issue_us)
-            cols["complete_us"].append(sd.complete_us)
-            cols["latency_us"].append(sd.complete_us - sd.issue_us)
-            cols["suspensions"].append(sd.suspensions)
-            cols["reissues"].append(sd.reissues)
-            cols["suspended_us"].append(sd.suspended_us)
-            cols["hypercall_us"].append(sd.hypercall_us)
-            cols["refill_entries"].append(sd.refill_entries)
-            cols["collateral_entries"].append(sd.collateral_entries)
-            cols["status"].append(sd.status)
-            cols["stuck_on"].append(sd.stuck_on)
+            self.recorder.add(sd)
+        cols = self.recorder.columns()
         vps: dict[str, list] = {"vp": [], "address_space": []}
         for name in TIME_COLUMNS:
             vps[f"{name}_us"] = []

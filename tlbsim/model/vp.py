@@ -66,6 +66,8 @@ class VP:
         self.arrivals = arrivals
         self.vsm = vsm_lock
         self.costs = cfg.costs
+        self._refill_us = cfg.costs.refill_us
+        self._target_interrupt_us = cfg.costs.target_interrupt_us
         self.check = cfg.run.check_invariants
         t = cfg.tlb
         self.tlb = Tlb(address_space, t.capacity, t.working_set_pages, t.global_pages, t.fill_rate_per_us, t.start_warm)
@@ -133,19 +135,25 @@ class VP:
         self.set_state(self.state)
 
     def _account_guest(self, dt: float) -> None:
-        self.tlb.advance(dt)
+        tlb = self.tlb
+        if tlb.ng < tlb.ng_cap or tlb.g < tlb.g_cap:
+            tlb.advance(dt)
+        acc = self.acc
+        if not (self.hv_debt_us or self.refill_debt_us):
+            acc[GUEST] += dt
+            return
         left = dt
         if self.hv_debt_us:
-            take = min(self.hv_debt_us, left)
+            take = self.hv_debt_us if self.hv_debt_us < left else left
             self.hv_debt_us -= take
-            self.acc[HV_FLUSH] += take
+            acc[HV_FLUSH] += take
             left -= take
         if self.refill_debt_us and left:
-            take = min(self.refill_debt_us, left)
+            take = self.refill_debt_us if self.refill_debt_us < left else left
             self.refill_debt_us -= take
-            self.acc[REFILL] += take
+            acc[REFILL] += take
             left -= take
-        self.acc[GUEST] += left
+        acc[GUEST] += left
 
     def record_exit(self, index: int, count: int, time_us: float) -> None:
         self.exit_count[index] += count
@@ -172,7 +180,7 @@ class VP:
     def _remove(self, scope: FlushScope, sd, whole_context: bool) -> None:
         required = self.tlb.required(scope)
         removed = self.tlb.flush(scope, whole_context)
-        self.refill_debt_us += removed * self.costs.refill_us
+        self.refill_debt_us += removed * self._refill_us
         self.refill_entries += required
         self.collateral_entries += removed - required
         self.flushes_applied += 1
@@ -184,11 +192,32 @@ class VP:
 
     def hv_flush(self, scope: FlushScope, sd, whole_context: bool) -> None:
         """The hypervisor flushes this VP on its LP now: an interruption of
-        ``target_interrupt_us`` plus the refills, both repaid from guest time."""
+        ``target_interrupt_us`` plus the refills, both repaid from guest time.
+        (The hot path of every hypercall shootdown: _remove, inlined for the
+        common whole-address-space, non-global case.)"""
         if self.state == GUEST:
-            self.settle()
-        self._remove(scope, sd, whole_context)
-        self.hv_debt_us += self.costs.target_interrupt_us
+            now = self.env.now
+            if now > self.since:
+                self._account_guest(now - self.since)
+                self.since = now
+        self.hv_debt_us += self._target_interrupt_us
+        tlb = self.tlb
+        if scope.pages is not None or not scope.non_global_only:
+            self._remove(scope, sd, whole_context)
+            return
+        removed = tlb.ng
+        required = removed if scope.address_space is None or scope.address_space == tlb.address_space else 0.0
+        if not whole_context:
+            removed = required
+        tlb.ng -= removed
+        self.refill_debt_us += removed * self._refill_us
+        self.refill_entries += required
+        self.collateral_entries += removed - required
+        self.flushes_applied += 1
+        sd.refill_entries += required
+        sd.collateral_entries += removed - required
+        if self.applied_ids is not None:
+            self.applied_ids.add(sd.id)
 
     def defer(self, scope: FlushScope, sd, whole_context: bool) -> None:
         """This VP is not on an LP: flush it before it next runs guest code."""
