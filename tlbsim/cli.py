@@ -59,7 +59,7 @@ def format_summary(summary: pd.Series) -> str:
 
 
 def cmd_run(args) -> int:
-    from tlbsim.simulate import simulate
+    from tlbsim.runner import simulate
 
     config = _load_config(args.config, args.set)
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
@@ -74,6 +74,28 @@ def cmd_run(args) -> int:
         except OSError as e:
             raise UsageError(f"cannot write results to {args.out}: {e.strerror or e}") from None
         print(f"results written to {out}/ (shootdowns, vps, exits .parquet + manifest.json)")
+    return EXIT_OK
+
+
+def cmd_sweep(args) -> int:
+    from tlbsim.sweep import SweepSpec, run_sweep
+
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError("--jobs must be >= 1")
+    spec = SweepSpec.from_toml(args.spec, replications=args.replications)
+    out = args.out or str(Path("results") / spec.name)
+    n_tasks = len(spec.points) * spec.replications
+    print(f"tlbsim sweep {spec.name}: {len(spec.points)} points x {spec.replications} replications "
+          f"= {n_tasks} runs -> {out}/")
+    outcome = run_sweep(spec, out, jobs=args.jobs, resume=args.resume, dask_scheduler=args.dask_scheduler,
+                        dask_local=args.dask_local, progress=not args.no_progress)
+    print(f"{outcome.computed} runs computed, {outcome.skipped} resumed, in {outcome.wall_s:.1f} s; "
+          f"tables in {outcome.directory}/ (points.parquet, shootdowns.parquet, manifest.json)")
+    if outcome.failed:
+        print(f"tlbsim: {len(outcome.failed)} runs failed:", file=sys.stderr)
+        for point, rep, err in outcome.failed:
+            print(f"  point {point} replication {rep}: {err}", file=sys.stderr)
+        return EXIT_REGRESSION
     return EXIT_OK
 
 
@@ -93,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set partition.vps=32")
     run.add_argument("--out", metavar="DIR", help="write Parquet tables and manifest.json here")
     run.set_defaults(func=cmd_run)
+
+    sw = sub.add_parser("sweep", help="run a parameter sweep (grid x replications) and save its tables")
+    sw.add_argument("spec", help="sweep spec TOML (see experiments/*.toml)")
+    sw.add_argument("--out", metavar="DIR", help="output directory (default results/<name>)")
+    sw.add_argument("--jobs", type=int, help="local worker processes (default: all cores)")
+    sw.add_argument("--replications", type=int, help="override the spec's replications")
+    sw.add_argument("--resume", action="store_true", help="finish an interrupted sweep in --out")
+    g = sw.add_mutually_exclusive_group()
+    g.add_argument("--dask-scheduler", metavar="ADDR", help="run on a Dask cluster, e.g. tcp://host:8786")
+    g.add_argument("--dask-local", type=int, metavar="N", help="start a Dask LocalCluster with N workers")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sw.set_defaults(func=cmd_sweep)
 
     bench = sub.add_parser("bench", help="measure simulator speed against raw SimPy")
     bench.add_argument("--quick", action="store_true", help="smaller workloads (a smoke test, not a measurement)")

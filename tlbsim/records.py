@@ -9,18 +9,20 @@ import pandas as pd
 
 from tlbsim.model.partition import Records
 
+_DTYPES = {"q": np.int64, "d": np.float64, "b": np.int8}
 
-def _column(values) -> np.ndarray | list:
+
+def _column(values):
     if isinstance(values, array):  # zero-copy view of the recorder's buffer
-        return np.frombuffer(values, dtype=np.int64 if values.typecode == "q" else np.float64)
-    return values
+        return np.frombuffer(values, dtype=_DTYPES[values.typecode])
+    codes, categories = values  # a string column: codes + its few distinct values
+    return pd.Categorical.from_codes(np.frombuffer(codes, dtype=np.int8), categories=categories)
 
 
 def shootdowns_frame(rec: Records) -> pd.DataFrame:
-    cols = {name: _column(v) for name, v in rec.shootdowns.items()}
-    for name in ("policy", "status", "stuck_on"):
-        cols[name] = pd.array(cols[name], dtype="string")
-    return pd.DataFrame(cols)
+    """One row per shootdown. Numeric columns are views of the recorder's
+    arrays (no copy); string columns are categoricals."""
+    return pd.DataFrame({name: _column(v) for name, v in rec.shootdowns.items()}, copy=False)
 
 
 def vps_frame(rec: Records) -> pd.DataFrame:

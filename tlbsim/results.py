@@ -49,6 +49,7 @@ class Result:
             "seed": self.seed,
             "config": self.config,
             "summary": {k: (None if isinstance(v, float) and v != v else v) for k, v in self.summary.items()},
+            "kind": "tlbsim-run",
             "tables": {name: f"{name}.parquet" for name in TABLES},
         }
 

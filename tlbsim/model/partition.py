@@ -42,11 +42,22 @@ class ShootdownRecorder:
     def __init__(self):
         self.ints = {c: array("q") for c in _INT_COLUMNS}
         self.floats = {c: array("d") for c in _FLOAT_COLUMNS}
-        self.strs: dict[str, list[str]] = {c: [] for c in _STR_COLUMNS}
+        # strings are few distinct values: store a code per row and the values once
+        self.codes = {c: array("b") for c in _STR_COLUMNS}
+        self.values: dict[str, dict[str, int]] = {c: {} for c in _STR_COLUMNS}
         self.n = 0
 
+    def _code(self, column: str, value: str) -> int:
+        table = self.values[column]
+        code = table.get(value)
+        if code is None:
+            if len(table) >= 127:
+                raise ValueError(f"too many distinct {column} values")
+            code = table[value] = len(table)
+        return code
+
     def add(self, sd) -> None:
-        i, f, s = self.ints, self.floats, self.strs
+        i, f = self.ints, self.floats
         i["id"].append(sd.id)
         i["initiator_vp"].append(sd.initiator)
         i["address_space"].append(sd.address_space)
@@ -67,9 +78,10 @@ class ShootdownRecorder:
         f["hypercall_us"].append(sd.hypercall_us)
         f["refill_entries"].append(sd.refill_entries)
         f["collateral_entries"].append(sd.collateral_entries)
-        s["policy"].append(sd.policy)
-        s["status"].append(sd.status)
-        s["stuck_on"].append(sd.stuck_on)
+        c = self.codes
+        c["policy"].append(self._code("policy", sd.policy))
+        c["status"].append(self._code("status", sd.status))
+        c["stuck_on"].append(self._code("stuck_on", sd.stuck_on))
         self.n += 1
 
     def columns(self) -> dict:
@@ -80,7 +92,7 @@ class ShootdownRecorder:
             elif c in self.floats:
                 out[c] = self.floats[c]
             else:
-                out[c] = self.strs[c]
+                out[c] = (self.codes[c], list(self.values[c]))  # (codes, categories)
         return out
 
 

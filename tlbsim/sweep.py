@@ -1,0 +1,347 @@
+"""Parameter sweeps: grids x replications, seeds, executors, resumable output.
+
+A sweep spec (TOML):
+
+    name = "mask-vs-all"
+    base = "../configs/default.toml"   # relative to the spec file
+    replications = 3
+    seed = 20261124                    # root seed
+    [fixed]                            # overrides for every point
+    "partition.duration_us" = 50000.0
+    [grid]                             # cartesian product
+    "workload.policy" = ["mask", "all"]
+    "partition.vps" = [8, 16]
+    [zip]                              # lists varied together (one point per position)
+    "workload.sharing" = ["groups", "groups"]
+    "workload.group_size" = [2, 8]
+
+Seeds: replication r of every point runs with the seed
+``SeedSequence(root, spawn_key=(r,))``: any point can be recomputed alone,
+and every point (every strategy) of a replication sees the same random
+workload -- common random numbers, so differences between points are not
+drowned in sampling noise.
+
+Output directory: ``parts/`` holds one finished (point, replication) at a
+time, written atomically; ``points.parquet`` (one row per point and
+replication: its parameters and summary, or its error), ``shootdowns.parquet``
+(every shootdown, with point and replication) and ``manifest.json`` are
+assembled from the parts at the end. ``--resume`` skips parts already there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+import tomllib
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tlbsim import __version__
+from tlbsim.config import Config, ConfigError
+from tlbsim.results import atomic_write_parquet, atomic_write_text, git_revision
+
+SPEC_KEYS = {"name", "base", "replications", "seed", "fixed", "grid", "zip", "description"}
+
+
+@dataclass(frozen=True)
+class Point:
+    index: int
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    base: dict[str, Any]
+    points: tuple[Point, ...]
+    replications: int
+    seed: int
+    varied: tuple[str, ...]
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, replications: int | None = None) -> SweepSpec:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError("", f"sweep spec {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("", f"{path} is not valid TOML: {e}") from None
+        return cls.from_dict(data, path.parent, replications)
+
+    @classmethod
+    def from_dict(cls, data: dict, here: Path = Path("."), replications: int | None = None) -> SweepSpec:
+        unknown = set(data) - SPEC_KEYS
+        if unknown:
+            raise ConfigError(sorted(unknown)[0], "unknown sweep spec key")
+        base: dict[str, Any] = {}
+        if "base" in data:
+            base_path = (here / data["base"]).resolve()
+            try:
+                base = tomllib.loads(base_path.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as e:
+                raise ConfigError("base", f"cannot read base config {base_path}: {e}") from None
+        reps = replications if replications is not None else data.get("replications", 1)
+        if not isinstance(reps, int) or reps < 1:
+            raise ConfigError("replications", "must be an integer >= 1")
+        seed = data.get("seed", 0)
+        if not isinstance(seed, int) or seed < 0:
+            raise ConfigError("seed", "must be an integer >= 0")
+        fixed = dict(data.get("fixed", {}))
+        grid = dict(data.get("grid", {}))
+        zipped = dict(data.get("zip", {}))
+        for section, table in (("grid", grid), ("zip", zipped)):
+            for key, values in table.items():
+                if not isinstance(values, list) or not values:
+                    raise ConfigError(f"{section}.{key}", "must be a non-empty list")
+        lengths = {len(v) for v in zipped.values()}
+        if len(lengths) > 1:
+            raise ConfigError("zip", "all zipped lists must have the same length")
+        zip_rows = [dict(zip(zipped, row, strict=True)) for row in zip(*zipped.values(), strict=True)] or [{}]
+        grid_rows = [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())] or [{}]
+        points = []
+        for g in grid_rows:
+            for z in zip_rows:
+                overrides = {**fixed, **g, **z}
+                points.append(Point(len(points), overrides))
+        spec = cls(str(data.get("name", "sweep")), base, tuple(points), reps, seed,
+                   tuple([*grid, *zipped]), source=data)
+        for p in spec.points:  # validate every point up front: a typo fails before any work
+            try:
+                spec.config(p)
+            except ConfigError as e:
+                raise ConfigError(e.key, f"point {p.index} {p.overrides}: {str(e).split(': ', 1)[-1]}") from None
+        return spec
+
+    def config(self, point: Point) -> Config:
+        from tlbsim.config import _apply_overrides
+
+        return Config.from_dict(_apply_overrides(self.base, point.overrides))
+
+    def seed_for(self, replication: int) -> int:
+        ss = np.random.SeedSequence(self.seed, spawn_key=(replication,))
+        return int(ss.generate_state(1, dtype=np.uint64)[0])
+
+    def tasks(self) -> list[tuple[int, int]]:
+        return [(p.index, r) for p in self.points for r in range(self.replications)]
+
+
+# ---------------------------------------------------------------- one task
+def run_task(spec: SweepSpec, point_index: int, replication: int) -> dict:
+    """Run one (point, replication); never raises: errors are recorded."""
+    from tlbsim.runner import simulate
+
+    point = spec.points[point_index]
+    seed = spec.seed_for(replication)
+    row: dict[str, Any] = {"point": point_index, "replication": replication, "seed": str(seed)}
+    row.update({k: _scalar(v) for k, v in point.overrides.items() if k in spec.varied})
+    t = time.perf_counter()
+    try:
+        result = simulate(spec.config(point), seed=seed)
+    except Exception as e:  # recorded per run, the sweep goes on (desmod-style)
+        row.update(status="error", error=f"{type(e).__name__}: {e}",
+                   traceback=traceback.format_exc(limit=8), wall_s=time.perf_counter() - t)
+        return {"row": row, "shootdowns": None}
+    row.update(status="ok", error="", traceback="", wall_s=time.perf_counter() - t)
+    row.update({k: _scalar(v) for k, v in result.summary.items() if k != "policy"})
+    sd = result.shootdowns.copy()
+    sd.insert(0, "replication", replication)
+    sd.insert(0, "point", point_index)
+    return {"row": row, "shootdowns": sd}
+
+
+def _scalar(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, list):
+        return json.dumps(v)
+    return v
+
+
+def _part_name(point: int, rep: int) -> str:
+    return f"p{point:05d}_r{rep:03d}"
+
+
+def _write_part(parts: Path, out: dict) -> None:
+    row = out["row"]
+    name = _part_name(row["point"], row["replication"])
+    if out["shootdowns"] is not None:
+        atomic_write_parquet(out["shootdowns"], parts / f"{name}.parquet")
+    # the JSON is written last: its presence marks the part complete
+    atomic_write_text(parts / f"{name}.json", json.dumps(row, default=_scalar))
+
+
+def _task_in_process(args):
+    spec, point, rep = args
+    return run_task(spec, point, rep)
+
+
+# ---------------------------------------------------------------- executors
+class Progress:
+    """A one-line progress bar with ETA on stderr (a line per 10 % when not a terminal)."""
+
+    def __init__(self, total: int, label: str, stream=None, enabled: bool = True):
+        self.total, self.label = total, label
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and total > 0
+        self.done = 0
+        self.start = time.perf_counter()
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._last_decile = -1
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        frac = self.done / self.total
+        bar = "#" * int(frac * 30)
+        line = f"{self.label} [{bar:<30}] {self.done}/{self.total} {frac:4.0%} elapsed {_hms(elapsed)} ETA {_hms(eta)}"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if self.done == self.total else ""))
+            self.stream.flush()
+        elif int(frac * 10) != self._last_decile:
+            self._last_decile = int(frac * 10)
+            print(line, file=self.stream, flush=True)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _run_local(spec, todo, parts, jobs, progress):
+    if jobs <= 1:
+        for p, r in todo:
+            _write_part(parts, run_task(spec, p, r))
+            progress.update()
+        return
+    with ProcessPoolExecutor(jobs) as ex:
+        pending = {ex.submit(_task_in_process, (spec, p, r)) for p, r in todo}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                _write_part(parts, fut.result())
+                progress.update()
+
+
+def _run_dask(spec, todo, parts, progress, scheduler: str | None, local_workers: int | None):
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise ConfigError("--dask", "Dask is not installed: pip install 'tlbsim[dask]'") from None
+    cluster = None
+    if scheduler:
+        client = Client(scheduler, timeout="10s")
+    else:
+        cluster = LocalCluster(n_workers=local_workers or 1, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    try:
+        futures = [client.submit(run_task, spec, p, r, pure=False) for p, r in todo]
+        for fut in as_completed(futures):
+            _write_part(parts, fut.result())
+            progress.update()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+# ---------------------------------------------------------------- driver
+@dataclass
+class SweepOutcome:
+    directory: Path
+    points: pd.DataFrame
+    failed: list[tuple[int, int, str]]
+    wall_s: float
+    computed: int
+    skipped: int
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, *, jobs: int | None = None, resume: bool = False,
+              dask_scheduler: str | None = None, dask_local: int | None = None,
+              progress: bool = True) -> SweepOutcome:
+    out = Path(out)
+    parts = out / "parts"
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{out} exists and is not a directory")
+    if (out / "manifest.json").exists() or (parts.exists() and any(parts.glob("*.json"))):
+        if not resume:
+            raise ConfigError("--out", f"{out} already holds a sweep; use --resume to finish it or choose another")
+        old = json.loads((out / "spec.json").read_text()) if (out / "spec.json").exists() else None
+        if old is not None and old != _jsonable(spec.source):
+            raise ConfigError("--resume", f"{out} holds a different sweep spec; refusing to mix results")
+    parts.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "spec.json", json.dumps(_jsonable(spec.source), indent=2))
+
+    done = {tuple(json.loads(f.read_text())[k] for k in ("point", "replication")) for f in parts.glob("*.json")}
+    todo = [t for t in spec.tasks() if t not in done]
+    bar = Progress(len(todo), f"sweep {spec.name}", enabled=progress)
+    t0 = time.perf_counter()
+    if dask_scheduler or dask_local:
+        _run_dask(spec, todo, parts, bar, dask_scheduler, dask_local)
+    else:
+        _run_local(spec, todo, parts, jobs or os.cpu_count() or 1, bar)
+    wall = time.perf_counter() - t0
+    return assemble(spec, out, wall, computed=len(todo), skipped=len(done))
+
+
+def assemble(spec: SweepSpec, out: Path, wall_s: float, computed: int, skipped: int) -> SweepOutcome:
+    parts = out / "parts"
+    rows = [json.loads(f.read_text()) for f in sorted(parts.glob("*.json"))]
+    points = pd.DataFrame(rows).sort_values(["point", "replication"]).reset_index(drop=True)
+    frames = [pd.read_parquet(f) for f in sorted(parts.glob("*.parquet"))]
+    shootdowns = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    atomic_write_parquet(points, out / "points.parquet")
+    atomic_write_parquet(shootdowns, out / "shootdowns.parquet")
+    failed = [(int(r["point"]), int(r["replication"]), r["error"]) for r in rows if r["status"] != "ok"]
+    import simpy
+
+    manifest = {
+        "kind": "tlbsim-sweep",
+        "name": spec.name,
+        "spec": _jsonable(spec.source),
+        "base_config": spec.base,
+        "points": [{"point": p.index, "overrides": p.overrides} for p in spec.points],
+        "replications": spec.replications,
+        "root_seed": spec.seed,
+        "seeds": {str(r): str(spec.seed_for(r)) for r in range(spec.replications)},
+        "versions": {"tlbsim": __version__, "python": sys.version.split()[0], "simpy": simpy.__version__,
+                     "numpy": np.__version__, "pandas": pd.__version__},
+        "git_revision": git_revision(),
+        "wall_s_last_invocation": wall_s,
+        "tasks_computed_last_invocation": computed,
+        "tasks_resumed": skipped,
+        "events_processed": int(points["events"].fillna(0).sum()) if "events" in points else 0,
+        "failed": [{"point": p, "replication": r, "error": e} for p, r, e in failed],
+        "tables": {"points": "points.parquet", "shootdowns": "shootdowns.parquet"},
+    }
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, default=_scalar))
+    return SweepOutcome(out, points, failed, wall_s, computed, skipped)
+
+
+def _jsonable(data):
+    return json.loads(json.dumps(data, default=str))
+
+
+def load_results(directory: str | Path) -> dict[str, pd.DataFrame]:
+    """The tables of a sweep (points, shootdowns) or of a single run
+    (shootdowns, vps, exits), as DataFrames keyed by name."""
+    directory = Path(directory)
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{directory} holds no tlbsim results (no manifest.json)")
+    manifest = json.loads(manifest_path.read_text())
+    return {name: pd.read_parquet(directory / fname) for name, fname in manifest["tables"].items()}
