@@ -21,8 +21,12 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@ $(STAMP)
 
+# The headline experiment: every policy vs overcommit, then its figures.
+# --resume makes a second `make run` reuse finished runs instead of recomputing them.
 run: $(STAMP)
 	$(BIN)/tlbsim run experiments/configs/default.toml --out results/default
+	$(BIN)/tlbsim sweep experiments/overcommit.toml --out results/overcommit --resume
+	$(BIN)/tlbsim plot results/overcommit
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check tlbsim tests experiments benchmarks

@@ -99,6 +99,22 @@ def cmd_sweep(args) -> int:
     return EXIT_OK
 
 
+def cmd_plot(args) -> int:
+    from tlbsim.plots import plot_sweep
+
+    directory = Path(args.dir)
+    if not (directory / "manifest.json").exists():
+        raise UsageError(f"{directory} holds no sweep results (no manifest.json)")
+    try:
+        paths = plot_sweep(directory, args.out)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for p in paths:
+        if p.suffix == ".png":
+            print(p)
+    return EXIT_OK
+
+
 def cmd_bench(args) -> int:
     from tlbsim.bench import main as bench_main
 
@@ -127,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dask-local", type=int, metavar="N", help="start a Dask LocalCluster with N workers")
     sw.add_argument("--no-progress", action="store_true", help="no progress bar")
     sw.set_defaults(func=cmd_sweep)
+
+    pl = sub.add_parser("plot", help="draw a sweep's standard figures (PNG and SVG)")
+    pl.add_argument("dir", help="a sweep output directory")
+    pl.add_argument("--out", metavar="DIR", help="where to write figures (default DIR/figures)")
+    pl.set_defaults(func=cmd_plot)
 
     bench = sub.add_parser("bench", help="measure simulator speed against raw SimPy")
     bench.add_argument("--quick", action="store_true", help="smaller workloads (a smoke test, not a measurement)")

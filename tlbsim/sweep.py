@@ -49,7 +49,7 @@ from tlbsim import __version__
 from tlbsim.config import Config, ConfigError
 from tlbsim.results import atomic_write_parquet, atomic_write_text, git_revision
 
-SPEC_KEYS = {"name", "base", "replications", "seed", "fixed", "grid", "zip", "description"}
+SPEC_KEYS = {"name", "base", "replications", "seed", "fixed", "grid", "zip", "description", "plot"}
 
 
 @dataclass(frozen=True)

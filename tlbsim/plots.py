@@ -1,0 +1,238 @@
+"""The standard figures of a sweep, used by `tlbsim plot`, experiments/ and notebooks/.
+
+Every figure: labelled axes with units, a legend, a 95 % confidence band
+from the replications (Student t on the replication means), log scales
+where latency spans decades. Saved as PNG and SVG.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from tlbsim.config import Config, _apply_overrides  # noqa: E402
+
+# Student t quantiles (two-sided 95 %) for small replication counts; 1.96 beyond.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+LABELS = {
+    "latency_mean_us": "shootdown latency, mean (us)",
+    "latency_p50_us": "shootdown latency, p50 (us)",
+    "latency_p99_us": "shootdown latency, p99 (us)",
+    "guest_work_fraction": "guest work fraction (of VP time)",
+    "lp_work_fraction": "useful guest work, fraction of LP capacity",
+    "vps_per_lp": "VPs per logical processor",
+    "partition.vps": "virtual processors",
+    "fraction_targeted": "fraction of VPs targeted",
+    "cost_per_shootdown_us": "total cost per shootdown (us):\nhypercall + target interruptions + refills",
+    "suspensions_per_shootdown": "suspensions per shootdown",
+    "suspended_us_per_shootdown": "time suspended per shootdown (us)",
+    "locks.vsm_rate_per_ms": "VSM TlbLocked episodes per ms per VP",
+    "exits.memory_access.rate_per_ms": "MemoryAccess exits per ms of guest time",
+}
+
+
+def t95(n: int) -> float:
+    if n < 2:
+        return float("nan")
+    df = n - 1
+    keys = sorted(k for k in _T95 if k <= df)
+    return _T95[keys[-1]] if df <= 30 else 1.96
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_sweep(directory: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(points with every config key and derived columns, shootdowns, manifest)."""
+    directory = Path(directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    if manifest.get("kind") != "tlbsim-sweep":
+        raise ValueError(f"{directory} is not a sweep (manifest kind {manifest.get('kind')!r})")
+    points = pd.read_parquet(directory / "points.parquet")
+    shootdowns = pd.read_parquet(directory / "shootdowns.parquet")
+    configs = {}
+    for p in manifest["points"]:
+        cfg = Config.from_dict(_apply_overrides(manifest["base_config"], p["overrides"]))
+        configs[p["point"]] = _flatten(cfg.to_dict())
+    cfg_frame = pd.DataFrame.from_dict(configs, orient="index")
+    cfg_frame.index.name = "point"
+    overlap = [c for c in cfg_frame.columns if c in points.columns]
+    points = points.drop(columns=overlap).join(cfg_frame, on="point")
+    points = add_derived(points)
+    return points, shootdowns, manifest
+
+
+def add_derived(points: pd.DataFrame) -> pd.DataFrame:
+    p = points.copy()
+    vps = p["partition.vps"]
+    p["vps_per_lp"] = vps / p["partition.lps"].clip(upper=vps)
+    group = np.where(p["workload.sharing"] == "groups", p["workload.group_size"].clip(upper=vps),
+                     np.where(p["workload.sharing"] == "all", vps, 1))
+    p["fraction_targeted"] = group / vps
+    n = p["shootdowns_completed"].replace(0, np.nan)
+    p["cost_per_shootdown_us"] = (p["hypercall_us"] + p["hv_flush_us"] + p["refill_us"] + p["spinning_us"]) / n
+    p["suspensions_per_shootdown"] = p["suspensions"] / n
+    p["suspended_us_per_shootdown"] = p["suspended_us"] / n
+    # useful guest work as a fraction of the LP capacity the partition has (1.0 = every LP busy with guest work)
+    p["lp_work_fraction"] = p["guest_work_fraction"] * vps / p["partition.lps"].clip(upper=vps)
+    return p
+
+
+def summarize_reps(points: pd.DataFrame, x: str, metric: str, hue: str | None, log: bool = False) -> pd.DataFrame:
+    """Centre and 95 % interval (lo, hi) of ``metric`` over replications at each (hue, x).
+    With ``log`` the interval is computed on log10 values (a geometric mean with a
+    multiplicative band), which is what a log axis shows honestly."""
+    ok = points[(points["status"] == "ok") & points[metric].notna()].copy()
+    if log:
+        ok = ok[ok[metric] > 0]
+        ok[metric] = np.log10(ok[metric])
+    keys = [k for k in (hue, x) if k]
+    out = ok.groupby(keys)[metric].agg(["mean", "std", "count"]).reset_index()
+    half = np.array([t95(int(n)) * sd / np.sqrt(n) if n > 1 else np.nan
+                     for sd, n in zip(out["std"], out["count"], strict=True)])
+    lo, hi = out["mean"] - half, out["mean"] + half
+    if log:
+        out["mean"], lo, hi = 10 ** out["mean"], 10**lo, 10**hi
+    out["lo"], out["hi"] = lo, hi
+    return out
+
+
+def line_plot(ax, points: pd.DataFrame, x: str, metric: str, hue: str | None = "workload.policy",
+              style: str = "-", label_suffix: str = "", log: bool = False) -> None:
+    s = summarize_reps(points, x, metric, hue, log)
+    groups = s.groupby(hue) if hue else [("", s)]
+    for name, g in groups:
+        g = g.sort_values(x)
+        line = ax.plot(g[x], g["mean"], style, marker="o", ms=4, label=f"{name}{label_suffix}")[0]
+        if g["lo"].notna().any():
+            ax.fill_between(g[x], g["lo"], g["hi"], color=line.get_color(), alpha=0.15, linewidth=0)
+
+
+def _finish(fig, ax, x: str, y_label: str, title: str, logy: bool, logx: bool = False) -> None:
+    ax.set_xlabel(LABELS.get(x, x))
+    ax.set_ylabel(y_label)
+    ax.set_title(title)
+    if logy:
+        ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+
+
+def _save(fig, out_dir: Path, name: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
+
+
+def latency_figure(points, x, out_dir, name="latency", logx=False, title=None) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    hue = "workload.policy" if points["workload.policy"].nunique() > 1 else None
+    line_plot(ax, points, x, "latency_p50_us", hue, "-", " p50", log=True)
+    ax.set_prop_cycle(None)
+    line_plot(ax, points, x, "latency_p99_us", hue, "--", " p99", log=True)
+    _finish(fig, ax, x, "shootdown latency (us), p50 solid, p99 dashed", title or "Shootdown latency", True, logx)
+    return _save(fig, out_dir, name)
+
+
+def metric_figure(points, x, metric, out_dir, name, logy=False, logx=False, title=None) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    hue = "workload.policy" if points["workload.policy"].nunique() > 1 else None
+    line_plot(ax, points, x, metric, hue, log=logy)
+    _finish(fig, ax, x, LABELS.get(metric, metric), title or LABELS.get(metric, metric), logy, logx)
+    return _save(fig, out_dir, name)
+
+
+def cdf_figure(points, shootdowns, out_dir, where: dict | None = None, name="latency_cdf", title=None):
+    """Empirical CDF of shootdown latency per policy (all replications pooled)."""
+    sel = points
+    for k, v in (where or {}).items():
+        sel = sel[sel[k] == v]
+    keep = sel[["point", "replication", "workload.policy"]]
+    sd = shootdowns[shootdowns["status"] == "SUCCESS"].merge(keep, on=["point", "replication"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for policy, g in sd.groupby("workload.policy"):
+        lat = np.sort(g["latency_us"].to_numpy())
+        ax.step(lat, np.arange(1, lat.size + 1) / lat.size, where="post", label=f"{policy} (n={lat.size:,})")
+    ax.set_xscale("log")
+    ax.set_xlabel("shootdown latency (us)")
+    ax.set_ylabel("fraction of shootdowns <= latency")
+    cond = ", ".join(f"{LABELS.get(k, k)} = {v}" for k, v in (where or {}).items())
+    ax.set_title(title or f"Latency CDF{': ' + cond if cond else ''}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, frameon=False, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, out_dir, name)
+
+
+# ---------------------------------------------------------------- per experiment
+def plot_sweep(directory: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """The figures a sweep's spec asks for (its [plot] table), or a generic set."""
+    points, shootdowns, manifest = load_sweep(directory)
+    out = Path(out_dir) if out_dir else Path(directory) / "figures"
+    plot = manifest["spec"].get("plot", {})
+    kind = plot.get("kind", "generic")
+    paths: list[Path] = []
+    if kind == "overcommit":
+        paths += latency_figure(points, "vps_per_lp", out, "latency_vs_overcommit",
+                                title="Shootdown latency vs overcommit")
+        paths += metric_figure(points, "vps_per_lp", "lp_work_fraction", out, "guest_work_vs_overcommit",
+                               title="Useful guest work vs overcommit")
+        worst = points["vps_per_lp"].max()
+        paths += cdf_figure(points, shootdowns, out, {"vps_per_lp": worst}, "latency_cdf_overcommitted")
+        paths += cdf_figure(points, shootdowns, out, {"vps_per_lp": points["vps_per_lp"].min()}, "latency_cdf_dedicated")
+    elif kind == "mask_vs_all":
+        for vps, g in points.groupby("partition.vps"):
+            paths += latency_figure(g, "fraction_targeted", out, f"latency_vs_fraction_{vps}vps",
+                                    title=f"Mask vs ALL_PROCESSORS, {vps} VPs")
+            paths += metric_figure(g, "fraction_targeted", "cost_per_shootdown_us", out,
+                                   f"cost_vs_fraction_{vps}vps", title=f"Total cost per shootdown, {vps} VPs")
+    elif kind == "scaling":
+        paths += latency_figure(points, "partition.vps", out, "latency_vs_vps", logx=True,
+                                title="Shootdown latency vs partition size")
+        paths += metric_figure(points, "partition.vps", "guest_work_fraction", out, "guest_work_vs_vps", logx=True,
+                               title="Guest work fraction vs partition size")
+    elif kind == "locks":
+        x = plot.get("x", "locks.vsm_rate_per_ms")
+        hue_key = plot.get("hue")
+        for metric, name in (("suspensions_per_shootdown", "suspensions"),
+                             ("suspended_us_per_shootdown", "stall"), ("latency_p99_us", "latency_p99")):
+            fig, ax = plt.subplots(figsize=(7.6, 4.2))
+            data = points.copy()
+            log = metric.startswith("latency")
+            if hue_key:
+                data["series"] = data[hue_key].map(lambda v, k=hue_key: f"{k.split('.')[-1]} = {v}")
+                line_plot(ax, data, x, metric, "series", log=log)
+            else:
+                line_plot(ax, data, x, metric, "workload.policy", log=log)
+            _finish(fig, ax, x, LABELS.get(metric, metric), f"TLB locks: {LABELS.get(metric, metric)}",
+                    metric.startswith("latency"))
+            paths += _save(fig, out, f"locks_{name}")
+    else:
+        numeric = [k for k in manifest["spec"].get("grid", {}) if pd.api.types.is_numeric_dtype(points[k])]
+        x = plot.get("x") or (numeric[0] if numeric else "point")
+        paths += latency_figure(points, x, out, "latency")
+        paths += metric_figure(points, x, "guest_work_fraction", out, "guest_work")
+        paths += cdf_figure(points, shootdowns, out)
+    return paths
