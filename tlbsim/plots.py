@@ -18,10 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from tlbsim.config import Config, _apply_overrides  # noqa: E402
-
-# Student t quantiles (two-sided 95 %) for small replication counts; 1.96 beyond.
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+from tlbsim.stats import t_quantile  # noqa: E402
 
 LABELS = {
     "latency_mean_us": "shootdown latency, mean (us)",
@@ -41,11 +38,8 @@ LABELS = {
 
 
 def t95(n: int) -> float:
-    if n < 2:
-        return float("nan")
-    df = n - 1
-    keys = sorted(k for k in _T95 if k <= df)
-    return _T95[keys[-1]] if df <= 30 else 1.96
+    """Two-sided 95 % Student t critical value for a mean of n replications."""
+    return t_quantile(0.975, n - 1) if n >= 2 else float("nan")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -201,7 +195,8 @@ def plot_sweep(directory: str | Path, out_dir: str | Path | None = None) -> list
                                title="Useful guest work vs overcommit")
         worst = points["vps_per_lp"].max()
         paths += cdf_figure(points, shootdowns, out, {"vps_per_lp": worst}, "latency_cdf_overcommitted")
-        paths += cdf_figure(points, shootdowns, out, {"vps_per_lp": points["vps_per_lp"].min()}, "latency_cdf_dedicated")
+        best = points["vps_per_lp"].min()
+        paths += cdf_figure(points, shootdowns, out, {"vps_per_lp": best}, "latency_cdf_dedicated")
     elif kind == "mask_vs_all":
         for vps, g in points.groupby("partition.vps"):
             paths += latency_figure(g, "fraction_targeted", out, f"latency_vs_fraction_{vps}vps",

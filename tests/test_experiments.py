@@ -1,0 +1,62 @@
+"""Experiments and analysis: every shipped spec is valid, plots render, the
+notebook executes end to end against a small sweep this test runs."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tlbsim.plots import load_sweep, plot_sweep
+from tlbsim.sweep import SweepSpec, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted((ROOT / "experiments").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_every_shipped_spec_is_valid(path):
+    spec = SweepSpec.from_toml(path)
+    assert spec.points and spec.replications >= 1
+    assert spec.source.get("plot", {}).get("kind")
+
+
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory):
+    """The headline spec, shrunk: 2 replications, 20 ms, 3 LP counts."""
+    spec = SweepSpec.from_toml(ROOT / "experiments" / "overcommit.toml", replications=2)
+    source = dict(spec.source)
+    source["fixed"] = {**source["fixed"], "partition.duration_us": 20000.0, "partition.vps": 8}
+    source["grid"] = {**source["grid"], "partition.lps": [8, 4, 2]}
+    source["base"] = str(ROOT / "experiments" / "configs" / "default.toml")
+    out = tmp_path_factory.mktemp("sweep") / "overcommit"
+    run_sweep(SweepSpec.from_dict(source), out, jobs=2, progress=False)
+    return out
+
+
+def test_plots_render_png_and_svg(small_sweep, tmp_path):
+    paths = plot_sweep(small_sweep, tmp_path)
+    names = {p.name for p in paths}
+    assert "latency_vs_overcommit.png" in names and "latency_vs_overcommit.svg" in names
+    for p in paths:
+        assert p.stat().st_size > 5000
+    points, _, _ = load_sweep(small_sweep)
+    assert set(points.vps_per_lp) == {1.0, 2.0, 4.0}
+
+
+def test_notebook_executes_end_to_end(small_sweep):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "store the notebook without outputs"
+    os.environ["TLBSIM_RESULTS"] = str(small_sweep)
+    try:
+        client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                         resources={"metadata": {"path": str(ROOT / "notebooks")}})
+        client.execute()
+    finally:
+        del os.environ["TLBSIM_RESULTS"]
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = json.dumps([o.get("text", "") for o in outputs])
+    assert "0 failed runs" in text
