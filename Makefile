@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP     := $(VENV)/.stamp-run
 DEV_STAMP := $(VENV)/.stamp-dev
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint check bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: $(DEV_STAMP)
 
 test: $(DEV_STAMP) lint
 	$(BIN)/python -m pytest
+
+# The CI regression gate: simulated latency against results/baselines/ (exit 1 on a regression).
+check: $(STAMP)
+	$(BIN)/tlbsim check
 
 bench: $(STAMP)
 	$(BIN)/tlbsim bench

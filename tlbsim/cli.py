@@ -107,12 +107,48 @@ def cmd_plot(args) -> int:
         raise UsageError(f"{directory} holds no sweep results (no manifest.json)")
     try:
         paths = plot_sweep(directory, args.out)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable or corrupt tables or manifest
+        raise UsageError(f"cannot plot {directory}: {type(e).__name__}: {e}") from None
     for p in paths:
         if p.suffix == ".png":
             print(p)
     return EXIT_OK
+
+
+def cmd_check(args) -> int:
+    import json
+
+    from tlbsim import regress
+
+    directory = Path(args.baseline)
+    overrides = dict(parse_override(s) for s in args.set or ())
+    try:
+        if args.update:
+            changes = regress.update(directory, overrides, args.scenario)
+            for name, diff in changes:
+                if diff is None:
+                    print(f"{name}: baseline written (there was no readable baseline before)")
+                elif not diff:
+                    print(f"{name}: baseline rewritten, nothing changed")
+                else:
+                    print(f"{name}: baseline rewritten; what changed:")
+                    print(regress.format_table(diff))
+            return EXIT_OK
+        tiers = {"exact", "statistical"} if args.tier == "both" else {args.tier}
+        rows = regress.check(directory, tiers, overrides, args.seed, args.scenario)
+    except regress.BaselineError as e:
+        raise UsageError(str(e)) from None
+    failed = [r for r in rows if r.failed]
+    if args.json:
+        print(json.dumps({"ok": not failed, "rows": [r.as_dict() for r in rows]}, indent=1))
+    else:
+        print(regress.format_table(rows))
+        if failed:
+            names = sorted({f"{r.scenario}/{r.metric} ({r.tier.split()[0]})" for r in failed})
+            print(f"\nREGRESSION: {len(failed)} metric(s) moved: " + ", ".join(names))
+        else:
+            print(f"\nall {len(rows)} checks hold")
+    return EXIT_REGRESSION if failed else EXIT_OK
 
 
 def cmd_bench(args) -> int:
@@ -148,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("dir", help="a sweep output directory")
     pl.add_argument("--out", metavar="DIR", help="where to write figures (default DIR/figures)")
     pl.set_defaults(func=cmd_plot)
+
+    ck = sub.add_parser("check", help="compare simulated latency with committed baselines (CI gate)")
+    ck.add_argument("--baseline", default="results/baselines", metavar="DIR",
+                    help="baseline directory holding scenarios.toml (default results/baselines)")
+    ck.add_argument("--tier", choices=("exact", "statistical", "both"), default="both")
+    ck.add_argument("--update", action="store_true", help="rewrite the baselines deliberately and show what changed")
+    ck.add_argument("--json", action="store_true", help="machine-readable output")
+    ck.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every scenario")
+    ck.add_argument("--seed", type=int, help="root seed for the statistical tier (default: the baseline's)")
+    ck.add_argument("--scenario", action="append", help="check only this scenario (repeatable)")
+    ck.set_defaults(func=cmd_check)
 
     bench = sub.add_parser("bench", help="measure simulator speed against raw SimPy")
     bench.add_argument("--quick", action="store_true", help="smaller workloads (a smoke test, not a measurement)")

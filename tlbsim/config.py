@@ -35,6 +35,30 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}" if key else message)
 
 
+def read_text(path: str | Path, what: str, key: str = "") -> str:
+    """A user-supplied text file, or a ConfigError naming it (missing,
+    unreadable, not UTF-8 text)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(key, f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(key, f"{what} {path} is a directory, not a file") from None
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {what} {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{what} {path} is not UTF-8 text") from None
+
+
+def read_toml(path: str | Path, what: str, key: str = "") -> dict[str, Any]:
+    text = read_text(path, what, key)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(key, f"{what} {path} is not valid TOML: {e}") from None
+
+
 @dataclass(frozen=True)
 class PartitionConfig:
     vps: int = 16  # virtual processors; > 64 means the Ex calls
@@ -240,15 +264,7 @@ class Config:
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError("", f"config file {path} does not exist") from None
-        except OSError as e:
-            raise ConfigError("", f"cannot read {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError("", f"{path} is not valid TOML: {e}") from None
+        data = read_toml(path, "config file")
         return cls.from_dict(_apply_overrides(data, overrides or {}))
 
     def with_overrides(self, overrides: dict[str, Any]) -> Config:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from tlbsim.config import Config, ConfigError
+from tlbsim.config import Config, ConfigError, read_text
 from tlbsim.model.partition import simulate_records
 from tlbsim.model.workload import TraceEvent
 from tlbsim.records import exits_frame, shootdowns_frame, summarize, vps_frame
@@ -16,10 +16,7 @@ def load_trace(path: str | Path, n_vps: int) -> list[TraceEvent]:
     """Read a CSV trace with columns time_us, vp, address_space, pages
     (pages 0 = the whole address space). Errors name the line."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError("workload.trace", f"cannot read {path}: {e.strerror}") from None
+    text = read_text(path, "trace", "workload.trace")
     rows = list(csv.DictReader(text.splitlines()))
     need = {"time_us", "vp", "address_space", "pages"}
     if not rows or not need <= set(rows[0]):

@@ -35,7 +35,6 @@ import json
 import os
 import sys
 import time
-import tomllib
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from tlbsim import __version__
-from tlbsim.config import Config, ConfigError
+from tlbsim.config import Config, ConfigError, read_toml
 from tlbsim.results import atomic_write_parquet, atomic_write_text, git_revision
 
 SPEC_KEYS = {"name", "base", "replications", "seed", "fixed", "grid", "zip", "description", "plot"}
@@ -71,12 +70,7 @@ class SweepSpec:
     @classmethod
     def from_toml(cls, path: str | Path, replications: int | None = None) -> SweepSpec:
         path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError("", f"sweep spec {path} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError("", f"{path} is not valid TOML: {e}") from None
+        data = read_toml(path, "sweep spec")
         return cls.from_dict(data, path.parent, replications)
 
     @classmethod
@@ -86,11 +80,7 @@ class SweepSpec:
             raise ConfigError(sorted(unknown)[0], "unknown sweep spec key")
         base: dict[str, Any] = {}
         if "base" in data:
-            base_path = (here / data["base"]).resolve()
-            try:
-                base = tomllib.loads(base_path.read_text())
-            except (OSError, tomllib.TOMLDecodeError) as e:
-                raise ConfigError("base", f"cannot read base config {base_path}: {e}") from None
+            base = read_toml((here / data["base"]).resolve(), "base config", "base")
         reps = replications if replications is not None else data.get("replications", 1)
         if not isinstance(reps, int) or reps < 1:
             raise ConfigError("replications", "must be an integer >= 1")
@@ -280,13 +270,23 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, jobs: int | None = None, resu
     if (out / "manifest.json").exists() or (parts.exists() and any(parts.glob("*.json"))):
         if not resume:
             raise ConfigError("--out", f"{out} already holds a sweep; use --resume to finish it or choose another")
-        old = json.loads((out / "spec.json").read_text()) if (out / "spec.json").exists() else None
+        try:
+            old = json.loads((out / "spec.json").read_text()) if (out / "spec.json").exists() else None
+        except (OSError, ValueError) as e:
+            raise ConfigError("--resume", f"{out}/spec.json is unreadable ({e}); cannot tell which sweep this is") \
+                from None
         if old is not None and old != _jsonable(spec.source):
             raise ConfigError("--resume", f"{out} holds a different sweep spec; refusing to mix results")
     parts.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "spec.json", json.dumps(_jsonable(spec.source), indent=2))
 
-    done = {tuple(json.loads(f.read_text())[k] for k in ("point", "replication")) for f in parts.glob("*.json")}
+    done = set()
+    for f in parts.glob("*.json"):
+        try:
+            row = json.loads(f.read_text())
+            done.add((row["point"], row["replication"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable part (written by hand?): recompute it; the atomic rewrite replaces it
     todo = [t for t in spec.tasks() if t not in done]
     bar = Progress(len(todo), f"sweep {spec.name}", enabled=progress)
     t0 = time.perf_counter()
