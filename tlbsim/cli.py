@@ -1,7 +1,9 @@
-"""`tlbsim` command line: run | bench.
+"""`tlbsim` command line: run | sweep | plot | check | bench.
 
-Bad input (a config error, a missing file, an unwritable output) prints one
-line naming the problem and exits 2; no traceback.
+Exit codes: 0 fine; 1 a regression (check) or failed sweep points; 2 bad
+input (a config error, a missing or corrupt file, an unwritable output: one
+line naming the problem, no traceback); 3 a model invariant broken while
+run.check_invariants is on (one line saying which).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 from tlbsim.config import Config, ConfigError, parse_override
+from tlbsim.model import InvariantError
 
-EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_INVARIANT = 0, 1, 2, 3
 
 
 class UsageError(Exception):
@@ -43,6 +46,12 @@ SUMMARY_ROWS = (
     ("guest_work_fraction", "guest work fraction", "{:.4f}"),
     ("refill_us", "refill time, all VPs (us)", "{:.1f}"),
     ("collateral_entries", "collateral TLB entries lost", "{:.0f}"),
+    ("vf_calls", "VF: PF invalidate calls", "{:,}"),
+    ("vf_latency_p50_us", "VF: call -> blocks read, p50 (us)", "{:.3f}"),
+    ("vf_latency_p99_us", "VF: call -> blocks read, p99 (us)", "{:.3f}"),
+    ("vf_coalescing_ratio", "VF: PF calls per notification", "{:.3f}"),
+    ("vf_notifications_dropped", "VF: notifications dropped (fault injection)", "{:,}"),
+    ("vf_calls_lost", "VF: calls with a lost bit", "{:,}"),
     ("events", "SimPy events", "{:,}"),
 )
 
@@ -209,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError) as e:
         print(f"tlbsim: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except InvariantError as e:  # run.check_invariants = true and the model broke one
+        print(f"tlbsim: invariant violated: {e}", file=sys.stderr)
+        return EXIT_INVARIANT
     except KeyboardInterrupt:
         print("tlbsim: interrupted", file=sys.stderr)
         return 130

@@ -224,6 +224,66 @@ class WorkloadConfig:
 
 
 @dataclass(frozen=True)
+class VfConfig:
+    """SR-IOV VF configuration-block invalidations (reference/vf-backchannel.md).
+
+    No public source gives a VMBus round trip, a block read or the guest's
+    handling costs: every latency here is a *parameter* (an estimate of the
+    right order, not a measurement); sweep them rather than trust them."""
+
+    count: int = 0  # VFs in the partition (0: the VF model is off)
+    service_vps: list[int] = field(default_factory=lambda: [0])  # VF i's chain runs on service_vps[i % len]
+    blocks: int = 16  # configuration blocks the IHV defines (1..64; only 0..63 can be invalidated)
+    hot_blocks: int = 2  # blocks 0..hot_blocks-1 change more often than the rest
+    hot_fraction: float = 0.8  # probability that a changed block is a hot one
+    blocks_per_call: int = 1  # distinct blocks one NdisMInvalidateConfigBlock call invalidates
+    pf_call_rate_per_ms: float = 1.0  # PF calls per ms per VF (Poisson arrivals of bursts)
+    pf_burst_calls: int = 1  # PF calls per arrival
+    pf_burst_gap_us: float = 1.0  # spacing of the calls of one burst
+    trace: str = ""  # CSV of time_us,vf,block_mask (replaces the Poisson PF calls)
+    vmbus_message_us: float = 15.0  # one-way host <-> guest VMBus message. parameter (no public source)
+    ioctl_complete_us: float = 2.0  # guest VP time: VPCI completes IOCTL_VPCI_INVALIDATE_BLOCK (DISPATCH_LEVEL)
+    passive_hop_us: float = 5.0  # guest VP time: NDIS moves to a PASSIVE_LEVEL worker thread
+    ioctl_issue_us: float = 1.0  # guest VP time: NDIS issues the next IOCTL
+    oid_dispatch_us: float = 2.0  # guest VP time: OID_SRIOV_VF_INVALIDATE_CONFIG_BLOCK into the VF miniport
+    block_read_guest_us: float = 2.0  # guest VP time per NdisMReadConfigBlock (issue + completion)
+    pf_read_oid_us: float = 5.0  # host: the PF serves one OID_SRIOV_READ_VF_CONFIG_BLOCK
+    pf_other_oid_rate_per_ms: float = 0.0  # the PF's other OIDs (Poisson), which reads queue behind
+    pf_other_oid_us: float = 50.0  # how long each of those holds the PF's OID queue
+    flush_blocks: int = 0  # BlockMask: blocks whose change makes the VF driver flush its address space
+    flush_pages: int = 0  # pages of that flush (0: the whole address space)
+    drop_probability: float = 0.0  # fault injection: the guest drops a notification at IOCTL completion
+
+    def check(self, key: str) -> None:
+        _non_negative(self.count, f"{key}.count")
+        if self.count > 64:
+            raise ConfigError(f"{key}.count", "at most 64 VFs per partition")
+        if self.count and not self.service_vps:
+            raise ConfigError(f"{key}.service_vps", "needs at least one VP to run the VF chain")
+        if not 1 <= self.blocks <= 64:
+            raise ConfigError(f"{key}.blocks", f"must be in 1..64 (a BlockMask has 64 bits), got {self.blocks}")
+        if not 0 <= self.hot_blocks <= self.blocks:
+            raise ConfigError(f"{key}.hot_blocks", f"must be in 0..blocks ({self.blocks}), got {self.hot_blocks}")
+        if not 1 <= self.blocks_per_call <= self.blocks:
+            raise ConfigError(f"{key}.blocks_per_call", f"must be in 1..blocks ({self.blocks})")
+        for name in ("hot_fraction", "drop_probability"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{key}.{name}", "must be a probability in [0, 1]")
+        _positive(self.pf_burst_calls, f"{key}.pf_burst_calls")
+        for f in dataclasses.fields(self):
+            if f.name.endswith(("_us", "_per_ms")):
+                value = getattr(self, f.name)
+                _non_negative(value, f"{key}.{f.name}")
+                if math.isinf(value):
+                    raise ConfigError(f"{key}.{f.name}", "must be finite")
+        if not 0 <= self.flush_blocks <= hv.U64_MAX:
+            raise ConfigError(f"{key}.flush_blocks", "must be a 64-bit BlockMask")
+        if self.flush_blocks >> self.blocks:
+            raise ConfigError(f"{key}.flush_blocks", f"{self.flush_blocks:#x} names a block >= blocks ({self.blocks})")
+        _non_negative(self.flush_pages, f"{key}.flush_pages")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     check_invariants: bool = False  # assert the model's invariants during the run (on in tests)
 
@@ -239,13 +299,15 @@ class Config:
     exits: ExitsConfig = ExitsConfig()
     locks: LocksConfig = LocksConfig()
     workload: WorkloadConfig = WorkloadConfig()
+    vf: VfConfig = VfConfig()
     run: RunConfig = RunConfig()
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).check(f.name)
         n = self.partition.vps
-        for key, vps in (("locks.vsm_vps", self.locks.vsm_vps), ("workload.initiators", self.workload.initiators)):
+        for key, vps in (("locks.vsm_vps", self.locks.vsm_vps), ("workload.initiators", self.workload.initiators),
+                         ("vf.service_vps", self.vf.service_vps if self.vf.count else [])):
             bad = [v for v in vps if not 0 <= v < n]
             if bad:
                 raise ConfigError(key, f"VP {bad[0]} does not exist (the partition has VPs 0..{n - 1})")

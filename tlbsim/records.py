@@ -29,6 +29,42 @@ def vps_frame(rec: Records) -> pd.DataFrame:
     return pd.DataFrame(rec.vps)
 
 
+VF_DTYPES = {"vf": "int64", "call": "int64", "block_mask": "uint64", "pf_call_us": "float64", "notification": "int64",
+             "sent_us": "float64", "delivered_us": "float64", "read_done_us": "float64", "latency_us": "float64",
+             "coalesced": "int64", "dropped": "bool"}
+
+
+def vf_frame(rec: Records) -> pd.DataFrame:
+    """One row per PF call (empty with the VF columns when the VF model is off)."""
+    from tlbsim.model.vf import VF_COLUMNS
+
+    data = rec.vf or {c: [] for c in VF_COLUMNS}
+    df = pd.DataFrame(data, columns=list(VF_COLUMNS)).astype(VF_DTYPES)
+    df["status"] = pd.Categorical(df["status"], categories=["read", "pending", "lost"])
+    return df
+
+
+def vf_summary(vf: pd.DataFrame, vps: pd.DataFrame, stats: dict) -> dict:
+    """VF latency (PF call -> every block read), coalescing, losses."""
+    read = vf[vf["status"] == "read"]
+    lat = read["latency_us"].to_numpy(dtype=float)
+    sent = vf[vf["notification"] >= 0]
+    notifications = sent.groupby(["vf", "notification"]).ngroups
+    return {
+        "vf_calls": int(len(vf)),
+        "vf_calls_read": int(len(read)),
+        "vf_calls_pending": int((vf["status"] == "pending").sum()),
+        "vf_calls_lost": int((vf["status"] == "lost").sum()),
+        "vf_latency_mean_us": float(lat.mean()) if lat.size else np.nan,
+        "vf_latency_p50_us": float(np.percentile(lat, 50)) if lat.size else np.nan,
+        "vf_latency_p99_us": float(np.percentile(lat, 99)) if lat.size else np.nan,
+        # PF calls per notification sent: 1 = no coalescing
+        "vf_coalescing_ratio": float(len(sent) / notifications) if notifications else np.nan,
+        "vf_vp_time_us": float(vps["vf_us"].sum()),
+        **stats,
+    }
+
+
 def exits_frame(rec: Records) -> pd.DataFrame:
     df = pd.DataFrame(rec.exits)
     return df.astype({"reason": "string"}) if len(df) else df

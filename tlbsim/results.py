@@ -14,7 +14,7 @@ import pandas as pd
 
 from tlbsim import __version__
 
-TABLES = ("shootdowns", "vps", "exits")
+TABLES = ("shootdowns", "vps", "exits", "vf")
 MANIFEST = "manifest.json"
 
 
@@ -41,6 +41,7 @@ class Result:
     summary: pd.Series
     config: dict = field(default_factory=dict)
     seed: int = 0
+    vf: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per PF call (empty: VF model off)
 
     def manifest(self) -> dict:
         return {
@@ -67,7 +68,8 @@ class Result:
     def load(cls, directory: str | Path) -> Result:
         directory = Path(directory)
         manifest = json.loads((directory / MANIFEST).read_text())
-        tables = {name: pd.read_parquet(directory / f"{name}.parquet") for name in TABLES}
+        tables = {name: pd.read_parquet(directory / f"{name}.parquet") for name in TABLES
+                  if (directory / f"{name}.parquet").exists() or name != "vf"}
         return cls(summary=pd.Series(manifest["summary"], dtype=object), config=manifest["config"],
                    seed=manifest["seed"], **tables)
 

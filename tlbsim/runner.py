@@ -8,7 +8,7 @@ from pathlib import Path
 from tlbsim.config import Config, ConfigError, read_text
 from tlbsim.model.partition import simulate_records
 from tlbsim.model.workload import TraceEvent
-from tlbsim.records import exits_frame, shootdowns_frame, summarize, vps_frame
+from tlbsim.records import exits_frame, shootdowns_frame, summarize, vf_frame, vf_summary, vps_frame
 from tlbsim.results import Result
 
 
@@ -38,9 +38,38 @@ def simulate(config: Config, seed: int = 0) -> Result:
     if not isinstance(config, Config):
         raise TypeError("simulate() takes a tlbsim.Config")
     trace = load_trace(config.workload.trace, config.partition.vps) if config.workload.trace else None
-    rec = simulate_records(config, seed, trace)
-    shootdowns, vps, exits = shootdowns_frame(rec), vps_frame(rec), exits_frame(rec)
+    vf_trace = load_vf_trace(config.vf.trace, config.vf.count, config.vf.blocks) \
+        if config.vf.count and config.vf.trace else None
+    rec = simulate_records(config, seed, trace, vf_trace)
+    shootdowns, vps, exits, vf = shootdowns_frame(rec), vps_frame(rec), exits_frame(rec), vf_frame(rec)
     extra = {"events": rec.events, "requests_waiting": rec.requests_waiting, **rec.host}
+    if config.vf.count:
+        extra.update(vf_summary(vf, vps, rec.vf_stats))
     summary = summarize(shootdowns, vps, rec.duration_us, extra)
     summary["policy"] = config.workload.policy
-    return Result(shootdowns, vps, exits, summary, config=config.to_dict(), seed=seed)
+    return Result(shootdowns, vps, exits, summary, config=config.to_dict(), seed=seed, vf=vf)
+
+
+def load_vf_trace(path: str | Path, n_vfs: int, n_blocks: int) -> dict[int, list[tuple[float, int]]]:
+    """Read a CSV of PF calls with columns time_us, vf, block_mask (decimal
+    or 0x hex). Errors name the line."""
+    path = Path(path)
+    text = read_text(path, "VF trace", "vf.trace")
+    rows = list(csv.DictReader(text.splitlines()))
+    need = {"time_us", "vf", "block_mask"}
+    if not rows or not need <= set(rows[0]):
+        raise ConfigError("vf.trace", f"{path} needs a header with columns {', '.join(sorted(need))}")
+    out: dict[int, list[tuple[float, int]]] = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            t, vf, mask = float(row["time_us"]), int(row["vf"]), int(row["block_mask"].strip(), 0)
+        except (TypeError, ValueError, AttributeError):
+            raise ConfigError("vf.trace", f"{path}:{line}: expected numbers, got {dict(row)}") from None
+        if not (t >= 0 and t != float("inf")) or not 0 <= vf < n_vfs:
+            raise ConfigError("vf.trace", f"{path}:{line}: time must be >= 0 and vf in 0..{n_vfs - 1}")
+        if not 0 < mask < (1 << n_blocks):
+            raise ConfigError("vf.trace", f"{path}:{line}: block_mask {mask:#x} must name blocks in 0..{n_blocks - 1}")
+        out.setdefault(vf, []).append((t, mask))
+    for events in out.values():
+        events.sort()
+    return out

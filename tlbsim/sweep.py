@@ -141,13 +141,18 @@ def run_task(spec: SweepSpec, point_index: int, replication: int) -> dict:
     except Exception as e:  # recorded per run, the sweep goes on (desmod-style)
         row.update(status="error", error=f"{type(e).__name__}: {e}",
                    traceback=traceback.format_exc(limit=8), wall_s=time.perf_counter() - t)
-        return {"row": row, "shootdowns": None}
+        return {"row": row, "shootdowns": None, "vf": None}
     row.update(status="ok", error="", traceback="", wall_s=time.perf_counter() - t)
     row.update({k: _scalar(v) for k, v in result.summary.items() if k != "policy"})
     sd = result.shootdowns.copy()
     sd.insert(0, "replication", replication)
     sd.insert(0, "point", point_index)
-    return {"row": row, "shootdowns": sd}
+    vf = None
+    if len(result.vf):
+        vf = result.vf.copy()
+        vf.insert(0, "replication", replication)
+        vf.insert(0, "point", point_index)
+    return {"row": row, "shootdowns": sd, "vf": vf}
 
 
 def _scalar(v):
@@ -156,6 +161,9 @@ def _scalar(v):
     if isinstance(v, list):
         return json.dumps(v)
     return v
+
+
+VF_PART = ".vf.parquet"
 
 
 def _part_name(point: int, rep: int) -> str:
@@ -167,6 +175,8 @@ def _write_part(parts: Path, out: dict) -> None:
     name = _part_name(row["point"], row["replication"])
     if out["shootdowns"] is not None:
         atomic_write_parquet(out["shootdowns"], parts / f"{name}.parquet")
+    if out.get("vf") is not None:
+        atomic_write_parquet(out["vf"], parts / f"{name}{VF_PART}")
     # the JSON is written last: its presence marks the part complete
     atomic_write_text(parts / f"{name}.json", json.dumps(row, default=_scalar))
 
@@ -302,10 +312,18 @@ def assemble(spec: SweepSpec, out: Path, wall_s: float, computed: int, skipped: 
     parts = out / "parts"
     rows = [json.loads(f.read_text()) for f in sorted(parts.glob("*.json"))]
     points = pd.DataFrame(rows).sort_values(["point", "replication"]).reset_index(drop=True)
-    frames = [pd.read_parquet(f) for f in sorted(parts.glob("*.parquet"))]
+    done = {_part_name(int(r["point"]), int(r["replication"])) for r in rows}
+    frames = [pd.read_parquet(f) for f in sorted(parts.glob("*.parquet"))
+              if not f.name.endswith(VF_PART) and f.name.removesuffix(".parquet") in done]
     shootdowns = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    vf_frames = [pd.read_parquet(f) for f in sorted(parts.glob(f"*{VF_PART}"))
+                 if f.name.removesuffix(VF_PART) in done]
+    tables = {"points": "points.parquet", "shootdowns": "shootdowns.parquet"}
     atomic_write_parquet(points, out / "points.parquet")
     atomic_write_parquet(shootdowns, out / "shootdowns.parquet")
+    if vf_frames:
+        atomic_write_parquet(pd.concat(vf_frames, ignore_index=True), out / "vf.parquet")
+        tables["vf"] = "vf.parquet"
     failed = [(int(r["point"]), int(r["replication"]), r["error"]) for r in rows if r["status"] != "ok"]
     import simpy
 
@@ -326,7 +344,7 @@ def assemble(spec: SweepSpec, out: Path, wall_s: float, computed: int, skipped: 
         "tasks_resumed": skipped,
         "events_processed": int(points["events"].fillna(0).sum()) if "events" in points else 0,
         "failed": [{"point": p, "replication": r, "error": e} for p, r, e in failed],
-        "tables": {"points": "points.parquet", "shootdowns": "shootdowns.parquet"},
+        "tables": tables,
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, default=_scalar))
     return SweepOutcome(out, points, failed, wall_s, computed, skipped)

@@ -39,7 +39,7 @@ class Shootdown:
         "id", "initiator", "policy", "address_space", "pages", "arrival_us", "issue_us", "complete_us",
         "call_code", "flags", "n_targets", "running_targets", "deferred_targets", "ipis", "suspensions",
         "reissues", "suspended_us", "hypercall_us", "refill_entries", "collateral_entries", "status",
-        "pending_acks", "acked", "stuck_on", "targets",
+        "pending_acks", "acked", "stuck_on", "targets", "origin",
     )
 
     def __init__(self, sid: int, initiator: int, policy: str, req, now: float):
@@ -68,6 +68,7 @@ class Shootdown:
         self.acked = None
         self.stuck_on = ""
         self.targets: tuple[int, ...] = ()
+        self.origin = req.origin
 
     def ack(self) -> None:
         self.pending_acks -= 1

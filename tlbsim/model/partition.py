@@ -11,16 +11,17 @@ import simpy
 
 from tlbsim import hv
 from tlbsim.config import Config, ExitSpec
-from tlbsim.model import rng
+from tlbsim.model import InvariantError, rng
 from tlbsim.model.guest import Shootdown, make_policy
 from tlbsim.model.host import Host
 from tlbsim.model.hypervisor import Hypervisor
 from tlbsim.model.locks import VsmTlbLock
+from tlbsim.model.vf import VF_COLUMNS, PhysicalFunction, VirtualFunction
 from tlbsim.model.vp import EXIT_REASONS, GUEST, TIME_COLUMNS, VP
 from tlbsim.model.workload import PoissonArrivals, TraceArrivals, TraceEvent
 
 SHOOTDOWN_COLUMNS = (
-    "id", "initiator_vp", "policy", "address_space", "pages", "call_code", "flags", "n_targets",
+    "id", "initiator_vp", "policy", "origin", "address_space", "pages", "call_code", "flags", "n_targets",
     "running_targets", "deferred_targets", "ipis", "arrival_us", "issue_us", "complete_us", "latency_us",
     "suspensions", "reissues", "suspended_us", "hypercall_us", "refill_entries", "collateral_entries",
     "status", "stuck_on",
@@ -31,7 +32,7 @@ _INT_COLUMNS = ("id", "initiator_vp", "address_space", "pages", "call_code", "fl
                 "running_targets", "deferred_targets", "ipis", "suspensions", "reissues")
 _FLOAT_COLUMNS = ("arrival_us", "issue_us", "complete_us", "latency_us", "suspended_us", "hypercall_us",
                   "refill_entries", "collateral_entries")
-_STR_COLUMNS = ("policy", "status", "stuck_on")
+_STR_COLUMNS = ("policy", "origin", "status", "stuck_on")
 
 
 class ShootdownRecorder:
@@ -80,6 +81,7 @@ class ShootdownRecorder:
         f["collateral_entries"].append(sd.collateral_entries)
         c = self.codes
         c["policy"].append(self._code("policy", sd.policy))
+        c["origin"].append(self._code("origin", sd.origin))
         c["status"].append(self._code("status", sd.status))
         c["stuck_on"].append(self._code("stuck_on", sd.stuck_on))
         self.n += 1
@@ -94,10 +96,6 @@ class ShootdownRecorder:
             else:
                 out[c] = (self.codes[c], list(self.values[c]))  # (codes, categories)
         return out
-
-
-class InvariantError(AssertionError):
-    """The model broke one of its own invariants (check_invariants on)."""
 
 
 def cr3_of(as_index: int) -> int:
@@ -116,10 +114,13 @@ class Records:
     events: int = 0
     requests_waiting: int = 0
     host: dict[str, int] = field(default_factory=dict)
+    vf: dict[str, list] | None = None  # one row per PF call (VF_COLUMNS), None when the VF model is off
+    vf_stats: dict[str, int] = field(default_factory=dict)
 
 
 class Partition:
-    def __init__(self, config: Config, seed: int = 0, trace: list[TraceEvent] | None = None):
+    def __init__(self, config: Config, seed: int = 0, trace: list[TraceEvent] | None = None,
+                 vf_trace: dict[int, list[tuple[float, int]]] | None = None):
         self.config = config
         self.env = simpy.Environment()
         p = config.partition
@@ -160,6 +161,18 @@ class Partition:
             self.vps.append(vp)
             self.sharers.setdefault(vp.address_space, []).append(vp)
         self._mask_targets = hv.mask_to_vps(w.processor_mask) if w.processor_mask else None
+
+        v = config.vf
+        self.pf: PhysicalFunction | None = None
+        self.vfs: list[VirtualFunction] = []
+        if v.count:
+            vf_streams, pf_stream = rng.vf_streams(seed, v.count)
+            self.pf = PhysicalFunction(self.env, v, pf_stream)
+            for j in range(v.count):
+                vp = self.vps[v.service_vps[j % len(v.service_vps)]]
+                replay = (vf_trace or {}).get(j, []) if vf_trace is not None else None
+                self.vfs.append(VirtualFunction(self.env, j, vp, self.pf, v, vf_streams[j],
+                                                config.run.check_invariants, replay))
 
     def _as_index(self, vp: int) -> int:
         w = self.config.workload
@@ -214,6 +227,8 @@ class Partition:
         ids = list(self.recorder.ints["id"]) + list(self.in_flight)
         if len(ids) != len(set(ids)) or len(ids) != self._next_id:
             raise InvariantError(f"shootdowns lost or duplicated: {len(ids)} recorded of {self._next_id} issued")
+        for vf in self.vfs:
+            vf.check_end()
 
     # ------------------------------------------------------------ running
     def run(self) -> Records:
@@ -254,7 +269,20 @@ class Partition:
                 exits["code"].append(int(reason))
                 exits["count"].append(vp.exit_count[i])
                 exits["time_us"].append(vp.exit_time[i])
+        vf_rows = None
+        vf_stats: dict[str, int] = {}
+        if self.vfs:
+            rows = [r for vf in self.vfs for r in vf.rows()]
+            vf_rows = {c: [r[i] for r in rows] for i, c in enumerate(VF_COLUMNS)}
+            vf_stats = {
+                "vf_notifications": sum(len(vf.notifications) for vf in self.vfs),
+                "vf_notifications_dropped": sum(n.dropped for vf in self.vfs for n in vf.notifications),
+                "vf_block_reads": sum(len(r) for vf in self.vfs for r in vf.reads),
+                "pf_other_oids": self.pf.other_oids,
+                "vf_oid_backlog_max": max(vf.oid_backlog_max for vf in self.vfs),
+            }
         return Records(
+            vf=vf_rows, vf_stats=vf_stats,
             shootdowns=cols, vps=vps, exits=exits, duration_us=duration,
             events=_events_processed(self.env),
             requests_waiting=sum(len(vp.requests) for vp in self.vps),
@@ -269,5 +297,6 @@ def _events_processed(env) -> int:
     return int(text[text.index("(") + 1 : text.rindex(")")] or 0)
 
 
-def simulate_records(config: Config, seed: int = 0, trace: list[TraceEvent] | None = None) -> Records:
-    return Partition(config, seed, trace).run()
+def simulate_records(config: Config, seed: int = 0, trace: list[TraceEvent] | None = None,
+                     vf_trace: dict[int, list[tuple[float, int]]] | None = None) -> Records:
+    return Partition(config, seed, trace, vf_trace).run()

@@ -12,6 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 PURPOSES = ("exits", "workload", "halt", "vsm")
+VF_PURPOSES = ("pf", "fault")
+#: VF streams live under spawn keys (VF_KEY, vf) and the PF's under (VF_KEY + 1,):
+#: disjoint from the VPs' (0..4095), so turning VFs on changes no VP's draws.
+VF_KEY = 1 << 20
 _BLOCK = 512
 
 
@@ -52,3 +56,18 @@ def vp_streams(seed: int | np.random.SeedSequence, n_vps: int) -> list[dict[str,
     for child in root.spawn(n_vps):
         out.append(dict(zip(PURPOSES, (Stream(s) for s in child.spawn(len(PURPOSES))), strict=True)))
     return out
+
+
+def _root(seed: int | np.random.SeedSequence) -> np.random.SeedSequence:
+    return seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+
+
+def vf_streams(seed: int | np.random.SeedSequence, n_vfs: int) -> tuple[list[dict[str, Stream]], Stream]:
+    """(per VF: a stream per VF purpose; the PF's stream for its other OIDs)."""
+    root = _root(seed)
+    out = []
+    for j in range(n_vfs):
+        base = np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, VF_KEY, j))
+        out.append(dict(zip(VF_PURPOSES, (Stream(s) for s in base.spawn(len(VF_PURPOSES))), strict=True)))
+    pf = Stream(np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, VF_KEY + 1)))
+    return out, pf

@@ -25,12 +25,13 @@ from tlbsim.whp import ExitReason
 if TYPE_CHECKING:
     from tlbsim.model.partition import Partition
 
-# VP states (exactly one at a time).
-GUEST, EXIT, HYPERCALL, FLUSH, SPINNING, SUSPENDED, HALTED, DESCHEDULED = range(8)
-STATE_NAMES = ("guest", "exit", "hypercall", "flush", "spinning", "suspended", "halted", "descheduled")
+# VP states (exactly one at a time). VF: the guest's VF back-channel work
+# (IOCTL completion, OID handler, block reads; see model/vf.py).
+GUEST, EXIT, HYPERCALL, FLUSH, SPINNING, SUSPENDED, HALTED, DESCHEDULED, VF = range(9)
+STATE_NAMES = ("guest", "exit", "hypercall", "flush", "spinning", "suspended", "halted", "descheduled", "vf")
 # Time columns: guest-state time splits into useful work, hypervisor flush
 # interruptions and TLB refills.
-HV_FLUSH, REFILL = 8, 9
+HV_FLUSH, REFILL = 9, 10
 TIME_COLUMNS = (*STATE_NAMES, "hv_flush", "refill")
 
 EXIT_REASONS = (
@@ -108,6 +109,7 @@ class VP:
         self.irqs: list = []  # (shootdown, scope) IPIs waiting to be taken
         self.deferred: list = []  # (shootdown, scope, whole_context) flushes applied at next entry
         self.requests: deque = deque()
+        self.work: deque = deque()  # (cost_us, event): guest work items of the VF chain
         self.interruptible = False
         self.kicked = False
         self.exit_index = -1
@@ -249,18 +251,48 @@ class VP:
         self.irqs.append((sd, scope))
         self.kick(cancel=True)
 
+    def post_work(self, cost_us: float, from_host: bool):
+        """Queue ``cost_us`` of guest kernel work (the VF chain's DPCs and
+        threads) on this VP; returns the event that fires when it is done.
+        It runs when the VP next reaches its run loop on an LP: at once if it
+        is in guest code, after waking if halted, and only after the host
+        runs it again if descheduled, or after its hypercall if suspended. A
+        spinning initiator runs it after its shootdown (it waits for acks at
+        raised IRQL, where DPCs and threads do not run). Work started by a
+        host message (``from_host``: a VMBus interrupt) kicks a VP out of
+        guest code with a Canceled exit; a guest-internal continuation (a
+        DPC queuing a work item) does not exit."""
+        ev = self.env.event()
+        self.work.append((cost_us, ev))
+        if self.state != SPINNING:
+            self.kick(cancel=from_host)
+        return ev
+
+    def _canceled_exit(self):
+        """The host kicked the VP out of guest code: a Canceled exit."""
+        self.kicked = False
+        cost = self._exit_cost[I_CANCELED]
+        self.record_exit(I_CANCELED, 1, cost)
+        self.exit_index = I_CANCELED
+        self.set_state(EXIT)
+        yield self.env.timeout(cost)
+        self.exit_index = -1
+
+    def run_work(self):
+        """Run the first queued VF work item."""
+        if self.kicked:
+            yield from self._canceled_exit()
+        cost, ev = self.work.popleft()
+        self.set_state(VF)
+        yield self.env.timeout(cost)
+        ev.succeed()
+
     def take_interrupts(self):
         """Take every pending IPI: a Canceled exit if the host had to kick the
         VP out of guest code, then the flush handler for each, then the acks."""
         env = self.env
         if self.kicked:
-            self.kicked = False
-            cost = self._exit_cost[I_CANCELED]
-            self.record_exit(I_CANCELED, 1, cost)
-            self.exit_index = I_CANCELED
-            self.set_state(EXIT)
-            yield env.timeout(cost)
-            self.exit_index = -1
+            yield from self._canceled_exit()
         irqs, self.irqs = self.irqs, []
         self.set_state(FLUSH)
         yield env.timeout(sum(self.costs.local_flush_cost_us(scope.pages) for _, scope in irqs))
@@ -314,6 +346,9 @@ class VP:
             if self.irqs:
                 yield from self.take_interrupts()
                 continue
+            if self.work:
+                yield from self.run_work()
+                continue
             if self.requests:
                 yield from policy.shootdown(self, self.requests.popleft())
                 continue
@@ -359,7 +394,7 @@ class VP:
         """HLT: give up the LP and idle until an interrupt or new work."""
         env = self.env
         self.give_up_lp(HALTED)
-        if self.irqs or self.requests:
+        if self.irqs or self.requests or self.work:
             return
         idle = self.streams["halt"].exp(self.halt_idle_mean_us)
         wake_at = max(env.now, min(env.now + idle, self.next_arrival_us))

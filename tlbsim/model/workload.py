@@ -16,6 +16,7 @@ class Request:
     arrival_us: float
     address_space: int
     pages: int | None
+    origin: str = "workload"  # or "vf": the VF driver flushing after a configuration change
 
 
 @dataclass(frozen=True, slots=True)
