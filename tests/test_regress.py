@@ -184,3 +184,22 @@ def test_a_metric_that_becomes_undefined_is_a_change(baseline_dir):
     # undefined in both baseline and current: holds
     base2 = json.loads(json.dumps(cur))
     assert not any(r.failed for r in regress.compare(s, base2, cur))
+
+
+def test_vf_metrics_are_gated_when_the_scenario_has_vfs(baseline_dir, capsys):
+    # turning the VF model on adds metrics the baseline never measured: a change, named
+    rc, out = run_json(capsys, "--baseline", str(baseline_dir), "--scenario", "small_mask", "--tier", "exact",
+                       "--set", "vf.count=1")
+    assert rc == 1
+    new = {r["metric"] for r in out["rows"] if r["verdict"] == "CHANGED (not in the baseline)"}
+    assert new == set(regress.VF_METRICS)
+
+
+def test_committed_vf_scenario_flags_a_slower_vmbus(capsys):
+    # +20 % on the VMBus message latency moves VF latency (and only VF metrics in the statistical tier)
+    d = REPO / "results" / "baselines"
+    rc, out = run_json(capsys, "--baseline", str(d), "--scenario", "vf_backchannel", "--tier", "statistical",
+                       "--set", "vf.vmbus_message_us=18.0")
+    assert rc == 1
+    changed = {r["metric"] for r in out["rows"] if r["verdict"] == "CHANGED"}
+    assert "vf_latency_mean_us" in changed and changed <= set(regress.VF_METRICS)

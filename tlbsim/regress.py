@@ -31,6 +31,8 @@ from tlbsim.stats import t_quantile
 
 METRICS = ("latency_mean_us", "latency_p50_us", "latency_p99_us", "suspensions_per_shootdown",
            "guest_work_fraction", "shootdowns_completed")
+#: measured too when the scenario has VFs (vf.count > 0)
+VF_METRICS = ("vf_latency_mean_us", "vf_latency_p99_us", "vf_coalescing_ratio")
 DEFAULT_THRESHOLD = 0.05
 EXACT_RTOL = 1e-9
 FAMILY_CONFIDENCE = 0.95
@@ -61,6 +63,10 @@ class Scenario:
     def threshold(self, metric: str) -> float:
         return self.thresholds.get(metric, DEFAULT_THRESHOLD)
 
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return METRICS + (VF_METRICS if self.config.vf.count else ())
+
 
 def load_scenarios(directory: Path, overrides: dict[str, Any] | None = None) -> list[Scenario]:
     path = directory / "scenarios.toml"
@@ -81,7 +87,7 @@ def load_scenarios(directory: Path, overrides: dict[str, Any] | None = None) -> 
                                                            "run.check_invariants": True}))
         except ConfigError as e:
             raise ConfigError(e.key, f"scenario {name}: {str(e).split(': ', 1)[-1]}") from None
-        unknown = set(s.get("thresholds", {})) - set(METRICS)
+        unknown = set(s.get("thresholds", {})) - set(METRICS) - set(VF_METRICS)
         if unknown:
             raise BaselineError(f"scenario {name}: thresholds for unknown metrics {sorted(unknown)}")
         out.append(Scenario(name, cfg, int(s.get("seed", 0)), int(s.get("replications", 8)),
@@ -100,7 +106,8 @@ def metrics_of(config: Config, seed: int) -> dict[str, float]:
 
     s = simulate(config, seed=seed).summary
     n = max(1, int(s["shootdowns_completed"]))
-    return {
+    vf = {m: float(s[m]) for m in VF_METRICS} if config.vf.count else {}
+    return {**vf,
         "latency_mean_us": float(s["latency_mean_us"]),
         "latency_p50_us": float(s["latency_p50_us"]),
         "latency_p99_us": float(s["latency_p99_us"]),
@@ -119,7 +126,7 @@ def measure(scenario: Scenario, tiers: set[str], root_seed: int | None = None) -
         seeds = [replication_seed(root, r) for r in range(scenario.replications)]
         runs = [metrics_of(scenario.config, s) for s in seeds]
         out["statistical"] = {"root_seed": root, "seeds": [str(s) for s in seeds],
-                              "metrics": {m: [r[m] for r in runs] for m in METRICS}}
+                              "metrics": {m: [r[m] for r in runs] for m in scenario.metrics}}
     return out
 
 
@@ -141,6 +148,8 @@ def read_baseline(directory: Path, name: str) -> dict:
             raise KeyError("scenario")
         for m in METRICS:
             float(data["exact"]["metrics"][m])
+            [float(v) for v in data["statistical"]["metrics"][m]]
+        for m in data["statistical"]["metrics"]:
             [float(v) for v in data["statistical"]["metrics"][m]]
         data["statistical"]["seeds"]
     except (KeyError, TypeError, ValueError) as e:
@@ -197,15 +206,25 @@ def compare(scenario: Scenario, baseline: dict, current: dict, comparisons: int 
     whole check computes (the Bonferroni family), so that noise alone fails the
     whole check with probability at most 1 - FAMILY_CONFIDENCE."""
     rows = []
+
+    def common(tier: str) -> list[str]:
+        """Metrics measured on both sides; one-sided ones become CHANGED rows
+        (e.g. an override that turned the VF model on or off)."""
+        old, new = baseline[tier]["metrics"], current[tier]["metrics"]
+        for m in [m for m in old if m not in new] + [m for m in new if m not in old]:
+            rows.append(Row(scenario.name, tier, m, math.nan, math.nan, math.nan,
+                            verdict="CHANGED (" + ("no longer measured)" if m in old else "not in the baseline)")))
+        return [m for m in old if m in new]
+
     if "exact" in current:
-        for m in METRICS:
+        for m in common("exact"):
             b, c = float(baseline["exact"]["metrics"][m]), current["exact"]["metrics"][m]
             same = _same(b, c)
             change = 0.0 if same and math.isnan(b) else _pct(c, b)
             rows.append(Row(scenario.name, "exact", m, b, c, change, verdict="ok" if same else "CHANGED"))
     if "statistical" in current:
         paired = current["statistical"]["seeds"] == baseline["statistical"]["seeds"]
-        for m in METRICS:
+        for m in common("statistical"):
             b = np.asarray(baseline["statistical"]["metrics"][m], dtype=float)
             c = np.asarray(current["statistical"]["metrics"][m], dtype=float)
             thr = scenario.threshold(m) * 100
@@ -268,7 +287,7 @@ def check(directory: Path, tiers: set[str], overrides: dict | None = None, root_
           only: list[str] | None = None) -> list[Row]:
     scenarios = [s for s in load_scenarios(directory, overrides) if not only or s.name in only]
     baselines = {s.name: read_baseline(directory, s.name) for s in scenarios}  # all read before any work
-    comparisons = len(scenarios) * len(METRICS) if "statistical" in tiers else 1
+    comparisons = sum(len(s.metrics) for s in scenarios) if "statistical" in tiers else 1
     rows = []
     for s in scenarios:
         rows += compare(s, baselines[s.name], measure(s, tiers, root_seed), comparisons)
