@@ -28,6 +28,7 @@ def small_sweep(tmp_path_factory):
     source = dict(spec.source)
     source["fixed"] = {**source["fixed"], "partition.duration_us": 20000.0, "partition.vps": 8}
     source["grid"] = {**source["grid"], "partition.lps": [8, 4, 2]}
+    source["replications"] = 2
     source["base"] = str(ROOT / "experiments" / "configs" / "default.toml")
     out = tmp_path_factory.mktemp("sweep") / "overcommit"
     run_sweep(SweepSpec.from_dict(source), out, jobs=2, progress=False)
@@ -60,3 +61,29 @@ def test_notebook_executes_end_to_end(small_sweep):
     assert not [o for o in outputs if o.output_type == "error"]
     text = json.dumps([o.get("text", "") for o in outputs])
     assert "0 failed runs" in text
+
+
+def test_vf_experiment_writes_vf_rows_and_its_figures(tmp_path):
+    spec = SweepSpec.from_toml(ROOT / "experiments" / "vf.toml", replications=2)
+    source = dict(spec.source)
+    source["fixed"] = {**source["fixed"], "partition.duration_us": 10000.0, "partition.vps": 4}
+    source["grid"] = {"vf.pf_call_rate_per_ms": [2.0, 40.0], "vf.flush_blocks": [0, 1]}
+    source["replications"] = 2
+    source["base"] = str(ROOT / "experiments" / "configs" / "default.toml")
+    out = tmp_path / "vf"
+    outcome = run_sweep(SweepSpec.from_dict(source), out, jobs=1, progress=False)
+    assert not outcome.failed
+    from tlbsim import load_results
+
+    tables = load_results(out)
+    vf = tables["vf"]
+    assert set(vf["point"]) == {0, 1, 2, 3} and set(vf["replication"]) == {0, 1}
+    # one VF row per PF call: the points table counts the same calls
+    per_run = vf.groupby(["point", "replication"]).size()
+    pts = tables["points"].set_index(["point", "replication"])["vf_calls"]
+    assert (per_run == pts.loc[per_run.index]).all()
+    # faster PF calls coalesce more
+    ratio = tables["points"].groupby("vf.pf_call_rate_per_ms")["vf_coalescing_ratio"].mean()
+    assert ratio[40.0] > ratio[2.0]
+    names = {p.name for p in plot_sweep(out, tmp_path / "fig")}
+    assert {"vf_latency_vs_rate.png", "vf_coalescing_vs_rate.svg", "shootdown_latency_vs_vf_rate.png"} <= names

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -34,6 +35,12 @@ LABELS = {
     "suspended_us_per_shootdown": "time suspended per shootdown (us)",
     "locks.vsm_rate_per_ms": "VSM TlbLocked episodes per ms per VP",
     "exits.memory_access.rate_per_ms": "MemoryAccess exits per ms of guest time",
+    "vf.pf_call_rate_per_ms": "PF NdisMInvalidateConfigBlock calls per ms",
+    "vf_latency_p50_us": "VF latency, p50 (us)",
+    "vf_latency_p99_us": "VF latency, p99 (us)",
+    "vf_coalescing_ratio": "PF calls per notification (1 = no coalescing)",
+    "vf_oid_backlog_max": "most invalidate OIDs queued at the VF miniport",
+    "vf_vp_time_fraction": "service VP time spent on VF work (fraction)",
 }
 
 
@@ -126,6 +133,7 @@ def _finish(fig, ax, x: str, y_label: str, title: str, logy: bool, logx: bool = 
         ax.set_yscale("log")
     if logx:
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -180,6 +188,45 @@ def cdf_figure(points, shootdowns, out_dir, where: dict | None = None, name="lat
     return _save(fig, out_dir, name)
 
 
+def _series(points: pd.DataFrame, hue_key: str | None) -> tuple[pd.DataFrame, str | None]:
+    if not hue_key:
+        return points, None
+    data = points.copy()
+    data["series"] = data[hue_key].map(lambda v, k=hue_key: f"{k.split('.')[-1]} = {v}")
+    return data, "series"
+
+
+def vf_figures(points: pd.DataFrame, shootdowns: pd.DataFrame, out: Path, x: str, hue_key: str | None):
+    """VF latency (p50, p99), coalescing and the OID backlog vs the PF call
+    rate; shootdown latency and guest work with and without VF-driver flushes."""
+    data, hue = _series(points, hue_key)
+    data["vf_vp_time_fraction"] = data["vf_vp_time_us"] / data["duration_us"]
+    paths = []
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    line_plot(ax, data, x, "vf_latency_p50_us", hue, "-", " p50", log=True)
+    ax.set_prop_cycle(None)
+    line_plot(ax, data, x, "vf_latency_p99_us", hue, "--", " p99", log=True)
+    _finish(fig, ax, x, "PF call -> VF has read every block (us)\np50 solid, p99 dashed",
+            "VF configuration-block invalidation latency", True, True)
+    paths += _save(fig, out, "vf_latency_vs_rate")
+    for metric, name, logy in (("vf_coalescing_ratio", "vf_coalescing_vs_rate", False),
+                               ("vf_oid_backlog_max", "vf_oid_backlog_vs_rate", True),
+                               ("vf_vp_time_fraction", "vf_vp_time_vs_rate", False),
+                               ("guest_work_fraction", "guest_work_vs_vf_rate", False)):
+        fig, ax = plt.subplots(figsize=(7.6, 4.2))
+        line_plot(ax, data, x, metric, hue, log=logy)
+        _finish(fig, ax, x, LABELS.get(metric, metric), LABELS.get(metric, metric), logy, True)
+        paths += _save(fig, out, name)
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    line_plot(ax, data, x, "latency_p50_us", hue, "-", " p50", log=True)
+    ax.set_prop_cycle(None)
+    line_plot(ax, data, x, "latency_p99_us", hue, "--", " p99", log=True)
+    _finish(fig, ax, x, "shootdown latency (us), p50 solid, p99 dashed",
+            "Shootdowns while the VF back-channel runs", True, True)
+    paths += _save(fig, out, "shootdown_latency_vs_vf_rate")
+    return paths
+
+
 # ---------------------------------------------------------------- per experiment
 def plot_sweep(directory: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """The figures a sweep's spec asks for (its [plot] table), or a generic set."""
@@ -208,6 +255,8 @@ def plot_sweep(directory: str | Path, out_dir: str | Path | None = None) -> list
                                 title="Shootdown latency vs partition size")
         paths += metric_figure(points, "partition.vps", "guest_work_fraction", out, "guest_work_vs_vps", logx=True,
                                title="Guest work fraction vs partition size")
+    elif kind == "vf":
+        paths += vf_figures(points, shootdowns, out, plot.get("x", "vf.pf_call_rate_per_ms"), plot.get("hue"))
     elif kind == "locks":
         x = plot.get("x", "locks.vsm_rate_per_ms")
         hue_key = plot.get("hue")
