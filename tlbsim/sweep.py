@@ -182,8 +182,12 @@ def _write_part(parts: Path, out: dict) -> None:
 
 
 def _task_in_process(args):
-    spec, point, rep = args
-    return run_task(spec, point, rep)
+    """A local worker runs the task and writes its own part files (atomic,
+    distinct names): the parent receives no tables, so it pickles and writes
+    nothing large and the workers' output does not serialize through it."""
+    spec, point, rep, parts = args
+    _write_part(parts, run_task(spec, point, rep))
+    return point, rep
 
 
 # ---------------------------------------------------------------- executors
@@ -228,11 +232,11 @@ def _run_local(spec, todo, parts, jobs, progress):
             progress.update()
         return
     with ProcessPoolExecutor(jobs) as ex:
-        pending = {ex.submit(_task_in_process, (spec, p, r)) for p, r in todo}
+        pending = {ex.submit(_task_in_process, (spec, p, r, parts)) for p, r in todo}
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
-                _write_part(parts, fut.result())
+                fut.result()
                 progress.update()
 
 
