@@ -89,8 +89,7 @@ class Policy:
         env = self.env
         sd = part.new_shootdown(vp, self.name, req)
         scope = FlushScope(req.address_space, True, req.pages)
-        targets = part.targets_of(vp, req.address_space)
-        sd.targets = tuple(t.index for t in targets)
+        targets, sd.targets = part.targets_of(vp, req.address_space)
         if req.address_space == vp.address_space:
             vp.set_state(FLUSH)
             yield env.timeout(self.costs.local_flush_cost_us(req.pages))

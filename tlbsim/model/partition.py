@@ -135,6 +135,7 @@ class Partition:
         ]
         self.recorder = ShootdownRecorder()
         self.in_flight: dict[int, Shootdown] = {}
+        self.memory_exits = 0  # VPs emulating a MemoryAccess exit now (TlbFlushInhibit may be held)
         self._next_id = 0
 
         as_index = [self._as_index(i) for i in range(p.vps)]
@@ -161,6 +162,7 @@ class Partition:
             self.vps.append(vp)
             self.sharers.setdefault(vp.address_space, []).append(vp)
         self._mask_targets = hv.mask_to_vps(w.processor_mask) if w.processor_mask else None
+        self._targets: dict[tuple[int, int], tuple[list[VP], tuple[int, ...]]] = {}
 
         v = config.vf
         self.pf: PhysicalFunction | None = None
@@ -183,11 +185,18 @@ class Partition:
         return vp
 
     # ------------------------------------------------------------ policy API
-    def targets_of(self, vp: VP, address_space: int) -> list[VP]:
-        """The other VPs that may cache ``address_space`` (Linux's mm_cpumask)."""
-        if self._mask_targets is not None:
-            return [self.vps[i] for i in self._mask_targets if i != vp.index]
-        return [t for t in self.sharers.get(address_space, ()) if t is not vp]
+    def targets_of(self, vp: VP, address_space: int) -> tuple[list[VP], tuple[int, ...]]:
+        """The other VPs that may cache ``address_space`` (Linux's mm_cpumask),
+        and their indices. Fixed for a run: computed once per (VP, address space)."""
+        key = (vp.index, address_space)
+        found = self._targets.get(key)
+        if found is None:
+            if self._mask_targets is not None:
+                vps = [self.vps[i] for i in self._mask_targets if i != vp.index]
+            else:
+                vps = [t for t in self.sharers.get(address_space, ()) if t is not vp]
+            found = self._targets[key] = (vps, tuple(t.index for t in vps))
+        return found
 
     def new_shootdown(self, vp: VP, policy: str, req) -> Shootdown:
         sd = Shootdown(self._next_id, vp.index, policy, req, self.env.now)

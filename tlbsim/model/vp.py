@@ -56,6 +56,54 @@ I_MEMORY, I_HALT, I_MSR, I_CANCELED, I_HYPERCALL = (
 
 
 class VP:
+    __slots__ = (
+        "_exit_cost",
+        "_exit_cum",
+        "_refill_us",
+        "_target_interrupt_us",
+        "acc",
+        "address_space",
+        "applied_ids",
+        "arrivals",
+        "check",
+        "collateral_entries",
+        "costs",
+        "deferred",
+        "deferred_applied",
+        "dispatch_event",
+        "env",
+        "exit_budget_us",
+        "exit_count",
+        "exit_end_us",
+        "exit_gap_mean_us",
+        "exit_index",
+        "exit_time",
+        "flushes_applied",
+        "halt_idle_mean_us",
+        "host",
+        "hv_debt_us",
+        "index",
+        "inhibit",
+        "interruptible",
+        "irqs",
+        "kicked",
+        "next_arrival_us",
+        "on_lp",
+        "part",
+        "preempt_pending",
+        "proc",
+        "refill_debt_us",
+        "refill_entries",
+        "requests",
+        "since",
+        "slice_end_us",
+        "state",
+        "streams",
+        "tlb",
+        "vsm",
+        "work",
+    )
+
     def __init__(self, part: Partition, index: int, address_space: int, streams, arrivals, vsm_lock):
         cfg = part.config
         self.part = part
@@ -385,7 +433,12 @@ class VP:
         self.exit_index = index
         self.exit_end_us = env.now + cost
         self.set_state(EXIT)
-        yield env.timeout(cost)
+        if index == I_MEMORY:
+            self.part.memory_exits += 1
+            yield env.timeout(cost)
+            self.part.memory_exits -= 1
+        else:
+            yield env.timeout(cost)
         self.exit_index = -1
         if index == I_HALT:
             yield from self._halt()
