@@ -212,3 +212,16 @@ def test_trace_replay(tmp_path):
     assert sd.initiator_vp.tolist() == [0, 3, 1]
     assert sd.issue_us.tolist() == [100.0, 250.5, 900.0]
     assert sd.pages.tolist() == [1, 0, 4]
+
+
+def test_progress_reporting_changes_nothing():
+    # the single-run progress bar: a process of its own; the model's records are identical
+    for overrides in ({}, {"partition.lps": 8, "workload.policy": "ipi"},
+                      {"vf.count": 2, "locks.vsm_rate_per_ms": 2.0, "workload.policy": "linux"}):
+        cfg = make_config(partition__duration_us=20000.0, **{k.replace(".", "__"): v for k, v in overrides.items()})
+        seen = []
+        a, b = simulate(cfg, seed=3), simulate(cfg, seed=3, progress=seen.append)
+        assert seen == [pytest.approx(i / 100) for i in range(1, 101)]
+        for table in ("shootdowns", "vps", "exits", "vf"):
+            assert getattr(a, table).equals(getattr(b, table)), table
+        assert a.summary.equals(b.summary)

@@ -73,7 +73,13 @@ def cmd_run(args) -> int:
     config = _load_config(args.config, args.set)
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory")
-    result = simulate(config, seed=args.seed)
+    progress = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tlbsim.sweep import Progress
+
+        bar = Progress(100, f"simulating {config.partition.duration_us:,.0f} us")
+        progress = lambda fraction: bar.update()  # noqa: E731
+    result = simulate(config, seed=args.seed, progress=progress)
     print(f"tlbsim run {args.config} (seed {args.seed}, {config.partition.vps} VPs on "
           f"{min(config.partition.lps, config.partition.vps)} LPs, {config.partition.duration_us:,.0f} us simulated)")
     print(format_summary(result.summary))
@@ -175,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="root seed (default 0)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set partition.vps=32")
     run.add_argument("--out", metavar="DIR", help="write Parquet tables and manifest.json here")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal)")
     run.set_defaults(func=cmd_run)
 
     sw = sub.add_parser("sweep", help="run a parameter sweep (grid x replications) and save its tables")

@@ -33,14 +33,15 @@ def load_trace(path: str | Path, n_vps: int) -> list[TraceEvent]:
     return events
 
 
-def simulate(config: Config, seed: int = 0) -> Result:
-    """Run one simulation of ``config`` with ``seed``; same inputs, same Result."""
+def simulate(config: Config, seed: int = 0, progress=None) -> Result:
+    """Run one simulation of ``config`` with ``seed``; same inputs, same Result.
+    ``progress(fraction)`` is called as simulated time advances (optional)."""
     if not isinstance(config, Config):
         raise TypeError("simulate() takes a tlbsim.Config")
     trace = load_trace(config.workload.trace, config.partition.vps) if config.workload.trace else None
     vf_trace = load_vf_trace(config.vf.trace, config.vf.count, config.vf.blocks) \
         if config.vf.count and config.vf.trace else None
-    rec = simulate_records(config, seed, trace, vf_trace)
+    rec = simulate_records(config, seed, trace, vf_trace, progress)
     shootdowns, vps, exits, vf = shootdowns_frame(rec), vps_frame(rec), exits_frame(rec), vf_frame(rec)
     extra = {"events": rec.events, "requests_waiting": rec.requests_waiting, **rec.host}
     if config.vf.count:

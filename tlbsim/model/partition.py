@@ -240,14 +240,29 @@ class Partition:
             vf.check_end()
 
     # ------------------------------------------------------------ running
-    def run(self) -> Records:
+    def run(self, progress=None, steps: int = 100) -> Records:
+        """Run to the configured duration. ``progress(fraction)``, if given, is
+        called as simulated time passes each 1/``steps`` of the duration, by a
+        process of its own: the model's events keep their relative order, so
+        the records are identical, and its events are not counted."""
         duration = self.config.partition.duration_us
+        self._stops = 0
+        if progress is not None:
+            self.env.process(self._report(progress, steps, duration))
+            self._stops = steps + 1  # its Initialize event and one timeout per step (the last never fires)
         self.env.run(until=duration)
+        if progress is not None:
+            progress(1.0)
         for vp in self.vps:
             vp.settle()
         if self.config.run.check_invariants:
             self._check_end(duration)
         return self._records(duration)
+
+    def _report(self, progress, steps: int, duration: float):
+        for i in range(1, steps + 1):
+            yield self.env.timeout(duration / steps)
+            progress(i / steps)
 
     def _records(self, duration: float) -> Records:
         for sd in sorted(self.in_flight.values(), key=lambda s: s.id):
@@ -293,7 +308,7 @@ class Partition:
         return Records(
             vf=vf_rows, vf_stats=vf_stats,
             shootdowns=cols, vps=vps, exits=exits, duration_us=duration,
-            events=_events_processed(self.env),
+            events=_events_processed(self.env) - self._stops,
             requests_waiting=sum(len(vp.requests) for vp in self.vps),
             host={"dispatches": self.host.dispatches, "preemptions": self.host.preemptions},
         )
@@ -307,5 +322,5 @@ def _events_processed(env) -> int:
 
 
 def simulate_records(config: Config, seed: int = 0, trace: list[TraceEvent] | None = None,
-                     vf_trace: dict[int, list[tuple[float, int]]] | None = None) -> Records:
-    return Partition(config, seed, trace, vf_trace).run()
+                     vf_trace: dict[int, list[tuple[float, int]]] | None = None, progress=None) -> Records:
+    return Partition(config, seed, trace, vf_trace).run(progress)
