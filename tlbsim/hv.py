@@ -160,16 +160,22 @@ def _check_vp_index(vp: int, limit: int) -> None:
         raise ValueError(f"VP index {vp!r} outside 0..{limit}")
 
 
+def set_bits(mask: int) -> list[int]:
+    """Indices of the set bits of a non-negative int, ascending (a
+    ProcessorMask's VPs, a BlockMask's blocks)."""
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
+
+
 def mask_to_vps(mask: int) -> list[int]:
     """ProcessorMask -> VP indices (bit i = VP i). ``0x51 -> [0, 4, 6]``."""
     if not 0 <= mask <= U64_MAX:
         raise ValueError(f"ProcessorMask {mask:#x} is not a 64-bit value")
-    vps = []
-    while mask:
-        low = mask & -mask
-        vps.append(low.bit_length() - 1)
-        mask ^= low
-    return vps
+    return set_bits(mask)
 
 
 def vps_to_mask(vps) -> int:

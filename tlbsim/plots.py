@@ -148,14 +148,21 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
-def latency_figure(points, x, out_dir, name="latency", logx=False, title=None) -> list[Path]:
+def p50_p99_figure(points, x, hue, prefix: str, out_dir, name: str, y_label: str, title: str,
+                   logx: bool = False) -> list[Path]:
+    """``{prefix}_p50_us`` solid and ``{prefix}_p99_us`` dashed, log y, one colour per hue."""
     fig, ax = plt.subplots(figsize=(7.6, 4.2))
-    hue = "workload.policy" if points["workload.policy"].nunique() > 1 else None
-    line_plot(ax, points, x, "latency_p50_us", hue, "-", " p50", log=True)
+    line_plot(ax, points, x, f"{prefix}_p50_us", hue, "-", " p50", log=True)
     ax.set_prop_cycle(None)
-    line_plot(ax, points, x, "latency_p99_us", hue, "--", " p99", log=True)
-    _finish(fig, ax, x, "shootdown latency (us), p50 solid, p99 dashed", title or "Shootdown latency", True, logx)
+    line_plot(ax, points, x, f"{prefix}_p99_us", hue, "--", " p99", log=True)
+    _finish(fig, ax, x, y_label, title, True, logx)
     return _save(fig, out_dir, name)
+
+
+def latency_figure(points, x, out_dir, name="latency", logx=False, title=None) -> list[Path]:
+    hue = "workload.policy" if points["workload.policy"].nunique() > 1 else None
+    return p50_p99_figure(points, x, hue, "latency", out_dir, name, "shootdown latency (us), p50 solid, p99 dashed",
+                          title or "Shootdown latency", logx)
 
 
 def metric_figure(points, x, metric, out_dir, name, logy=False, logx=False, title=None) -> list[Path]:
@@ -201,14 +208,9 @@ def vf_figures(points: pd.DataFrame, shootdowns: pd.DataFrame, out: Path, x: str
     rate; shootdown latency and guest work with and without VF-driver flushes."""
     data, hue = _series(points, hue_key)
     data["vf_vp_time_fraction"] = data["vf_vp_time_us"] / data["duration_us"]
-    paths = []
-    fig, ax = plt.subplots(figsize=(7.6, 4.2))
-    line_plot(ax, data, x, "vf_latency_p50_us", hue, "-", " p50", log=True)
-    ax.set_prop_cycle(None)
-    line_plot(ax, data, x, "vf_latency_p99_us", hue, "--", " p99", log=True)
-    _finish(fig, ax, x, "PF call -> VF has read every block (us)\np50 solid, p99 dashed",
-            "VF configuration-block invalidation latency", True, True)
-    paths += _save(fig, out, "vf_latency_vs_rate")
+    paths = p50_p99_figure(data, x, hue, "vf_latency", out, "vf_latency_vs_rate",
+                           "PF call -> VF has read every block (us)\np50 solid, p99 dashed",
+                           "VF configuration-block invalidation latency", logx=True)
     for metric, name, logy in (("vf_coalescing_ratio", "vf_coalescing_vs_rate", False),
                                ("vf_oid_backlog_max", "vf_oid_backlog_vs_rate", True),
                                ("vf_vp_time_fraction", "vf_vp_time_vs_rate", False),
@@ -217,13 +219,9 @@ def vf_figures(points: pd.DataFrame, shootdowns: pd.DataFrame, out: Path, x: str
         line_plot(ax, data, x, metric, hue, log=logy)
         _finish(fig, ax, x, LABELS.get(metric, metric), LABELS.get(metric, metric), logy, True)
         paths += _save(fig, out, name)
-    fig, ax = plt.subplots(figsize=(7.6, 4.2))
-    line_plot(ax, data, x, "latency_p50_us", hue, "-", " p50", log=True)
-    ax.set_prop_cycle(None)
-    line_plot(ax, data, x, "latency_p99_us", hue, "--", " p99", log=True)
-    _finish(fig, ax, x, "shootdown latency (us), p50 solid, p99 dashed",
-            "Shootdowns while the VF back-channel runs", True, True)
-    paths += _save(fig, out, "shootdown_latency_vs_vf_rate")
+    paths += p50_p99_figure(data, x, hue, "latency", out, "shootdown_latency_vs_vf_rate",
+                            "shootdown latency (us), p50 solid, p99 dashed",
+                            "Shootdowns while the VF back-channel runs", logx=True)
     return paths
 
 

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 
 import simpy
 
+from tlbsim.hv import set_bits as bits_of
 from tlbsim.model import InvariantError
 from tlbsim.model.workload import Request
 
@@ -57,15 +58,6 @@ VF_COLUMNS = ("vf", "call", "block_mask", "pf_call_us", "notification", "sent_us
 
 class VfInvariantError(InvariantError):
     """The VF chain broke one of its invariants (a lost bit, two IOCTLs, ...)."""
-
-
-def bits_of(mask: int) -> list[int]:
-    out = []
-    while mask:
-        low = mask & -mask
-        out.append(low.bit_length() - 1)
-        mask ^= low
-    return out
 
 
 class PfCall:
