@@ -104,7 +104,7 @@ def summarize_reps(points: pd.DataFrame, x: str, metric: str, hue: str | None, l
         ok = ok[ok[metric] > 0]
         ok[metric] = np.log10(ok[metric])
     keys = [k for k in (hue, x) if k]
-    out = ok.groupby(keys)[metric].agg(["mean", "std", "count"]).reset_index()
+    out = ok.groupby(keys, observed=True)[metric].agg(["mean", "std", "count"]).reset_index()
     half = np.array([t95(int(n)) * sd / np.sqrt(n) if n > 1 else np.nan
                      for sd, n in zip(out["std"], out["count"], strict=True)])
     lo, hi = out["mean"] - half, out["mean"] + half
@@ -117,7 +117,7 @@ def summarize_reps(points: pd.DataFrame, x: str, metric: str, hue: str | None, l
 def line_plot(ax, points: pd.DataFrame, x: str, metric: str, hue: str | None = "workload.policy",
               style: str = "-", label_suffix: str = "", log: bool = False) -> None:
     s = summarize_reps(points, x, metric, hue, log)
-    groups = s.groupby(hue) if hue else [("", s)]
+    groups = s.groupby(hue, observed=True) if hue else [("", s)]
     for name, g in groups:
         g = g.sort_values(x)
         line = ax.plot(g[x], g["mean"], style, marker="o", ms=4, label=f"{name}{label_suffix}")[0]
@@ -199,7 +199,9 @@ def _series(points: pd.DataFrame, hue_key: str | None) -> tuple[pd.DataFrame, st
     if not hue_key:
         return points, None
     data = points.copy()
-    data["series"] = data[hue_key].map(lambda v, k=hue_key: f"{k.split('.')[-1]} = {v}")
+    label = {v: f"{hue_key.split('.')[-1]} = {v}" for v in sorted(data[hue_key].unique())}
+    # an ordered categorical: legends list 5, 20, 80, not "20.0", "5.0", "80.0"
+    data["series"] = pd.Categorical(data[hue_key].map(label), categories=list(label.values()), ordered=True)
     return data, "series"
 
 
@@ -261,13 +263,8 @@ def plot_sweep(directory: str | Path, out_dir: str | Path | None = None) -> list
         for metric, name in (("suspensions_per_shootdown", "suspensions"),
                              ("suspended_us_per_shootdown", "stall"), ("latency_p99_us", "latency_p99")):
             fig, ax = plt.subplots(figsize=(7.6, 4.2))
-            data = points.copy()
-            log = metric.startswith("latency")
-            if hue_key:
-                data["series"] = data[hue_key].map(lambda v, k=hue_key: f"{k.split('.')[-1]} = {v}")
-                line_plot(ax, data, x, metric, "series", log=log)
-            else:
-                line_plot(ax, data, x, metric, "workload.policy", log=log)
+            data, hue = _series(points, hue_key)
+            line_plot(ax, data, x, metric, hue or "workload.policy", log=metric.startswith("latency"))
             _finish(fig, ax, x, LABELS.get(metric, metric), f"TLB locks: {LABELS.get(metric, metric)}",
                     metric.startswith("latency"))
             paths += _save(fig, out, f"locks_{name}")
