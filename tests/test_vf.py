@@ -216,3 +216,35 @@ def test_bad_vf_trace_lines_are_named(tmp_path):
         bad.write_text(text)
         with pytest.raises(ConfigError, match=needle):
             simulate(quiet_config(vf__count=1, vf__trace=str(bad)), seed=0)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(count=st.integers(1, 3), lps=st.integers(2, 8), rate=st.sampled_from([0.5, 5.0, 40.0]),
+       burst=st.integers(1, 4), per_call=st.integers(1, 3), other=st.sampled_from([0.0, 2.0]),
+       policy=st.sampled_from(["ipi", "mask", "linux", "kvm-pv"]), flush=st.booleans(), seed=st.integers(0, 10**6))
+def test_vf_chain_properties_hold_for_random_configs(count, lps, rate, burst, per_call, other, policy, flush, seed):
+    cfg = make_config(partition__vps=8, partition__lps=lps, partition__duration_us=8000.0, workload__policy=policy,
+                      vf__count=count, vf__service_vps=[0, 3, 7], vf__pf_call_rate_per_ms=rate,
+                      vf__pf_burst_calls=burst, vf__blocks_per_call=per_call, vf__pf_other_oid_rate_per_ms=other,
+                      vf__flush_blocks=1 if flush else 0, locks__vsm_rate_per_ms=0.5)
+    res = simulate(cfg, seed=seed)  # invariants checked during the run
+    vf = res.vf
+    assert (vf["status"] != "lost").all()
+    sent = vf[vf["notification"] >= 0]
+    assert (sent["sent_us"] >= sent["pf_call_us"]).all()
+    delivered = sent[sent["delivered_us"].notna()]
+    assert (delivered["delivered_us"] >= delivered["sent_us"]).all()
+    read = vf[vf["status"] == "read"]
+    assert (read["read_done_us"] >= read["pf_call_us"]).all()
+    for _, g in sent.groupby("vf"):
+        seqs = g["notification"].to_numpy()
+        assert (np.diff(seqs) >= 0).all()  # calls go out in order, notification numbers without gaps
+        assert set(seqs) == set(range(seqs.max() + 1))
+        assert (g.groupby("notification").size() == g.groupby("notification")["coalesced"].first()).all()
+    # only the service VPs of the configured VFs did VF work
+    busy = set(res.vps.loc[res.vps["vf_us"] > 0, "vp"])
+    assert busy <= {[0, 3, 7][i % 3] for i in range(count)}
