@@ -290,7 +290,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, jobs: int | None = None, resu
             raise ConfigError("--resume", f"{out}/spec.json is unreadable ({e}); cannot tell which sweep this is") \
                 from None
         if old is not None and old != _jsonable(spec.source):
-            raise ConfigError("--resume", f"{out} holds a different sweep spec; refusing to mix results")
+            raise ConfigError("--resume", f"{out} holds a different sweep spec; refusing to mix results "
+                              "(move it away or choose another --out)")
     parts.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "spec.json", json.dumps(_jsonable(spec.source), indent=2))
 
