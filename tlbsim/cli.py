@@ -78,7 +78,9 @@ def cmd_run(args) -> int:
         from tlbsim.sweep import Progress
 
         bar = Progress(100, f"simulating {config.partition.duration_us:,.0f} us")
-        progress = lambda fraction: bar.update()  # noqa: E731
+
+        def progress(_fraction: float) -> None:  # called once per 1 % of simulated time
+            bar.update()
     result = simulate(config, seed=args.seed, progress=progress)
     print(f"tlbsim run {args.config} (seed {args.seed}, {config.partition.vps} VPs on "
           f"{min(config.partition.lps, config.partition.vps)} LPs, {config.partition.duration_us:,.0f} us simulated)")

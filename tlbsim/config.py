@@ -72,8 +72,7 @@ class PartitionConfig:
         _positive(self.lps, f"{key}.lps")
         if self.vps > hv.MAX_VP_INDEX + 1:
             raise ConfigError(f"{key}.vps", f"at most {hv.MAX_VP_INDEX + 1} VPs (64 banks x 64)")
-        if self.semantics not in ("tlfs", "kvm"):
-            raise ConfigError(f"{key}.semantics", f"must be 'tlfs' or 'kvm', not {self.semantics!r}")
+        _one_of(self.semantics, ("tlfs", "kvm"), f"{key}.semantics")
         _positive(self.slice_us, f"{key}.slice_us")
         _positive(self.duration_us, f"{key}.duration_us")
 
@@ -139,8 +138,7 @@ class TlbConfig:
         _non_negative(self.working_set_pages, f"{key}.working_set_pages")
         _non_negative(self.global_pages, f"{key}.global_pages")
         _non_negative(self.fill_rate_per_us, f"{key}.fill_rate_per_us")
-        if self.hypervisor_flush not in ("vpid", "exact"):
-            raise ConfigError(f"{key}.hypervisor_flush", "must be 'vpid' or 'exact'")
+        _one_of(self.hypervisor_flush, ("vpid", "exact"), f"{key}.hypervisor_flush")
 
 
 @dataclass(frozen=True)
@@ -191,8 +189,7 @@ class LocksConfig:
     def check(self, key: str) -> None:
         _non_negative(self.vsm_rate_per_ms, f"{key}.vsm_rate_per_ms")
         _non_negative(self.vsm_hold_mean_us, f"{key}.vsm_hold_mean_us")
-        if self.vsm_hold_distribution not in ("exponential", "fixed"):
-            raise ConfigError(f"{key}.vsm_hold_distribution", "must be 'exponential' or 'fixed'")
+        _one_of(self.vsm_hold_distribution, ("exponential", "fixed"), f"{key}.vsm_hold_distribution")
 
 
 @dataclass(frozen=True)
@@ -209,15 +206,13 @@ class WorkloadConfig:
     trace: str = ""  # CSV of time_us,vp,address_space,pages (replaces the Poisson arrivals)
 
     def check(self, key: str) -> None:
-        if self.policy not in POLICIES:
-            raise ConfigError(f"{key}.policy", f"must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+        _one_of(self.policy, POLICIES, f"{key}.policy")
         _non_negative(self.rate_per_ms, f"{key}.rate_per_ms")
         _positive(self.burst_size, f"{key}.burst_size")
         _positive(self.pages, f"{key}.pages")
         if not 0 <= self.full_flush_fraction <= 1:
             raise ConfigError(f"{key}.full_flush_fraction", "must be in [0, 1]")
-        if self.sharing not in SHARING:
-            raise ConfigError(f"{key}.sharing", f"must be one of {', '.join(SHARING)}")
+        _one_of(self.sharing, SHARING, f"{key}.sharing")
         _positive(self.group_size, f"{key}.group_size")
         if not 0 <= self.processor_mask <= hv.U64_MAX:
             raise ConfigError(f"{key}.processor_mask", "must be a 64-bit ProcessorMask")
@@ -341,6 +336,11 @@ class Config:
 def _positive(value, key: str) -> None:
     if not value > 0 or math.isinf(value):
         raise ConfigError(key, f"must be a finite number > 0, got {value!r}")
+
+
+def _one_of(value: str, options: tuple[str, ...], key: str) -> None:
+    if value not in options:
+        raise ConfigError(key, f"must be one of {', '.join(repr(o) for o in options)}, not {value!r}")
 
 
 def _non_negative(value, key: str) -> None:

@@ -29,6 +29,14 @@ def vps_frame(rec: Records) -> pd.DataFrame:
     return pd.DataFrame(rec.vps)
 
 
+def latency_stats(lat: np.ndarray, prefix: str) -> dict[str, float]:
+    """``{prefix}_mean_us``, ``_p50_us``, ``_p99_us`` of a latency array (nan when empty)."""
+    if not lat.size:
+        return {f"{prefix}_{k}_us": np.nan for k in ("mean", "p50", "p99")}
+    p50, p99 = np.percentile(lat, [50, 99])
+    return {f"{prefix}_mean_us": float(lat.mean()), f"{prefix}_p50_us": float(p50), f"{prefix}_p99_us": float(p99)}
+
+
 VF_DTYPES = {"vf": "int64", "call": "int64", "block_mask": "uint64", "pf_call_us": "float64", "notification": "int64",
              "sent_us": "float64", "delivered_us": "float64", "read_done_us": "float64", "latency_us": "float64",
              "coalesced": "int64", "dropped": "bool"}
@@ -55,9 +63,7 @@ def vf_summary(vf: pd.DataFrame, vps: pd.DataFrame, stats: dict) -> dict:
         "vf_calls_read": int(len(read)),
         "vf_calls_pending": int((vf["status"] == "pending").sum()),
         "vf_calls_lost": int((vf["status"] == "lost").sum()),
-        "vf_latency_mean_us": float(lat.mean()) if lat.size else np.nan,
-        "vf_latency_p50_us": float(np.percentile(lat, 50)) if lat.size else np.nan,
-        "vf_latency_p99_us": float(np.percentile(lat, 99)) if lat.size else np.nan,
+        **latency_stats(lat, "vf_latency"),
         # PF calls per notification sent: 1 = no coalescing
         "vf_coalescing_ratio": float(len(sent) / notifications) if notifications else np.nan,
         "vf_vp_time_us": float(vps["vf_us"].sum()),
@@ -81,9 +87,7 @@ def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, e
         "shootdowns_failed": int(((shootdowns["status"] != "SUCCESS") & (shootdowns["status"] != "INCOMPLETE")).sum())
         if len(shootdowns) else 0,
         "shootdowns_incomplete": int((shootdowns["status"] == "INCOMPLETE").sum()) if len(shootdowns) else 0,
-        "latency_mean_us": float(lat.mean()) if lat.size else np.nan,
-        "latency_p50_us": float(np.percentile(lat, 50)) if lat.size else np.nan,
-        "latency_p99_us": float(np.percentile(lat, 99)) if lat.size else np.nan,
+        **latency_stats(lat, "latency"),
         "latency_max_us": float(lat.max()) if lat.size else np.nan,
         "suspensions": int(shootdowns["suspensions"].sum()) if len(shootdowns) else 0,
         "reissues": int(shootdowns["reissues"].sum()) if len(shootdowns) else 0,

@@ -44,7 +44,9 @@ class Hypervisor:
         self._validations: dict[FlushCall, hv.Validation] = {}
         self._targets: dict[tuple[FlushCall, int], list] = {}  # (call, caller) -> target VPs
         self._costs: dict[tuple[FlushCall, int], float] = {}  # (call, running targets) -> cost, us
-        self._any_vsm: bool | None = None
+        # what can lock a target's TLB: a VTL1 (VSM TlbLocked) or a MemoryAccess exit being emulated
+        self.vsm_locks = part.config.locks.vsm_rate_per_ms > 0
+        self.inhibit_locks = part.config.locks.memory_access_inhibit
 
     def validate(self, call: FlushCall) -> hv.Validation:
         """hv.validate, memoised: a call's status depends only on the call
@@ -95,9 +97,7 @@ class Hypervisor:
             sd.n_targets = len(targets)
             now = env.now
             lock_end = None
-            if self._any_vsm is None:
-                self._any_vsm = any(v.vsm is not None for v in vps)
-            if self._any_vsm or self.part.memory_exits:  # else no TLB can be locked now
+            if self.vsm_locks or (self.inhibit_locks and self.part.memory_exits):  # else no TLB can be locked now
                 for t in targets:
                     if t.vsm is None and t.exit_index != I_MEMORY:
                         continue  # cannot be locked now: no VTL1, not emulating a MemoryAccess
@@ -109,16 +109,14 @@ class Hypervisor:
                 yield from self._in_hypercall(vp, sd, c.vmexit_roundtrip_us + c.hypercall_decode_us)
                 yield from self._suspend(vp, sd, lock_end)
                 continue
-            if scope.pages is None and scope.non_global_only and self.whole_context:
-                running = _flush_whole_ng(targets, scope, sd, now, c.target_interrupt_us)
-            else:
-                running = 0
-                for t in targets:
-                    if t.on_lp:
-                        t.hv_flush(scope, sd, self.whole_context)
-                        running += 1
-                    else:
-                        t.defer(scope, sd, self.whole_context)
+            running = 0
+            whole_context = self.whole_context
+            for t in targets:
+                if t.on_lp:
+                    t.hv_flush(scope, sd, whole_context)
+                    running += 1
+                else:
+                    t.defer(scope, sd, whole_context)
             sd.running_targets = running
             ckey = (call, running)
             cost = self._costs.get(ckey)
@@ -148,57 +146,3 @@ class Hypervisor:
         sd.reissues += 1
         yield from vp.wait_for_lp()
 
-
-def _flush_whole_ng(targets, scope, sd, now: float, interrupt_us: float) -> int:
-    """The hot path of every Space-call shootdown, for VPID-tagged flushes of
-    non-global entries: ``VP.hv_flush`` / ``VP.defer`` inlined over all
-    targets (same arithmetic, same order). Returns the running targets."""
-    running = 0
-    sd_refill = sd_collateral = 0.0
-    address_space = scope.address_space
-    for t in targets:
-        if not t.on_lp:
-            t.defer(scope, sd, True)
-            continue
-        running += 1
-        tlb = t.tlb
-        if t.state == 0 and now > t.since:  # GUEST: bring fill and debts up to now (VP._account_guest)
-            dt = now - t.since
-            t.since = now
-            if tlb.g < tlb.g_cap:
-                tlb.advance(dt)
-            # the non-global fill is dropped below: only its required part matters
-            elif tlb.ng < tlb.ng_cap:
-                tlb.ng = min(tlb.ng_cap, tlb.ng + tlb._r_ng * dt)
-            acc = t.acc
-            hv_debt, refill_debt = t.hv_debt_us, t.refill_debt_us
-            if not (hv_debt or refill_debt):
-                acc[0] += dt
-            else:
-                left = dt
-                if hv_debt:
-                    take = hv_debt if hv_debt < left else left
-                    t.hv_debt_us = hv_debt - take
-                    acc[9] += take
-                    left -= take
-                if refill_debt and left:
-                    take = refill_debt if refill_debt < left else left
-                    t.refill_debt_us = refill_debt - take
-                    acc[10] += take
-                    left -= take
-                acc[0] += left
-        t.hv_debt_us += interrupt_us
-        removed = tlb.ng
-        required = removed if address_space is None or address_space == tlb.address_space else 0.0
-        tlb.ng = 0.0
-        t.refill_debt_us += removed * t._refill_us
-        t.refill_entries += required
-        t.collateral_entries += removed - required
-        t.flushes_applied += 1
-        sd_refill += required
-        sd_collateral += removed - required
-        if t.applied_ids is not None:
-            t.applied_ids.add(sd.id)
-    sd.refill_entries += sd_refill
-    sd.collateral_entries += sd_collateral
-    return running

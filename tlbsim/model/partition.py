@@ -246,10 +246,10 @@ class Partition:
         process of its own: the model's events keep their relative order, so
         the records are identical, and its events are not counted."""
         duration = self.config.partition.duration_us
-        self._stops = 0
+        reporting_events = 0
         if progress is not None:
             self.env.process(self._report(progress, steps, duration))
-            self._stops = steps + 1  # its Initialize event and one timeout per step (the last never fires)
+            reporting_events = steps + 1  # its Initialize event and one timeout per step (the last never fires)
         self.env.run(until=duration)
         if progress is not None:
             progress(1.0)
@@ -257,14 +257,14 @@ class Partition:
             vp.settle()
         if self.config.run.check_invariants:
             self._check_end(duration)
-        return self._records(duration)
+        return self._records(duration, _events_processed(self.env) - reporting_events)
 
     def _report(self, progress, steps: int, duration: float):
         for i in range(1, steps + 1):
             yield self.env.timeout(duration / steps)
             progress(i / steps)
 
-    def _records(self, duration: float) -> Records:
+    def _records(self, duration: float, events: int) -> Records:
         for sd in sorted(self.in_flight.values(), key=lambda s: s.id):
             sd.status = "INCOMPLETE"
             if not sd.stuck_on and sd.suspensions:
@@ -308,7 +308,7 @@ class Partition:
         return Records(
             vf=vf_rows, vf_stats=vf_stats,
             shootdowns=cols, vps=vps, exits=exits, duration_us=duration,
-            events=_events_processed(self.env) - self._stops,
+            events=events,
             requests_waiting=sum(len(vp.requests) for vp in self.vps),
             host={"dispatches": self.host.dispatches, "preemptions": self.host.preemptions},
         )

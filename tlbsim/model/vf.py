@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 
 import simpy
 
-from tlbsim.hv import set_bits as bits_of
+from tlbsim.hv import set_bits
 from tlbsim.model import InvariantError
 from tlbsim.model.workload import Request
 
@@ -257,7 +257,7 @@ class VirtualFunction:
         with self.miniport.request() as req:
             yield req
             yield vp.post_work(cfg.oid_dispatch_us, False)
-            for b in bits_of(n.mask):
+            for b in set_bits(n.mask):
                 yield env.timeout(cfg.vmbus_message_us)
                 taken_us = yield env.process(self.pf.read_block())
                 yield env.timeout(cfg.vmbus_message_us)
@@ -274,7 +274,7 @@ class VirtualFunction:
         """(when the VF had read every block of ``call`` with data taken after
         it, or nan; the mask of blocks it has not)."""
         done, missing = call.time_us, 0
-        for b in bits_of(call.mask):
+        for b in set_bits(call.mask):
             reads = self.reads[b]
             i = bisect.bisect_left(reads, (call.time_us, -math.inf))
             if i == len(reads):
