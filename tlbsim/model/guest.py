@@ -33,14 +33,30 @@ LINUX_MAX_GVAS = (4096 - 24) // 8
 
 
 class Shootdown:
-    """One shootdown in flight; becomes one row of result.shootdowns."""
+    """One shootdown in flight; becomes one row of result.shootdowns.
 
-    __slots__ = (
-        "id", "initiator", "policy", "address_space", "pages", "arrival_us", "issue_us", "complete_us",
-        "call_code", "flags", "n_targets", "running_targets", "deferred_targets", "ipis", "suspensions",
-        "reissues", "suspended_us", "hypercall_us", "refill_entries", "collateral_entries", "status",
-        "pending_acks", "acked", "stuck_on", "targets", "origin",
-    )
+    A plain class: the counters start at their class-level defaults and
+    become instance attributes only when a shootdown changes them, so
+    starting a shootdown sets eight attributes, not twenty-six."""
+
+    complete_us = math.nan
+    call_code = 0
+    flags = 0
+    n_targets = 0
+    running_targets = 0
+    deferred_targets = 0
+    ipis = 0
+    suspensions = 0
+    reissues = 0
+    suspended_us = 0.0
+    hypercall_us = 0.0
+    refill_entries = 0.0
+    collateral_entries = 0.0
+    status = "IN_PROGRESS"
+    pending_acks = 0
+    acked = None
+    stuck_on = ""
+    targets: tuple[int, ...] = ()
 
     def __init__(self, sid: int, initiator: int, policy: str, req, now: float):
         self.id = sid
@@ -50,24 +66,6 @@ class Shootdown:
         self.pages = req.pages
         self.arrival_us = req.arrival_us
         self.issue_us = now
-        self.complete_us = math.nan
-        self.call_code = 0
-        self.flags = 0
-        self.n_targets = 0
-        self.running_targets = 0
-        self.deferred_targets = 0
-        self.ipis = 0
-        self.suspensions = 0
-        self.reissues = 0
-        self.suspended_us = 0.0
-        self.hypercall_us = 0.0
-        self.refill_entries = 0.0
-        self.collateral_entries = 0.0
-        self.status = "IN_PROGRESS"
-        self.pending_acks = 0
-        self.acked = None
-        self.stuck_on = ""
-        self.targets: tuple[int, ...] = ()
         self.origin = req.origin
 
     def ack(self) -> None:
@@ -83,16 +81,20 @@ class Policy:
         self.part = part
         self.env = part.env
         self.costs = part.config.costs
+        self._local: dict = {}  # (address space, pages) -> (FlushScope, local flush cost in us)
 
     def shootdown(self, vp, req):
         part = self.part
-        env = self.env
         sd = part.new_shootdown(vp, self.name, req)
-        scope = FlushScope(req.address_space, True, req.pages)
+        local = self._local.get((req.address_space, req.pages))
+        if local is None:
+            local = self._local[(req.address_space, req.pages)] = (
+                FlushScope(req.address_space, True, req.pages), self.costs.local_flush_cost_us(req.pages))
+        scope, local_us = local
         targets, sd.targets = part.targets_of(vp, req.address_space)
         if req.address_space == vp.address_space:
             vp.set_state(FLUSH)
-            yield env.timeout(self.costs.local_flush_cost_us(req.pages))
+            yield self.env.timeout(local_us)
             vp.local_flush(scope, sd)
         status = HvStatus.SUCCESS
         if targets:
@@ -164,21 +166,28 @@ class KvmPvPolicy(Policy):
 class HypercallPolicy(Policy):
     def __init__(self, part):
         super().__init__(part)
-        self._built: dict = {}
+        self._plans: dict = {}  # (initiator, address space, pages) -> CallPlan, or None: no call
 
     def build(self, vp, sd, scope, targets) -> tuple[FlushCall, FlushScope] | None:
         raise NotImplementedError
 
     def remote(self, vp, sd, scope, targets):
-        key = (vp.index, scope, len(targets))
-        built = self._built.get(key)
-        if built is None:  # targets of (initiator, address space) are fixed for a run
-            built = self._built[key] = self.build(vp, sd, scope, targets)
-        if built is None:
-            return HvStatus.SUCCESS
-        call, hv_scope = built
-        status = yield from self.part.hypervisor.flush(vp, call, hv_scope, sd)
-        return status
+        """The hypervisor's generator for this shootdown's call (the policy
+        adds no generator level of its own), or an empty one if there is no call."""
+        key = (vp.index, scope.address_space, scope.pages)
+        try:
+            plan = self._plans[key]
+        except KeyError:  # targets of (initiator, address space) are fixed for a run
+            built = self.build(vp, sd, scope, targets)
+            plan = self._plans[key] = None if built is None else self.part.hypervisor.plan(vp, *built)
+        if plan is None:
+            return _no_call()
+        return self.part.hypervisor.flush(vp, plan, sd)
+
+
+def _no_call():
+    return HvStatus.SUCCESS
+    yield  # a generator that issues nothing
 
 
 def _target_call(address_space: int, flags: int, vps: list[int]) -> FlushCall:

@@ -27,10 +27,30 @@ from typing import TYPE_CHECKING
 from tlbsim import hv
 from tlbsim.hv import FlushCall, HvStatus
 from tlbsim.model.tlb import FlushScope
-from tlbsim.model.vp import HYPERCALL, I_HYPERCALL, I_MEMORY, SUSPENDED
+from tlbsim.model.vp import HYPERCALL, I_MEMORY, SUSPENDED
 
 if TYPE_CHECKING:
     from tlbsim.model.partition import Partition
+
+
+class CallPlan:
+    """Everything about one (caller, call) pair that does not change during a
+    run: the decoded call, its validation, its target VPs and its cost by
+    number of running targets. Guests issue the same few calls again and
+    again; a plan is built once and reused, so the hot path hashes no call."""
+
+    __slots__ = ("call", "scope", "validation", "ok", "status", "call_code", "flags", "targets", "cost_us")
+
+    def __init__(self, call: FlushCall, scope: FlushScope, validation: hv.Validation, targets: list):
+        self.call = call
+        self.scope = scope
+        self.validation = validation
+        self.ok = validation.ok
+        self.status = validation.status
+        self.call_code = call.call_code
+        self.flags = call.flags
+        self.targets = targets
+        self.cost_us: list[float | None] = [None] * (len(targets) + 1)  # by running targets
 
 
 class Hypervisor:
@@ -42,19 +62,24 @@ class Hypervisor:
         self.whole_context = part.config.tlb.hypervisor_flush == "vpid"
         self.n_vps = part.config.partition.vps
         self._validations: dict[FlushCall, hv.Validation] = {}
-        self._targets: dict[tuple[FlushCall, int], list] = {}  # (call, caller) -> target VPs
-        self._costs: dict[tuple[FlushCall, int], float] = {}  # (call, running targets) -> cost, us
         # what can lock a target's TLB: a VTL1 (VSM TlbLocked) or a MemoryAccess exit being emulated
         self.vsm_locks = part.config.locks.vsm_rate_per_ms > 0
         self.inhibit_locks = part.config.locks.memory_access_inhibit
 
     def validate(self, call: FlushCall) -> hv.Validation:
         """hv.validate, memoised: a call's status depends only on the call
-        and the partition, and guests issue the same few calls again and again."""
+        and the partition."""
         v = self._validations.get(call)
         if v is None:
             v = self._validations[call] = hv.validate(call, self.semantics, self.n_vps)
         return v
+
+    def plan(self, vp, call: FlushCall, scope: FlushScope) -> CallPlan:
+        """The plan of ``call`` issued by ``vp``, flushing ``scope`` on its targets."""
+        validation = self.validate(call)
+        vps = self.part.vps
+        targets = [vps[i] for i in validation.targets if i != vp.index] if validation.ok else []
+        return CallPlan(call, scope, validation, targets)
 
     def call_cost_us(self, call: FlushCall, validation: hv.Validation, k_running: int) -> float:
         c = self.costs
@@ -77,24 +102,19 @@ class Hypervisor:
                 cost += c.vmexit_roundtrip_us * (math.ceil(cost / c.continuation_limit_us) - 1)
         return cost
 
-    def flush(self, vp, call: FlushCall, scope: FlushScope, sd):
+    def flush(self, vp, plan: CallPlan, sd):
         """Run one flush hypercall for ``vp`` (a generator); returns its HvStatus."""
         env = self.env
-        vps = self.part.vps
         c = self.costs
+        sd.call_code = plan.call_code
+        sd.flags = plan.flags
+        if not plan.ok:
+            yield from self._in_hypercall(vp, sd, self.call_cost_us(plan.call, plan.validation, 0))
+            return plan.status
+        targets = plan.targets
+        scope = plan.scope
+        sd.n_targets = len(targets)
         while True:
-            validation = self.validate(call)
-            sd.call_code = call.call_code
-            sd.flags = call.flags
-            if not validation.ok:
-                cost = self.call_cost_us(call, validation, 0)
-                yield from self._in_hypercall(vp, sd, cost)
-                return validation.status
-            key = (call, vp.index)
-            targets = self._targets.get(key)
-            if targets is None:
-                targets = self._targets[key] = [vps[i] for i in validation.targets if i != vp.index]
-            sd.n_targets = len(targets)
             now = env.now
             lock_end = None
             if self.vsm_locks or (self.inhibit_locks and self.part.memory_exits):  # else no TLB can be locked now
@@ -105,28 +125,37 @@ class Hypervisor:
                     if end is not None and t.requires(scope):
                         lock_end = end
                         break
-            if lock_end is not None:
-                yield from self._in_hypercall(vp, sd, c.vmexit_roundtrip_us + c.hypercall_decode_us)
-                yield from self._suspend(vp, sd, lock_end)
-                continue
-            running = 0
-            whole_context = self.whole_context
+            if lock_end is None:
+                break
+            yield from self._in_hypercall(vp, sd, c.vmexit_roundtrip_us + c.hypercall_decode_us)
+            yield from self._suspend(vp, sd, lock_end)
+        running = 0
+        whole_context = self.whole_context
+        if scope.pages is None and scope.non_global_only:  # a Space call: the common case
+            address_space = scope.address_space
             for t in targets:
                 if t.on_lp:
-                    t.hv_flush(scope, sd, whole_context)
+                    t.hv_flush_space(address_space, sd, whole_context, now)
                     running += 1
                 else:
                     t.defer(scope, sd, whole_context)
-            sd.running_targets = running
-            ckey = (call, running)
-            cost = self._costs.get(ckey)
-            if cost is None:
-                cost = self._costs[ckey] = self.call_cost_us(call, validation, running)
-            yield from self._in_hypercall(vp, sd, cost)
-            return HvStatus.SUCCESS
+        else:
+            for t in targets:
+                if t.on_lp:
+                    t.hv_flush(scope, sd, whole_context, now)
+                    running += 1
+                else:
+                    t.defer(scope, sd, whole_context)
+        sd.running_targets = running
+        cost = plan.cost_us[running]
+        if cost is None:
+            cost = plan.cost_us[running] = self.call_cost_us(plan.call, plan.validation, running)
+        sd.hypercall_us += cost
+        vp.set_state(HYPERCALL)
+        yield env.timeout(cost)
+        return HvStatus.SUCCESS
 
     def _in_hypercall(self, vp, sd, cost_us: float):
-        vp.record_exit(I_HYPERCALL, 0, 0.0)
         sd.hypercall_us += cost_us
         vp.set_state(HYPERCALL)
         yield self.env.timeout(cost_us)

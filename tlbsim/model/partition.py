@@ -35,58 +35,74 @@ _FLOAT_COLUMNS = ("arrival_us", "issue_us", "complete_us", "latency_us", "suspen
 _STR_COLUMNS = ("policy", "origin", "status", "stuck_on")
 
 
+_ROW_CHUNK = 4096
+
+
+class _Codes:
+    """A string column: a small-int code per row, each distinct value stored once."""
+
+    __slots__ = ("codes", "table")
+
+    def __init__(self):
+        self.codes = array("b")
+        self.table: dict[str, int] = {}
+
+    def _code(self, value: str) -> int:
+        code = self.table.get(value)
+        if code is None:
+            if len(self.table) >= 127:
+                raise ValueError(f"too many distinct values: {value!r}")
+            code = self.table[value] = len(self.table)
+        return code
+
+    def extend(self, values) -> None:
+        self.codes.extend(map(self._code, values))
+
+
 class ShootdownRecorder:
-    """One row per shootdown, appended column by column into typed arrays
-    (8 bytes a value; strings are shared references), so a run can record
-    millions of shootdowns."""
+    """One row per shootdown. A row is kept as a tuple until 4,096 of them
+    are gathered, then the chunk is moved column by column into typed arrays
+    (8 bytes a value; strings become codes), so a run can record millions of
+    shootdowns and adding a row is one tuple, not two dozen appends."""
 
     def __init__(self):
         self.ints = {c: array("q") for c in _INT_COLUMNS}
         self.floats = {c: array("d") for c in _FLOAT_COLUMNS}
-        # strings are few distinct values: store a code per row and the values once
-        self.codes = {c: array("b") for c in _STR_COLUMNS}
-        self.values: dict[str, dict[str, int]] = {c: {} for c in _STR_COLUMNS}
-        self.n = 0
-
-    def _code(self, column: str, value: str) -> int:
-        table = self.values[column]
-        code = table.get(value)
-        if code is None:
-            if len(table) >= 127:
-                raise ValueError(f"too many distinct {column} values")
-            code = table[value] = len(table)
-        return code
+        self.strings = {c: _Codes() for c in _STR_COLUMNS}
+        self._rows: list[tuple] = []
+        # column sinks in the order of a row tuple (see add)
+        self._sinks = ([self.ints[c] for c in _INT_COLUMNS] + [self.floats[c] for c in _FLOAT_COLUMNS]
+                       + [self.strings[c] for c in _STR_COLUMNS])
 
     def add(self, sd) -> None:
-        i, f = self.ints, self.floats
-        i["id"].append(sd.id)
-        i["initiator_vp"].append(sd.initiator)
-        i["address_space"].append(sd.address_space)
-        i["pages"].append(0 if sd.pages is None else sd.pages)
-        i["call_code"].append(sd.call_code)
-        i["flags"].append(int(sd.flags))
-        i["n_targets"].append(sd.n_targets)
-        i["running_targets"].append(sd.running_targets)
-        i["deferred_targets"].append(sd.deferred_targets)
-        i["ipis"].append(sd.ipis)
-        i["suspensions"].append(sd.suspensions)
-        i["reissues"].append(sd.reissues)
-        f["arrival_us"].append(sd.arrival_us)
-        f["issue_us"].append(sd.issue_us)
-        f["complete_us"].append(sd.complete_us)
-        f["latency_us"].append(sd.complete_us - sd.issue_us)
-        f["suspended_us"].append(sd.suspended_us)
-        f["hypercall_us"].append(sd.hypercall_us)
-        f["refill_entries"].append(sd.refill_entries)
-        f["collateral_entries"].append(sd.collateral_entries)
-        c = self.codes
-        c["policy"].append(self._code("policy", sd.policy))
-        c["origin"].append(self._code("origin", sd.origin))
-        c["status"].append(self._code("status", sd.status))
-        c["stuck_on"].append(self._code("stuck_on", sd.stuck_on))
-        self.n += 1
+        rows = self._rows
+        rows.append((
+            sd.id, sd.initiator, sd.address_space, 0 if sd.pages is None else sd.pages, sd.call_code,
+            int(sd.flags), sd.n_targets, sd.running_targets, sd.deferred_targets, sd.ipis, sd.suspensions,
+            sd.reissues,
+            sd.arrival_us, sd.issue_us, sd.complete_us, sd.complete_us - sd.issue_us, sd.suspended_us,
+            sd.hypercall_us, sd.refill_entries, sd.collateral_entries,
+            sd.policy, sd.origin, sd.status, sd.stuck_on,
+        ))
+        if len(rows) >= _ROW_CHUNK:
+            self._move_rows()
+
+    def _move_rows(self) -> None:
+        if self._rows:
+            for sink, values in zip(self._sinks, zip(*self._rows), strict=True):
+                sink.extend(values)
+            self._rows = []
+
+    @property
+    def n(self) -> int:
+        return len(self.ints["id"]) + len(self._rows)
+
+    def ids(self) -> list[int]:
+        self._move_rows()
+        return list(self.ints["id"])
 
     def columns(self) -> dict:
+        self._move_rows()
         out = {}
         for c in SHOOTDOWN_COLUMNS:
             if c in self.ints:
@@ -94,7 +110,8 @@ class ShootdownRecorder:
             elif c in self.floats:
                 out[c] = self.floats[c]
             else:
-                out[c] = (self.codes[c], list(self.values[c]))  # (codes, categories)
+                s = self.strings[c]
+                out[c] = (s.codes, list(s.table))  # (codes, categories)
         return out
 
 
@@ -233,7 +250,7 @@ class Partition:
             total = sum(vp.acc)
             if not math.isclose(total, duration, rel_tol=1e-9, abs_tol=1e-6):
                 raise InvariantError(f"VP {vp.index}: time by state sums to {total} us, not {duration} us")
-        ids = list(self.recorder.ints["id"]) + list(self.in_flight)
+        ids = self.recorder.ids() + list(self.in_flight)
         if len(ids) != len(set(ids)) or len(ids) != self._next_id:
             raise InvariantError(f"shootdowns lost or duplicated: {len(ids)} recorded of {self._next_id} issued")
         for vf in self.vfs:

@@ -14,6 +14,7 @@ hypervisor costs no event at all: it is arithmetic plus debt.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -240,23 +241,26 @@ class VP:
             if self.applied_ids is not None:
                 self.applied_ids.add(sd.id)
 
-    def hv_flush(self, scope: FlushScope, sd, whole_context: bool) -> None:
-        """The hypervisor flushes this VP on its LP now: an interruption of
-        ``target_interrupt_us`` plus the refills, both repaid from guest time.
-        (The hot path of every hypercall shootdown: _remove, inlined for the
-        common whole-address-space, non-global case.)"""
-        if self.state == GUEST:
-            now = self.env.now
-            if now > self.since:
-                self._account_guest(now - self.since)
-                self.since = now
+    def hv_flush(self, scope: FlushScope, sd, whole_context: bool, now: float) -> None:
+        """The hypervisor flushes this VP on its LP at ``now``: an interruption
+        of ``target_interrupt_us`` plus the refills, both repaid from guest time."""
+        if self.state == GUEST and now > self.since:
+            self._account_guest(now - self.since)
+            self.since = now
+        self.hv_debt_us += self._target_interrupt_us
+        self._remove(scope, sd, whole_context)
+
+    def hv_flush_space(self, address_space: int | None, sd, whole_context: bool, now: float) -> None:
+        """hv_flush of a whole address space's non-global entries (the Space
+        calls' scope, the hot path of every mask / ALL_PROCESSORS shootdown):
+        the same arithmetic as ``hv_flush`` then ``_remove``, inlined."""
+        if self.state == GUEST and now > self.since:
+            self._account_guest(now - self.since)
+            self.since = now
         self.hv_debt_us += self._target_interrupt_us
         tlb = self.tlb
-        if scope.pages is not None or not scope.non_global_only:
-            self._remove(scope, sd, whole_context)
-            return
         removed = tlb.ng
-        required = removed if scope.address_space is None or scope.address_space == tlb.address_space else 0.0
+        required = removed if address_space is None or address_space == tlb.address_space else 0.0
         if not whole_context:
             removed = required
         tlb.ng -= removed
@@ -384,6 +388,13 @@ class VP:
     def _run(self):
         env = self.env
         policy = self.part.policy
+        exits = self.streams["exits"]
+        cum = self._exit_cum
+        last = len(cum) - 1
+        exit_cost = self._exit_cost
+        exit_count = self.exit_count
+        exit_time = self.exit_time
+        part = self.part
         while True:
             if not self.on_lp:
                 yield from self.wait_for_lp()
@@ -416,32 +427,29 @@ class VP:
                 pass
             self.interruptible = False
             self.exit_budget_us -= env.now - now
-            if self.exit_budget_us <= 1e-9:
-                yield from self._exit()
-
-    def _exit(self):
-        env = self.env
-        streams = self.streams["exits"]
-        self.exit_budget_us = streams.exp(self.exit_gap_mean_us)
-        u = streams.uniform()
-        index = 0
-        cum = self._exit_cum
-        while cum[index] <= u and index < len(cum) - 1:
-            index += 1
-        cost = self._exit_cost[index]
-        self.record_exit(index, 1, cost)
-        self.exit_index = index
-        self.exit_end_us = env.now + cost
-        self.set_state(EXIT)
-        if index == I_MEMORY:
-            self.part.memory_exits += 1
-            yield env.timeout(cost)
-            self.part.memory_exits -= 1
-        else:
-            yield env.timeout(cost)
-        self.exit_index = -1
-        if index == I_HALT:
-            yield from self._halt()
+            if self.exit_budget_us > 1e-9:
+                continue
+            # The exit (inline: the hot path of every run). Its reason is drawn
+            # from the exit mix; the next exit's distance in guest time too.
+            self.exit_budget_us = exits.exp(self.exit_gap_mean_us)
+            index = bisect_right(cum, exits.uniform())
+            if index > last:
+                index = last
+            cost = exit_cost[index]
+            exit_count[index] += 1
+            exit_time[index] += cost
+            self.exit_index = index
+            self.exit_end_us = env.now + cost
+            self.set_state(EXIT)
+            if index == I_MEMORY:
+                part.memory_exits += 1
+                yield env.timeout(cost)
+                part.memory_exits -= 1
+            else:
+                yield env.timeout(cost)
+            self.exit_index = -1
+            if index == I_HALT:
+                yield from self._halt()
 
     def _halt(self):
         """HLT: give up the LP and idle until an interrupt or new work."""
