@@ -29,7 +29,7 @@ run: $(STAMP)
 	$(BIN)/tlbsim plot results/overcommit
 
 lint: $(DEV_STAMP)
-	$(BIN)/ruff check tlbsim tests experiments benchmarks
+	$(BIN)/ruff check tlbsim tests experiments benchmarks notebooks
 
 test: $(DEV_STAMP) lint
 	$(BIN)/python -m pytest

@@ -89,7 +89,7 @@ class ShootdownRecorder:
 
     def _move_rows(self) -> None:
         if self._rows:
-            for sink, values in zip(self._sinks, zip(*self._rows), strict=True):
+            for sink, values in zip(self._sinks, zip(*self._rows, strict=True), strict=True):
                 sink.extend(values)
             self._rows = []
 
