@@ -74,6 +74,9 @@ class Shootdown:
             self.acked.succeed()
 
 
+_STATUS_NAMES = {s: s.name for s in HvStatus}
+
+
 class Policy:
     name = ""
 
@@ -99,7 +102,7 @@ class Policy:
         status = HvStatus.SUCCESS
         if targets:
             status = yield from self.remote(vp, sd, scope, targets)
-        sd.status = status.name if isinstance(status, HvStatus) else str(status)
+        sd.status = _STATUS_NAMES.get(status) or str(status)
         part.complete(sd)
 
     def remote(self, vp, sd, scope, targets):

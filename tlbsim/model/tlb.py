@@ -65,23 +65,29 @@ class Tlb:
         ng = self.ng if self._matches(scope) else 0.0
         return ng if scope.non_global_only else ng + self.g
 
-    def flush(self, scope: FlushScope, whole_context: bool = False) -> float:
-        """Remove what the scope names; return how many entries went.
+    def flush(self, scope: FlushScope, whole_context: bool = False) -> tuple[float, float]:
+        """Remove what the scope names; return (entries the scope required,
+        entries removed): more go than required when ``whole_context``.
 
         ``whole_context``: the flush is done the way a hypervisor does it on
         VPID-tagged hardware (INVVPID single-context): an address-space flush
         drops the VP's non-global entries whatever address space they belong
         to. Page flushes are always exact (INVVPID individual-address).
         """
+        matches = scope.address_space is None or scope.address_space == self.address_space
         if scope.pages is not None:
-            removed = self.required(scope)
+            if not matches or self.ng_cap == 0:
+                return 0.0, 0.0
+            removed = min(self.ng, scope.pages * self.ng / self.ng_cap)
             self.ng -= removed
-            return removed
+            return removed, removed
+        required = self.ng if matches else 0.0
         removed = 0.0
-        if whole_context or self._matches(scope):
+        if whole_context or matches:
             removed += self.ng
             self.ng = 0.0
         if not scope.non_global_only:
+            required += self.g
             removed += self.g
             self.g = 0.0
-        return removed
+        return required, removed

@@ -229,8 +229,7 @@ class VP:
 
     # ------------------------------------------------------------ flushes
     def _remove(self, scope: FlushScope, sd, whole_context: bool) -> None:
-        required = self.tlb.required(scope)
-        removed = self.tlb.flush(scope, whole_context)
+        required, removed = self.tlb.flush(scope, whole_context)
         self.refill_debt_us += removed * self._refill_us
         self.refill_entries += required
         self.collateral_entries += removed - required
