@@ -46,6 +46,46 @@ def test_latency_with_k_running_targets_is_the_closed_form(policy, expected_us):
     assert (sd.n_targets == 7).all()
 
 
+@pytest.mark.parametrize(
+    "policy,events",
+    [
+        # the arrival (the initiator's guest interval ends), the local flush, the hypercall
+        ("mask", 3), ("all", 3), ("linux", 3),
+        # initiator: arrival, local flush, the 7 trapped ICR writes, one delivery per target, the last ack;
+        # each of the 7 targets: the interrupt, its Canceled exit and handler (one timeout), resuming guest code
+        ("ipi", 3 + 7 + 1 + 7 * 3),
+        # initiator: arrival, local flush, the PV send-IPI hypercall, one delivery to all, the last ack
+        ("kvm-pv", 3 + 1 + 1 + 7 * 3),
+    ],
+)
+def test_simpy_events_per_shootdown(policy, events):
+    """Hypervisor flushes cost no event per target; IPIs cost three per target."""
+    from tlbsim.model.partition import simulate_records
+
+    cfg = quiet_config(workload__policy=policy, **BASE)
+    with_sd = simulate_records(cfg, 3)
+    idle = simulate_records(cfg.with_overrides({"workload.rate_per_ms": 0.0}), 3)
+    n = len(with_sd.shootdowns["id"])
+    assert n > 3
+    assert with_sd.events - idle.events == events * n
+
+
+def test_state_switch_in_the_past_moves_time_exactly():
+    """VP._switch_at (the Canceled exit and the IPI handlers share one
+    timeout): the time after the switch belongs to the new state, even if
+    the VP was settled after that moment."""
+    from tlbsim.model.partition import Partition
+    from tlbsim.model.vp import EXIT, FLUSH
+
+    vp = Partition(quiet_config(partition__vps=2), 0).vps[0]
+    vp.state, vp.since, vp.acc[EXIT], vp.acc[FLUSH] = EXIT, 0.0, 0.0, 0.0
+    vp._switch_at(FLUSH, 2.0)
+    assert (vp.state, vp.since, vp.acc[EXIT], vp.acc[FLUSH]) == (FLUSH, 2.0, 2.0, 0.0)
+    vp.state, vp.since, vp.acc[EXIT] = EXIT, 5.0, 5.0  # settled at 5 us while in the exit
+    vp._switch_at(FLUSH, 2.0)
+    assert (vp.state, vp.since, vp.acc[EXIT], vp.acc[FLUSH]) == (FLUSH, 5.0, 2.0, 3.0)
+
+
 def test_call_codes_and_flags_per_policy():
     assert (latencies("mask").call_code == HvCallCode.FLUSH_VIRTUAL_ADDRESS_SPACE).all()
     assert (latencies("mask")["flags"] == 0x4).all()  # NON_GLOBAL_MAPPINGS_ONLY

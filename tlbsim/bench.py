@@ -57,6 +57,35 @@ def timed(config: Config, seed: int = 0, repeats: int = 1):
     return best, rec
 
 
+def target_flush_us(n: int = 100_000, repeats: int = 3) -> float:
+    """Wall us of the arithmetic one running target of a Space call costs
+    (VP.hv_flush_space on a VP in guest code with a TLB that refilled since
+    the last flush): what every mask / ALL_PROCESSORS shootdown pays per
+    running target, with no SimPy at all. Best of ``repeats``."""
+    from tlbsim.model.partition import Partition
+    from tlbsim.model.vp import GUEST
+
+    part = Partition(standard(1000.0), 0)
+    vp = part.vps[1]
+    vp.state, vp.on_lp = GUEST, True
+
+    class _Row:  # the two per-shootdown sums a target adds to
+        refill_entries = 0.0
+        collateral_entries = 0.0
+        id = 0
+
+    row = _Row()
+    address_space = vp.address_space
+    best = float("inf")
+    for r in range(repeats):
+        base = r * n * 50.0
+        t = time.perf_counter()
+        for i in range(n):
+            vp.hv_flush_space(address_space, row, True, base + i * 50.0)
+        best = min(best, time.perf_counter() - t)
+    return best / n * 1e6
+
+
 def standard(duration_us: float, **overrides) -> Config:
     base = {"partition.vps": 16, "partition.lps": 16, "workload.policy": "mask", "partition.duration_us": duration_us}
     return Config().with_overrides({**base, **overrides})
@@ -154,6 +183,10 @@ def main(quick: bool = False) -> int:
               f"             {m['marginal_events_per_sd']:6.1f} {m['marginal_wall_us_per_sd']:8.1f} "
               f"({m['marginal_wall_us_per_sd'] / raw_us:5.1f})")
     print("   target: mask <= 15 x one raw timeout per shootdown")
+    per_target = target_flush_us(20_000 if quick else 100_000)
+    floor = 3 * raw_us + 15 * per_target
+    print(f"   floor for mask with 15 running targets: its 3 events as raw SimPy timeouts + 15 x {per_target:.2f} us "
+          f"(the per-target flush arithmetic alone, no SimPy) = {floor:.1f} us ({floor / raw_us:.1f} x raw)")
 
     print("\n4. marginal wall us per shootdown vs VP count (groups of 8 VPs share an address space: 7 targets)")
     base8 = None

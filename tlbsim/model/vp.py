@@ -340,16 +340,42 @@ class VP:
 
     def take_interrupts(self):
         """Take every pending IPI: a Canceled exit if the host had to kick the
-        VP out of guest code, then the flush handler for each, then the acks."""
+        VP out of guest code, then the flush handler for each, then the acks.
+        The exit and the handlers are one timeout: nothing is decided between
+        them (the VP goes straight from the exit into its handlers), so the
+        time is split between the two states by arithmetic, not by an event.
+        IPIs that arrive meanwhile wait for the next round."""
         env = self.env
-        if self.kicked:
-            yield from self._canceled_exit()
         irqs, self.irqs = self.irqs, []
-        self.set_state(FLUSH)
-        yield env.timeout(sum(self.costs.local_flush_cost_us(scope.pages) for _, scope in irqs))
+        handler_us = sum(self.costs.local_flush_cost_us(scope.pages) for _, scope in irqs)
+        if self.kicked:
+            self.kicked = False
+            exit_us = self._exit_cost[I_CANCELED]
+            self.record_exit(I_CANCELED, 1, exit_us)
+            self.exit_index = I_CANCELED
+            self.set_state(EXIT)
+            start = env.now
+            yield env.timeout(exit_us + handler_us)
+            self.exit_index = -1
+            self._switch_at(FLUSH, start + exit_us)
+        else:
+            self.set_state(FLUSH)
+            yield env.timeout(handler_us)
         for sd, scope in irqs:
             self.local_flush(scope, sd)
             sd.ack()
+
+    def _switch_at(self, new: int, when: float) -> None:
+        """Change state as of ``when`` (a moment already past, in a non-guest
+        state): the time since ``when`` belongs to ``new``."""
+        acc = self.acc
+        if when >= self.since:
+            acc[self.state] += when - self.since
+            self.since = when
+        else:  # accounted past ``when`` under the old state (someone settled this VP): move the excess
+            acc[self.state] -= self.since - when
+            acc[new] += self.since - when
+        self.state = new
 
     # ------------------------------------------------------------ LP
     def wait_for_lp(self):
