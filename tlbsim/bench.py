@@ -211,7 +211,7 @@ def main(quick: bool = False) -> int:
           "target <= 300 MB")
 
     points = 8 if quick else 32
-    one, many, jobs = sweep_speedup(points, 50_000.0 if quick else 200_000.0, 1 if quick else 2)
+    one, many, jobs = sweep_speedup(points, 50_000.0 if quick else 200_000.0, 1 if quick else 3)
     print(f"\n6. sweep of {points} points: {one:.2f} s on 1 process, {many:.2f} s on {jobs}: "
           f"speed-up {one / many:.2f}x (target >= 1.7x on 2 cores)")
     print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
