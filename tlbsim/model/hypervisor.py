@@ -131,21 +131,12 @@ class Hypervisor:
             yield from self._suspend(vp, sd, lock_end)
         running = 0
         whole_context = self.whole_context
-        if scope.pages is None and scope.non_global_only:  # a Space call: the common case
-            address_space = scope.address_space
-            for t in targets:
-                if t.on_lp:
-                    t.hv_flush_space(address_space, sd, whole_context, now)
-                    running += 1
-                else:
-                    t.defer(scope, sd, whole_context)
-        else:
-            for t in targets:
-                if t.on_lp:
-                    t.hv_flush(scope, sd, whole_context, now)
-                    running += 1
-                else:
-                    t.defer(scope, sd, whole_context)
+        for t in targets:
+            if t.on_lp:
+                t.hv_flush(scope, sd, whole_context, now)
+                running += 1
+            else:
+                t.defer(scope, sd, whole_context)
         sd.running_targets = running
         cost = plan.cost_us[running]
         if cost is None:

@@ -242,24 +242,19 @@ class VP:
 
     def hv_flush(self, scope: FlushScope, sd, whole_context: bool, now: float) -> None:
         """The hypervisor flushes this VP on its LP at ``now``: an interruption
-        of ``target_interrupt_us`` plus the refills, both repaid from guest time."""
+        of ``target_interrupt_us`` plus the refills, both repaid from guest
+        time. (The hot path of every hypercall shootdown: _remove, inlined for
+        the Space calls' whole-address-space, non-global scope.)"""
         if self.state == GUEST and now > self.since:
             self._account_guest(now - self.since)
             self.since = now
         self.hv_debt_us += self._target_interrupt_us
-        self._remove(scope, sd, whole_context)
-
-    def hv_flush_space(self, address_space: int | None, sd, whole_context: bool, now: float) -> None:
-        """hv_flush of a whole address space's non-global entries (the Space
-        calls' scope, the hot path of every mask / ALL_PROCESSORS shootdown):
-        the same arithmetic as ``hv_flush`` then ``_remove``, inlined."""
-        if self.state == GUEST and now > self.since:
-            self._account_guest(now - self.since)
-            self.since = now
-        self.hv_debt_us += self._target_interrupt_us
+        if scope.pages is not None or not scope.non_global_only:
+            self._remove(scope, sd, whole_context)
+            return
         tlb = self.tlb
         removed = tlb.ng
-        required = removed if address_space is None or address_space == tlb.address_space else 0.0
+        required = removed if scope.address_space is None or scope.address_space == tlb.address_space else 0.0
         if not whole_context:
             removed = required
         tlb.ng -= removed
