@@ -28,13 +28,13 @@ class Stream:
     def __init__(self, seed_seq: np.random.SeedSequence):
         self._gen = np.random.Generator(np.random.PCG64(seed_seq))
         self._exp: list[float] = []
-        self._ei = 0
+        self._ei = _BLOCK  # empty: the first draw fills a block
         self._uni: list[float] = []
-        self._ui = 0
+        self._ui = _BLOCK
 
     def exp(self, mean: float) -> float:
         """An exponential draw with the given mean (inf for mean inf)."""
-        if self._ei == len(self._exp):
+        if self._ei == _BLOCK:
             self._exp = self._gen.standard_exponential(_BLOCK).tolist()
             self._ei = 0
         x = self._exp[self._ei]
@@ -42,7 +42,7 @@ class Stream:
         return x * mean
 
     def uniform(self) -> float:
-        if self._ui == len(self._uni):
+        if self._ui == _BLOCK:
             self._uni = self._gen.random(_BLOCK).tolist()
             self._ui = 0
         x = self._uni[self._ui]

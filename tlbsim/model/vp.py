@@ -170,8 +170,10 @@ class VP:
         self.proc = self.env.process(self._run())
 
     # ------------------------------------------------------------ accounting
-    def set_state(self, new: int) -> None:
-        now = self.env.now
+    def set_state(self, new: int, now: float | None = None) -> None:
+        """Enter state ``new`` at ``now`` (default: the current time), accounting the old one."""
+        if now is None:
+            now = self.env.now
         dt = now - self.since
         if dt > 0:
             if self.state == GUEST:
@@ -415,6 +417,7 @@ class VP:
         exit_count = self.exit_count
         exit_time = self.exit_time
         part = self.part
+        timeout = env.timeout
         while True:
             if not self.on_lp:
                 yield from self.wait_for_lp()
@@ -438,15 +441,18 @@ class VP:
                 continue
             if self.check:
                 assert not self.deferred, f"VP {self.index} runs guest code with a deferred flush pending"
-            run_for = min(self.exit_budget_us, self.next_arrival_us - now)
-            self.set_state(GUEST)
+            run_for = self.next_arrival_us - now
+            if self.exit_budget_us < run_for:
+                run_for = self.exit_budget_us
+            self.set_state(GUEST, now)
             self.interruptible = True
             try:
-                yield env.timeout(run_for)
+                yield timeout(run_for)
             except Interrupt:
                 pass
             self.interruptible = False
-            self.exit_budget_us -= env.now - now
+            end = env.now
+            self.exit_budget_us -= end - now
             if self.exit_budget_us > 1e-9:
                 continue
             # The exit (inline: the hot path of every run). Its reason is drawn
@@ -459,14 +465,14 @@ class VP:
             exit_count[index] += 1
             exit_time[index] += cost
             self.exit_index = index
-            self.exit_end_us = env.now + cost
-            self.set_state(EXIT)
+            self.exit_end_us = end + cost
+            self.set_state(EXIT, end)
             if index == I_MEMORY:
                 part.memory_exits += 1
-                yield env.timeout(cost)
+                yield timeout(cost)
                 part.memory_exits -= 1
             else:
-                yield env.timeout(cost)
+                yield timeout(cost)
             self.exit_index = -1
             if index == I_HALT:
                 yield from self._halt()
