@@ -142,7 +142,7 @@ class Hypervisor:
         if cost is None:
             cost = plan.cost_us[running] = self.call_cost_us(plan.call, plan.validation, running)
         sd.hypercall_us += cost
-        vp.set_state(HYPERCALL)
+        vp.set_state(HYPERCALL, now)
         yield env.timeout(cost)
         return HvStatus.SUCCESS
 

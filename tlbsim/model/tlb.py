@@ -48,9 +48,11 @@ class Tlb:
     def advance(self, guest_us: float) -> None:
         """The VP executed guest code for ``guest_us``: fill toward the working set."""
         if self.ng < self.ng_cap:
-            self.ng = min(self.ng_cap, self.ng + self._r_ng * guest_us)
+            ng = self.ng + self._r_ng * guest_us
+            self.ng = ng if ng < self.ng_cap else self.ng_cap
         if self.g < self.g_cap:
-            self.g = min(self.g_cap, self.g + self._r_g * guest_us)
+            g = self.g + self._r_g * guest_us
+            self.g = g if g < self.g_cap else self.g_cap
 
     def _matches(self, scope: FlushScope) -> bool:
         return scope.address_space is None or scope.address_space == self.address_space
