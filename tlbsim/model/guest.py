@@ -57,6 +57,7 @@ class Shootdown:
     acked = None
     stuck_on = ""
     targets: tuple[int, ...] = ()
+    row = -1  # its row in the recorder once recorded (partition.ShootdownRecorder)
 
     def __init__(self, sid: int, initiator: int, policy: str, req, now: float):
         self.id = sid

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from array import array
 from dataclasses import dataclass, field
+from operator import attrgetter, sub
 
 import simpy
 
@@ -35,7 +36,11 @@ _FLOAT_COLUMNS = ("arrival_us", "issue_us", "complete_us", "latency_us", "suspen
 _STR_COLUMNS = ("policy", "origin", "status", "stuck_on")
 
 
-_ROW_CHUNK = 4096
+_ROW_CHUNK = 1024
+#: Shootdown attribute of each column, where the names differ
+_SOURCE = {"initiator_vp": "initiator"}
+#: columns that can still change after the row is recorded (see ShootdownRecorder.add_refills)
+_PATCHED = ("refill_entries", "collateral_entries")
 
 
 class _Codes:
@@ -60,42 +65,57 @@ class _Codes:
 
 
 class ShootdownRecorder:
-    """One row per shootdown. A row is kept as a tuple until 4,096 of them
-    are gathered, then the chunk is moved column by column into typed arrays
-    (8 bytes a value; strings become codes), so a run can record millions of
-    shootdowns and adding a row is one tuple, not two dozen appends."""
+    """One row per shootdown, in typed arrays (8 bytes a value; strings
+    become codes), so a run can record millions of shootdowns.
+
+    ``add`` keeps the completed Shootdown and gives it its row number; every
+    1,024 rows the kept shootdowns are moved into the arrays column by column
+    (C-level loops: much cheaper than two dozen appends per row). The refill
+    columns are written at once and stay open: a target that was not on an
+    LP flushes at its next dispatch, often after the shootdown returned, and
+    its refills are added to the shootdown's row then (``add_refills``)."""
 
     def __init__(self):
         self.ints = {c: array("q") for c in _INT_COLUMNS}
         self.floats = {c: array("d") for c in _FLOAT_COLUMNS}
         self.strings = {c: _Codes() for c in _STR_COLUMNS}
-        self._rows: list[tuple] = []
-        # column sinks in the order of a row tuple (see add)
-        self._sinks = ([self.ints[c] for c in _INT_COLUMNS] + [self.floats[c] for c in _FLOAT_COLUMNS]
-                       + [self.strings[c] for c in _STR_COLUMNS])
+        self._chunk: list = []
+        self._rows = 0
+        self._moves = []  # (sink, getter) of every column filled from the kept shootdowns
+        for columns, sinks in ((_INT_COLUMNS, self.ints), (_FLOAT_COLUMNS, self.floats), (_STR_COLUMNS, self.strings)):
+            for c in columns:
+                if c not in ("pages", "flags", "latency_us", *_PATCHED):
+                    self._moves.append((sinks[c], attrgetter(_SOURCE.get(c, c))))
 
     def add(self, sd) -> None:
-        rows = self._rows
-        rows.append((
-            sd.id, sd.initiator, sd.address_space, 0 if sd.pages is None else sd.pages, sd.call_code,
-            int(sd.flags), sd.n_targets, sd.running_targets, sd.deferred_targets, sd.ipis, sd.suspensions,
-            sd.reissues,
-            sd.arrival_us, sd.issue_us, sd.complete_us, sd.complete_us - sd.issue_us, sd.suspended_us,
-            sd.hypercall_us, sd.refill_entries, sd.collateral_entries,
-            sd.policy, sd.origin, sd.status, sd.stuck_on,
-        ))
-        if len(rows) >= _ROW_CHUNK:
+        sd.row = self._rows
+        self._rows += 1
+        f = self.floats
+        f["refill_entries"].append(sd.refill_entries)
+        f["collateral_entries"].append(sd.collateral_entries)
+        self._chunk.append(sd)
+        if len(self._chunk) >= _ROW_CHUNK:
             self._move_rows()
 
+    def add_refills(self, row: int, refill_entries: float, collateral_entries: float) -> None:
+        """A flush of a recorded shootdown applied late (at a deferred target's dispatch)."""
+        self.floats["refill_entries"][row] += refill_entries
+        self.floats["collateral_entries"][row] += collateral_entries
+
     def _move_rows(self) -> None:
-        if self._rows:
-            for sink, values in zip(self._sinks, zip(*self._rows, strict=True), strict=True):
-                sink.extend(values)
-            self._rows = []
+        chunk = self._chunk
+        if not chunk:
+            return
+        for sink, get in self._moves:
+            sink.extend(map(get, chunk))
+        self.ints["pages"].extend([0 if p is None else p for p in map(_PAGES, chunk)])  # 0: whole space
+        self.ints["flags"].extend(map(int, map(_FLAGS, chunk)))
+        self.floats["latency_us"].extend(map(sub, map(_COMPLETE, chunk), map(_ISSUE, chunk)))
+        self._chunk = []
 
     @property
     def n(self) -> int:
-        return len(self.ints["id"]) + len(self._rows)
+        return self._rows
 
     def ids(self) -> list[int]:
         self._move_rows()
@@ -113,6 +133,9 @@ class ShootdownRecorder:
                 s = self.strings[c]
                 out[c] = (s.codes, list(s.table))  # (codes, categories)
         return out
+
+
+_PAGES, _FLAGS, _COMPLETE, _ISSUE = (attrgetter(a) for a in ("pages", "flags", "complete_us", "issue_us"))
 
 
 def cr3_of(as_index: int) -> int:

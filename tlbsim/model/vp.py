@@ -237,8 +237,11 @@ class VP:
         self.collateral_entries += removed - required
         self.flushes_applied += 1
         if sd is not None:
-            sd.refill_entries += required
-            sd.collateral_entries += removed - required
+            if sd.row < 0:
+                sd.refill_entries += required
+                sd.collateral_entries += removed - required
+            else:  # a deferred flush, applied after its shootdown returned and was recorded
+                self.part.recorder.add_refills(sd.row, required, removed - required)
             if self.applied_ids is not None:
                 self.applied_ids.add(sd.id)
 
