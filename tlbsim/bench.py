@@ -62,20 +62,16 @@ def target_flush_us(n: int = 100_000, repeats: int = 3) -> float:
     (VP.hv_flush on a VP in guest code with a TLB that refilled since
     the last flush): what every mask / ALL_PROCESSORS shootdown pays per
     running target, with no SimPy at all. Best of ``repeats``."""
+    from tlbsim.model.guest import Shootdown
     from tlbsim.model.partition import Partition
     from tlbsim.model.tlb import FlushScope
     from tlbsim.model.vp import GUEST
+    from tlbsim.model.workload import Request
 
     part = Partition(standard(1000.0), 0)
     vp = part.vps[1]
     vp.state, vp.on_lp = GUEST, True
-
-    class _Row:  # the two per-shootdown sums a target adds to
-        refill_entries = 0.0
-        collateral_entries = 0.0
-        id = 0
-
-    row = _Row()
+    row = Shootdown(0, 0, "mask", Request(0.0, vp.address_space, None), 0.0)
     scope = FlushScope(vp.address_space, True, None)
     best = float("inf")
     for r in range(repeats):

@@ -39,14 +39,13 @@ class CallPlan:
     number of running targets. Guests issue the same few calls again and
     again; a plan is built once and reused, so the hot path hashes no call."""
 
-    __slots__ = ("call", "scope", "validation", "ok", "status", "call_code", "flags", "targets", "cost_us")
+    __slots__ = ("call", "scope", "validation", "ok", "call_code", "flags", "targets", "cost_us")
 
     def __init__(self, call: FlushCall, scope: FlushScope, validation: hv.Validation, targets: list):
         self.call = call
         self.scope = scope
         self.validation = validation
         self.ok = validation.ok
-        self.status = validation.status
         self.call_code = call.call_code
         self.flags = call.flags
         self.targets = targets
@@ -61,22 +60,15 @@ class Hypervisor:
         self.semantics = part.config.partition.semantics
         self.whole_context = part.config.tlb.hypervisor_flush == "vpid"
         self.n_vps = part.config.partition.vps
-        self._validations: dict[FlushCall, hv.Validation] = {}
         # what can lock a target's TLB: a VTL1 (VSM TlbLocked) or a MemoryAccess exit being emulated
         self.vsm_locks = part.config.locks.vsm_rate_per_ms > 0
         self.inhibit_locks = part.config.locks.memory_access_inhibit
 
-    def validate(self, call: FlushCall) -> hv.Validation:
-        """hv.validate, memoised: a call's status depends only on the call
-        and the partition."""
-        v = self._validations.get(call)
-        if v is None:
-            v = self._validations[call] = hv.validate(call, self.semantics, self.n_vps)
-        return v
-
     def plan(self, vp, call: FlushCall, scope: FlushScope) -> CallPlan:
-        """The plan of ``call`` issued by ``vp``, flushing ``scope`` on its targets."""
-        validation = self.validate(call)
+        """The plan of ``call`` issued by ``vp``, flushing ``scope`` on its
+        targets: validated (``hv.validate`` under the partition's semantics)
+        once, when the policy first needs it."""
+        validation = hv.validate(call, self.semantics, self.n_vps)
         vps = self.part.vps
         targets = [vps[i] for i in validation.targets if i != vp.index] if validation.ok else []
         return CallPlan(call, scope, validation, targets)
@@ -110,7 +102,7 @@ class Hypervisor:
         sd.flags = plan.flags
         if not plan.ok:
             yield from self._in_hypercall(vp, sd, self.call_cost_us(plan.call, plan.validation, 0))
-            return plan.status
+            return plan.validation.status
         targets = plan.targets
         scope = plan.scope
         sd.n_targets = len(targets)

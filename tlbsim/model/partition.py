@@ -113,10 +113,6 @@ class ShootdownRecorder:
         self.floats["latency_us"].extend(map(sub, map(_COMPLETE, chunk), map(_ISSUE, chunk)))
         self._chunk = []
 
-    @property
-    def n(self) -> int:
-        return self._rows
-
     def ids(self) -> list[int]:
         self._move_rows()
         return list(self.ints["id"])

@@ -76,20 +76,15 @@ class Tlb:
         drops the VP's non-global entries whatever address space they belong
         to. Page flushes are always exact (INVVPID individual-address).
         """
-        matches = scope.address_space is None or scope.address_space == self.address_space
+        required = self.required(scope)
         if scope.pages is not None:
-            if not matches or self.ng_cap == 0:
-                return 0.0, 0.0
-            removed = min(self.ng, scope.pages * self.ng / self.ng_cap)
-            self.ng -= removed
-            return removed, removed
-        required = self.ng if matches else 0.0
+            self.ng -= required
+            return required, required
         removed = 0.0
-        if whole_context or matches:
+        if whole_context or self._matches(scope):
             removed += self.ng
             self.ng = 0.0
         if not scope.non_global_only:
-            required += self.g
             removed += self.g
             self.g = 0.0
         return required, removed
