@@ -9,12 +9,14 @@ import pandas as pd
 import pytest
 
 from tests.conftest import make_config, quiet_config
-from tlbsim import simulate
+from tlbsim import Config, simulate
 from tlbsim.hv import HvCallCode
 from tlbsim.model.partition import InvariantError
 
 # One initiator (VP 0), 8 VPs sharing one address space, no exits: every
 # target is running guest code whenever VP 0 shoots down.
+C = Config().costs  # closed forms below are derived from the defaults, not restated
+EXIT_COST = Config().exits
 BASE = dict(partition__vps=8, workload__initiators=[0], workload__rate_per_ms=0.05, partition__duration_us=200_000.0)
 
 
@@ -25,25 +27,32 @@ def latencies(policy, **kw):
     return sd
 
 
+K = 7  # running targets
+LOCAL = C.local_flush_cost_us(1)  # the initiator's own 1-page flush
+ENTRY = C.vmexit_roundtrip_us + C.hypercall_decode_us
+CANCELED = EXIT_COST.canceled.cost_us
+
+
 @pytest.mark.parametrize(
     "policy,expected_us",
     [
-        # local flush 0.28, then exit+decode 0.7, mask walk 7 x 0.02, 7 running targets x 1.0
-        ("mask", 0.28 + 0.6 + 0.1 + 7 * 0.02 + 7 * 1.0),
-        # local 0.28, exit+decode 0.7, ALL broadcast 1.5, 7 x 0.25 acks
-        ("all", 0.28 + 0.6 + 0.1 + 1.5 + 7 * 0.25),
-        # all 8 VPs share the mm -> ALL_PROCESSORS, 1 page -> List call: + 1 range 0.05 + 1 INVLPG 0.08
-        ("linux", 0.28 + 0.6 + 0.1 + 1.5 + 7 * 0.25 + 0.05 + 0.08),
-        # local 0.28, 7 trapped ICR writes x 2.5; the last target takes a Canceled exit (1.0) and flushes (0.28)
-        ("ipi", 0.28 + 7 * 2.5 + 1.0 + 0.28),
-        # local 0.28, one PV send-IPI hypercall 0.6 + 7 x 1.0, then Canceled exit 1.0 + flush 0.28 on each target
-        ("kvm-pv", 0.28 + 0.6 + 7 * 1.0 + 1.0 + 0.28),
+        # local flush, exit+decode, mask walk over K VPs, K running targets flushed
+        ("mask", LOCAL + ENTRY + K * C.mask_per_vp_us + K * C.flush_per_running_target_us),
+        # local flush, exit+decode, ALL broadcast, K acks
+        ("all", LOCAL + ENTRY + C.flush_all_broadcast_us + K * C.flush_all_per_running_target_us),
+        # all 8 VPs share the mm -> ALL_PROCESSORS, 1 page -> List call: + one range + one INVLPG
+        ("linux", LOCAL + ENTRY + C.flush_all_broadcast_us + K * C.flush_all_per_running_target_us
+         + C.list_per_range_us + C.invlpg_us),
+        # local, K trapped ICR writes; the last target takes a Canceled exit and flushes
+        ("ipi", LOCAL + K * C.vipi_us() + CANCELED + LOCAL),
+        # local, one PV send-IPI hypercall, then a Canceled exit + flush on each target
+        ("kvm-pv", LOCAL + C.vmexit_roundtrip_us + K * C.pv_ipi_per_target_us + CANCELED + LOCAL),
     ],
 )
 def test_latency_with_k_running_targets_is_the_closed_form(policy, expected_us):
     sd = latencies(policy)
     np.testing.assert_allclose(sd.latency_us, expected_us, rtol=0, atol=1e-9)
-    assert (sd.n_targets == 7).all()
+    assert (sd.n_targets == K).all()
 
 
 @pytest.mark.parametrize(
@@ -71,19 +80,38 @@ def test_simpy_events_per_shootdown(policy, events):
 
 
 def test_state_switch_in_the_past_moves_time_exactly():
-    """VP._switch_at (the Canceled exit and the IPI handlers share one
+    """TimeAccount.switch_at (the Canceled exit and the IPI handlers share one
     timeout): the time after the switch belongs to the new state, even if
     the VP was settled after that moment."""
-    from tlbsim.model.partition import Partition
-    from tlbsim.model.vp import EXIT, FLUSH
+    from tlbsim.model.accounting import TimeAccount, VpState
+    from tlbsim.model.tlb import Tlb
 
-    vp = Partition(quiet_config(partition__vps=2), 0).vps[0]
-    vp.state, vp.since, vp.acc[EXIT], vp.acc[FLUSH] = EXIT, 0.0, 0.0, 0.0
-    vp._switch_at(FLUSH, 2.0)
-    assert (vp.state, vp.since, vp.acc[EXIT], vp.acc[FLUSH]) == (FLUSH, 2.0, 2.0, 0.0)
-    vp.state, vp.since, vp.acc[EXIT] = EXIT, 5.0, 5.0  # settled at 5 us while in the exit
-    vp._switch_at(FLUSH, 2.0)
-    assert (vp.state, vp.since, vp.acc[EXIT], vp.acc[FLUSH]) == (FLUSH, 5.0, 2.0, 3.0)
+    EXIT, FLUSH = VpState.EXIT, VpState.FLUSH
+    acct = TimeAccount(None, Tlb(0x1000, 16, 8, 0, 1.0, True), start=EXIT)
+    acct.switch_at(FLUSH, 2.0)
+    assert (acct.state, acct.since, acct.state_us[EXIT], acct.state_us[FLUSH]) == (FLUSH, 2.0, 2.0, 0.0)
+    acct.state = EXIT
+    acct.set_state(EXIT, 5.0)  # settled at 5 us while in the exit
+    acct.switch_at(FLUSH, 2.0)
+    assert (acct.state, acct.since, acct.state_us[EXIT], acct.state_us[FLUSH]) == (FLUSH, 5.0, 2.0, 3.0)
+
+
+def test_tlb_fast_path_agrees_with_flush():
+    """Tlb.flush_space_nonglobal is the documented fast path of Tlb.flush for a
+    whole-space, non-global scope: same (required, removed) and same TLB after."""
+    from tlbsim.model.tlb import FlushScope, Tlb
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        own = 0x1000 * int(rng.integers(1, 4))
+        working_set, global_pages = int(rng.integers(0, 2000)), int(rng.integers(0, 400))
+        a, b = (Tlb(own, 1536, working_set, global_pages, 20.0, True) for _ in "ab")
+        fill = float(rng.uniform(0, 1))
+        a.nonglobal = b.nonglobal = a.nonglobal_cap * fill
+        named = [None, own, own + 0x1000][int(rng.integers(0, 3))]
+        whole = bool(rng.integers(0, 2))
+        assert a.flush(FlushScope(named, True, None), whole) == b.flush_space_nonglobal(named, whole)
+        assert (a.nonglobal, a.global_entries) == (b.nonglobal, b.global_entries)
 
 
 def test_call_codes_and_flags_per_policy():
@@ -101,14 +129,15 @@ def test_ex_call_when_a_target_index_is_64_or_more():
     sd = latencies("mask", partition__vps=130, partition__lps=130, workload__sharing="groups",
                    workload__group_size=130, workload__rate_per_ms=0.5, partition__duration_us=20_000.0)
     assert (sd.call_code == HvCallCode.FLUSH_VIRTUAL_ADDRESS_SPACE_EX).all()
-    # 129 targets named in 3 banks: exit+decode, walk 129 x 0.02, 3 bank words x 0.05, 129 running x 1.0
-    np.testing.assert_allclose(sd.latency_us, 0.28 + 0.7 + 129 * 0.02 + 3 * 0.05 + 129 * 1.0, atol=1e-9)
+    # 129 targets named in 3 banks: exit+decode, the walk over 129 VPs, 3 bank words, 129 running targets
+    expected = LOCAL + ENTRY + 129 * C.mask_per_vp_us + 3 * C.vp_set_per_bank_us + 129 * C.flush_per_running_target_us
+    np.testing.assert_allclose(sd.latency_us, expected, atol=1e-9)
 
 
 def test_no_hypercall_without_targets():
     sd = latencies("mask", workload__sharing="private")
     assert (sd.call_code == 0).all() and (sd.n_targets == 0).all()
-    np.testing.assert_allclose(sd.latency_us, 0.28, atol=1e-12)
+    np.testing.assert_allclose(sd.latency_us, LOCAL, atol=1e-12)
 
 
 def test_same_config_and_seed_give_identical_frames():
@@ -134,20 +163,22 @@ def test_exits_are_counted_per_reason():
     # MemoryAccess and IoPort share a rate (0.5/ms of guest time): counts agree within noise
     assert ex["MEMORY_ACCESS"] > 500 and abs(ex["MEMORY_ACCESS"] - ex["X64_IO_PORT_ACCESS"]) < 0.2 * ex["MEMORY_ACCESS"]
     t = res.exits.groupby("reason")["time_us"].sum()
-    assert t["MEMORY_ACCESS"] == pytest.approx(8.0 * ex["MEMORY_ACCESS"])
+    assert t["MEMORY_ACCESS"] == pytest.approx(EXIT_COST.memory_access.cost_us * ex["MEMORY_ACCESS"])
 
 
 def test_flush_removes_entries_and_costs_refills():
-    # Warm TLBs hold the whole working set (1024 non-global + 256 global fit in 1536 entries).
-    # mask: the initiator's own 1-page flush removes 1 entry; each of the 7 targets loses its 1024
-    # non-global entries to the hypervisor's whole-address-space flush.
+    # Warm TLBs hold the whole working set (non-global + global fit in the default capacity).
+    # mask: the initiator's own 1-page flush removes 1 entry; each of the 7 targets loses its
+    # non-global working set to the hypervisor's whole-address-space flush.
+    t = Config().tlb
+    assert t.working_set_pages + t.global_pages <= t.capacity
     whole = latencies("mask")
-    assert whole.refill_entries.iloc[0] == pytest.approx(1 + 7 * 1024)
+    assert whole.refill_entries.iloc[0] == pytest.approx(1 + K * t.working_set_pages)
     # linux: a 1-page List call removes one entry on each of the 8 VPs
     assert latencies("linux").refill_entries.iloc[0] == pytest.approx(8.0)
-    # each removed entry is one refill of 0.036 us, repaid from guest time
+    # each removed entry is one refill, repaid from guest time
     res = simulate(quiet_config(workload__policy="mask", **BASE), seed=3)
-    assert res.vps.refill_us.sum() == pytest.approx(res.vps.refill_entries.sum() * 0.036, rel=1e-6)
+    assert res.vps.refill_us.sum() == pytest.approx(res.vps.refill_entries.sum() * C.refill_us, rel=1e-6)
 
 
 def test_mean_suspension_matches_exponential_residual_life():
@@ -156,7 +187,7 @@ def test_mean_suspension_matches_exponential_residual_life():
     (PASTA). It pays exit+decode (d = 0.7 us) before suspending, so the time
     suspended is max(0, R - d) with R ~ Exp(h) (memoryless residual life):
     mean h * exp(-d / h)."""
-    h, g, d = 40.0, 160.0, 0.7
+    h, g, d = 40.0, 160.0, ENTRY
     rows = []
     for seed in range(30):
         c = quiet_config(partition__vps=2, workload__initiators=[0], workload__rate_per_ms=1.0,
@@ -212,12 +243,12 @@ def test_every_refill_is_in_its_shootdowns_row(policy):
     assert sd.collateral_entries.sum() == pytest.approx(vps.collateral_entries.sum(), rel=1e-9, abs=1e-9)
 
 
-def test_invariant_checker_catches_a_dropped_deferred_flush(monkeypatch):
-    from tlbsim.model import vp as vp_mod
-
-    monkeypatch.setattr(vp_mod.VP, "defer", lambda self, scope, sd, whole: None)
+def test_invariant_checker_catches_a_dropped_deferred_flush():
+    # run.inject_fault: the model loses every deferred flush; the checker must notice
+    cfg = make_config(partition__vps=4, partition__lps=2, workload__policy="mask")
+    simulate(cfg, seed=5)  # the same run without the fault holds
     with pytest.raises(InvariantError, match="neither flushed nor holds it pending"):
-        simulate(make_config(partition__vps=4, partition__lps=2, workload__policy="mask"), seed=5)
+        simulate(cfg.with_overrides({"run.inject_fault": "drop_deferred_flush"}), seed=5)
 
 
 # ---------------------------------------------------- qualitative behaviours

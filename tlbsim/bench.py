@@ -59,10 +59,10 @@ def timed(config: Config, seed: int = 0, repeats: int = 1):
 
 def target_flush_us(n: int = 100_000, repeats: int = 3) -> float:
     """Wall us of the arithmetic one running target of a Space call costs
-    (VP.hv_flush on a VP in guest code with a TLB that refilled since
-    the last flush): what every mask / ALL_PROCESSORS shootdown pays per
-    running target, with no SimPy at all. Best of ``repeats``."""
-    from tlbsim.model.guest import Shootdown
+    (VP.flush_by_hypervisor on a VP in guest code with a TLB that refilled
+    since the last flush, reported to the recorder): what every mask /
+    ALL_PROCESSORS shootdown pays per running target, with no SimPy at all.
+    Best of ``repeats``."""
     from tlbsim.model.partition import Partition
     from tlbsim.model.tlb import FlushScope
     from tlbsim.model.vp import GUEST
@@ -71,14 +71,14 @@ def target_flush_us(n: int = 100_000, repeats: int = 3) -> float:
     part = Partition(standard(1000.0), 0)
     vp = part.vps[1]
     vp.state, vp.on_lp = GUEST, True
-    row = Shootdown(0, 0, "mask", Request(0.0, vp.address_space, None), 0.0)
+    row = part.recorder.started(0, "mask", Request(0.0, vp.address_space, None), 0.0, (1,))
     scope = FlushScope(vp.address_space, True, None)
     best = float("inf")
     for r in range(repeats):
         base = r * n * 50.0
         t = time.perf_counter()
         for i in range(n):
-            vp.hv_flush(scope, row, True, base + i * 50.0)
+            vp.flush_by_hypervisor(scope, row, True, base + i * 50.0)
         best = min(best, time.perf_counter() - t)
     return best / n * 1e6
 

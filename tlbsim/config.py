@@ -278,12 +278,18 @@ class VfConfig:
         _non_negative(self.flush_pages, f"{key}.flush_pages")
 
 
+FAULTS = ("", "drop_deferred_flush")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     check_invariants: bool = False  # assert the model's invariants during the run (on in tests)
+    # fault injection, to show the invariant checks catch a broken model: "" (none) or
+    # "drop_deferred_flush" (a VP that is not on an LP loses the flushes deferred to it)
+    inject_fault: str = ""
 
     def check(self, key: str) -> None:
-        pass
+        _one_of(self.inject_fault, FAULTS, f"{key}.inject_fault")
 
 
 @dataclass(frozen=True)

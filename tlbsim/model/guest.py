@@ -19,63 +19,32 @@ then reaches the other VPs that may cache the address space ("targets"):
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 from tlbsim import hv
 from tlbsim.hv import FlushCall, HvCallCode, HvFlushFlags, HvStatus, VpSet
+from tlbsim.model.accounting import I_HYPERCALL, I_MSR
 from tlbsim.model.tlb import FlushScope
-from tlbsim.model.vp import DESCHEDULED, EXIT, FLUSH, I_HYPERCALL, I_MSR
+from tlbsim.model.vp import DESCHEDULED, EXIT, FLUSH
 
 NG = HvFlushFlags.NON_GLOBAL_MAPPINGS_ONLY
 #: Linux: (PAGE_SIZE - sizeof header) / sizeof(u64) GVA entries per call.
 LINUX_MAX_GVAS = (4096 - 24) // 8
 
 
-class Shootdown:
-    """One shootdown in flight; becomes one row of result.shootdowns.
+class AckWait:
+    """An initiator waiting for its IPI targets' acknowledgements (csd_lock_wait)."""
 
-    A plain class: the counters start at their class-level defaults and
-    become instance attributes only when a shootdown changes them, so
-    starting a shootdown sets eight attributes, not twenty-six."""
+    __slots__ = ("pending", "event")
 
-    complete_us = math.nan
-    call_code = 0
-    flags = 0
-    n_targets = 0
-    running_targets = 0
-    deferred_targets = 0
-    ipis = 0
-    suspensions = 0
-    reissues = 0
-    suspended_us = 0.0
-    hypercall_us = 0.0
-    refill_entries = 0.0
-    collateral_entries = 0.0
-    status = "IN_PROGRESS"
-    pending_acks = 0
-    acked = None
-    stuck_on = ""
-    targets: tuple[int, ...] = ()
-    row = -1  # its row in the recorder once recorded (partition.ShootdownRecorder)
-
-    def __init__(self, sid: int, initiator: int, policy: str, req, now: float):
-        self.id = sid
-        self.initiator = initiator
-        self.policy = policy
-        self.address_space = req.address_space
-        self.pages = req.pages
-        self.arrival_us = req.arrival_us
-        self.issue_us = now
-        self.origin = req.origin
+    def __init__(self, env):
+        self.pending = 0
+        self.event = env.event()
 
     def ack(self) -> None:
-        self.pending_acks -= 1
-        if self.pending_acks == 0:
-            self.acked.succeed()
-
-
-_STATUS_NAMES = {s: s.name for s in HvStatus}
+        self.pending -= 1
+        if self.pending == 0:
+            self.event.succeed()
 
 
 class Policy:
@@ -85,26 +54,28 @@ class Policy:
         self.part = part
         self.env = part.env
         self.costs = part.config.costs
+        self.recorder = part.recorder
         self._local: dict = {}  # (address space, pages) -> (FlushScope, local flush cost in us)
 
-    def shootdown(self, vp, req):
+    def shootdown(self, vp, request):
+        """One shootdown by ``vp`` (a generator): its own flush, then the remote part."""
         part = self.part
-        sd = part.new_shootdown(vp, self.name, req)
-        local = self._local.get((req.address_space, req.pages))
+        targets, target_indices = part.targets_of(vp, request.address_space)
+        sd = self.recorder.started(vp.index, self.name, request, self.env.now, target_indices)
+        local = self._local.get((request.address_space, request.pages))
         if local is None:
-            local = self._local[(req.address_space, req.pages)] = (
-                FlushScope(req.address_space, True, req.pages), self.costs.local_flush_cost_us(req.pages))
+            local = self._local[(request.address_space, request.pages)] = (
+                FlushScope(request.address_space, True, request.pages), self.costs.local_flush_cost_us(request.pages))
         scope, local_us = local
-        targets, sd.targets = part.targets_of(vp, req.address_space)
-        if req.address_space == vp.address_space:
+        if request.address_space == vp.address_space:
             vp.set_state(FLUSH)
             yield self.env.timeout(local_us)
-            vp.local_flush(scope, sd)
+            vp.flush_locally(scope, sd)
         status = HvStatus.SUCCESS
         if targets:
             status = yield from self.remote(vp, sd, scope, targets)
-        sd.status = _STATUS_NAMES.get(status) or str(status)
-        part.complete(sd)
+        self.recorder.completed(sd, status, self.env.now)
+        part.check_flush_guarantee(sd)
 
     def remote(self, vp, sd, scope, targets):
         raise NotImplementedError
@@ -113,34 +84,32 @@ class Policy:
     def _ipis(self, vp, sd, scope, targets, per_target_us: float, exit_index: int, staggered: bool):
         env = self.env
         k = len(targets)
-        sd.ipis += k
-        sd.pending_acks += k
-        sd.n_targets = max(sd.n_targets, k)
-        if sd.acked is None or sd.acked.triggered:
-            sd.acked = env.event()
+        self.recorder.ipis_sent(sd, k)
+        acks = AckWait(env)
+        acks.pending = k
         if staggered:  # one trapped ICR write per target, each an exit
             vp.record_exit(exit_index, k, per_target_us * k)
             for i, t in enumerate(targets):
-                env.timeout(per_target_us * (i + 1)).callbacks.append(partial(_deliver, t, sd, scope))
+                env.timeout(per_target_us * (i + 1)).callbacks.append(partial(_deliver, t, sd, scope, acks))
             send_us = per_target_us * k
         else:  # one PV send-IPI hypercall for all of them
             send_us = self.costs.vmexit_roundtrip_us + per_target_us * k
             vp.record_exit(exit_index, 1, send_us)
-            env.timeout(send_us).callbacks.append(partial(_deliver_all, targets, sd, scope))
+            env.timeout(send_us).callbacks.append(partial(_deliver_all, targets, sd, scope, acks))
         vp.exit_index = exit_index
         vp.set_state(EXIT)
         yield env.timeout(send_us)
         vp.exit_index = -1
-        yield from vp.spin_until_acked(sd)
+        yield from vp.spin_until_acked(acks)
 
 
-def _deliver(target, sd, scope, _event) -> None:
-    target.post_ipi(sd, scope)
+def _deliver(target, sd, scope, acks, _event) -> None:
+    target.post_ipi(sd, scope, acks)
 
 
-def _deliver_all(targets, sd, scope, _event) -> None:
+def _deliver_all(targets, sd, scope, acks, _event) -> None:
     for t in targets:
-        t.post_ipi(sd, scope)
+        t.post_ipi(sd, scope, acks)
 
 
 class IpiPolicy(Policy):
@@ -155,11 +124,11 @@ class KvmPvPolicy(Policy):
     name = "kvm-pv"
 
     def remote(self, vp, sd, scope, targets):
-        sd.n_targets = len(targets)
+        self.recorder.targets_named(sd, len(targets))
         others = []
         for t in targets:
             if t.state == DESCHEDULED:  # KVM_VCPU_PREEMPTED: flag KVM_VCPU_FLUSH_TLB, no IPI
-                t.defer(scope, sd, True)
+                t.defer_flush(scope, sd, True)
             else:
                 others.append(t)
         if others:

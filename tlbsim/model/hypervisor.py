@@ -14,9 +14,12 @@ are not waited for. The call costs the caller:
       | flush_all_broadcast + flush_all_per_running_target x k_running  (ALL_PROCESSORS)
       + vmexit_roundtrip x (continuations)   (rep calls longer than the ~50 us limit)
 
-If a target *requires* the flush and its TLB is locked, the caller pays the
-entry and decode, is suspended (gives up its LP) until the lock lifts, then
-reissues the whole call. Applying flushes to targets costs no events.
+If a target *requires* the flush and its TLB is locked (locks.TlbLocks
+answers), the caller pays the entry and decode, is suspended (gives up its
+LP) until the lock lifts, then reissues the whole call. Applying flushes to
+targets costs no events. What differs between hypervisors comes from the
+partition's profile (profiles.py); what the shootdown's row says goes
+through the recorder (records.py).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import TYPE_CHECKING
 from tlbsim import hv
 from tlbsim.hv import FlushCall, HvStatus
 from tlbsim.model.tlb import FlushScope
-from tlbsim.model.vp import HYPERCALL, I_MEMORY, SUSPENDED
+from tlbsim.model.vp import HYPERCALL, SUSPENDED
 
 if TYPE_CHECKING:
     from tlbsim.model.partition import Partition
@@ -57,18 +60,17 @@ class Hypervisor:
         self.part = part
         self.env = part.env
         self.costs = part.config.costs
-        self.semantics = part.config.partition.semantics
+        self.profile = part.profile
+        self.locks = part.locks
+        self.recorder = part.recorder
         self.whole_context = part.config.tlb.hypervisor_flush == "vpid"
         self.n_vps = part.config.partition.vps
-        # what can lock a target's TLB: a VTL1 (VSM TlbLocked) or a MemoryAccess exit being emulated
-        self.vsm_locks = part.config.locks.vsm_rate_per_ms > 0
-        self.inhibit_locks = part.config.locks.memory_access_inhibit
 
     def plan(self, vp, call: FlushCall, scope: FlushScope) -> CallPlan:
         """The plan of ``call`` issued by ``vp``, flushing ``scope`` on its
-        targets: validated (``hv.validate`` under the partition's semantics)
-        once, when the policy first needs it."""
-        validation = hv.validate(call, self.semantics, self.n_vps)
+        targets: validated (under the partition's profile) once, when the
+        policy first needs it."""
+        validation = self.profile.validate(call, self.n_vps)
         vps = self.part.vps
         targets = [vps[i] for i in validation.targets if i != vp.index] if validation.ok else []
         return CallPlan(call, scope, validation, targets)
@@ -94,29 +96,33 @@ class Hypervisor:
                 cost += c.vmexit_roundtrip_us * (math.ceil(cost / c.continuation_limit_us) - 1)
         return cost
 
+    def blocking_lock(self, targets, scope: FlushScope, now: float) -> float | None:
+        """When the lock of the first target that is locked *and* requires
+        the flush lifts, or None: the call can proceed now."""
+        locks = self.locks
+        if not (self.profile.suspends_on_tlb_lock and locks.any_active()):
+            return None
+        for t in targets:
+            lock = locks.lock_on(t.index, now)
+            if lock is not None and t.requires(scope):
+                return lock[0]
+        return None
+
     def flush(self, vp, plan: CallPlan, sd):
         """Run one flush hypercall for ``vp`` (a generator); returns its HvStatus."""
         env = self.env
         c = self.costs
-        sd.call_code = plan.call_code
-        sd.flags = plan.flags
+        recorder = self.recorder
         if not plan.ok:
+            recorder.call_issued(sd, plan.call_code, plan.flags, 0)
             yield from self._in_hypercall(vp, sd, self.call_cost_us(plan.call, plan.validation, 0))
             return plan.validation.status
         targets = plan.targets
         scope = plan.scope
-        sd.n_targets = len(targets)
+        recorder.call_issued(sd, plan.call_code, plan.flags, len(targets))
         while True:
             now = env.now
-            lock_end = None
-            if self.vsm_locks or (self.inhibit_locks and self.part.memory_exits):  # else no TLB can be locked now
-                for t in targets:
-                    if t.vsm is None and t.exit_index != I_MEMORY:
-                        continue  # cannot be locked now: no VTL1, not emulating a MemoryAccess
-                    end = t.locked_until(now)
-                    if end is not None and t.requires(scope):
-                        lock_end = end
-                        break
+            lock_end = self.blocking_lock(targets, scope, now)
             if lock_end is None:
                 break
             yield from self._in_hypercall(vp, sd, c.vmexit_roundtrip_us + c.hypercall_decode_us)
@@ -125,21 +131,21 @@ class Hypervisor:
         whole_context = self.whole_context
         for t in targets:
             if t.on_lp:
-                t.hv_flush(scope, sd, whole_context, now)
+                t.flush_by_hypervisor(scope, sd, whole_context, now)
                 running += 1
             else:
-                t.defer(scope, sd, whole_context)
-        sd.running_targets = running
+                t.defer_flush(scope, sd, whole_context)
+        recorder.running_flushed(sd, running)
         cost = plan.cost_us[running]
         if cost is None:
             cost = plan.cost_us[running] = self.call_cost_us(plan.call, plan.validation, running)
-        sd.hypercall_us += cost
+        recorder.in_hypervisor(sd, cost)
         vp.set_state(HYPERCALL, now)
         yield env.timeout(cost)
         return HvStatus.SUCCESS
 
     def _in_hypercall(self, vp, sd, cost_us: float):
-        sd.hypercall_us += cost_us
+        self.recorder.in_hypervisor(sd, cost_us)
         vp.set_state(HYPERCALL)
         yield self.env.timeout(cost_us)
 
@@ -148,13 +154,11 @@ class Hypervisor:
         let the caller reissue the call."""
         env = self.env
         start = env.now
-        sd.suspensions += 1
+        self.recorder.suspended(sd)
         vp.give_up_lp(SUSPENDED)
         if math.isinf(lock_end_us):
-            sd.stuck_on = "lock that never lifts"
+            self.recorder.stuck(sd, "lock that never lifts")
             yield env.event()  # never fires: the run ends with this shootdown reported incomplete
         yield env.timeout(max(0.0, lock_end_us - start))
-        sd.suspended_us += env.now - start
-        sd.reissues += 1
+        self.recorder.resumed(sd, env.now - start)
         yield from vp.wait_for_lp()
-

@@ -1,14 +1,21 @@
-"""A virtual processor: its run loop, interrupts, and time accounting.
+"""A virtual processor: its run loop and interrupts.
 
 The run loop is WHvRunVirtualProcessor's: the VP runs guest code until an
 exit (drawn from per-reason rates over guest execution time), the stack
 handles the exit, and the VP runs again. Between events nothing is
 simulated: TLB filling and the repayment of refill debt are arithmetic on
-the length of each guest interval (see ``_account``).
+the length of each guest interval (accounting.TimeAccount, the VP's base
+class, owns where the time went; tlb.Tlb owns what a flush removes).
+
+Flushes reach a VP in one of four ways, one verb each:
+``flush_by_hypervisor`` (it is on an LP: interrupted, no event),
+``defer_flush`` (it is not: applied by ``apply_deferred_flushes`` when it is
+next dispatched), ``flush_locally`` (the guest's own INVLPG / CR3 reload,
+also its IPI handler's).
 
 Events a VP costs: one timeout per guest interval and per exit; one
-interrupt when it is kicked (IPI, preemption). A flush applied to it by the
-hypervisor costs no event at all: it is arithmetic plus debt.
+interrupt when it is kicked (IPI, preemption). A hypervisor flush costs no
+event at all: it is arithmetic plus debt.
 """
 
 from __future__ import annotations
@@ -20,69 +27,35 @@ from typing import TYPE_CHECKING
 
 from simpy import Interrupt
 
+from tlbsim.model.accounting import I_CANCELED, I_HALT, I_MEMORY, TimeAccount, VpState
 from tlbsim.model.tlb import FlushScope, Tlb
-from tlbsim.whp import ExitReason
 
 if TYPE_CHECKING:
     from tlbsim.model.partition import Partition
 
-# VP states (exactly one at a time). VF: the guest's VF back-channel work
-# (IOCTL completion, OID handler, block reads; see model/vf.py).
-GUEST, EXIT, HYPERCALL, FLUSH, SPINNING, SUSPENDED, HALTED, DESCHEDULED, VF = range(9)
-STATE_NAMES = ("guest", "exit", "hypercall", "flush", "spinning", "suspended", "halted", "descheduled", "vf")
-# Time columns: guest-state time splits into useful work, hypervisor flush
-# interruptions and TLB refills.
-HV_FLUSH, REFILL = 9, 10
-TIME_COLUMNS = (*STATE_NAMES, "hv_flush", "refill")
-
-EXIT_REASONS = (
-    ExitReason.MEMORY_ACCESS,
-    ExitReason.X64_IO_PORT_ACCESS,
-    ExitReason.X64_HALT,
-    ExitReason.X64_MSR_ACCESS,
-    ExitReason.X64_CPUID,
-    ExitReason.X64_INTERRUPT_WINDOW,
-    ExitReason.X64_APIC_EOI,
-    ExitReason.CANCELED,
-    ExitReason.HYPERCALL,
-)
-_EXIT_INDEX = {r: i for i, r in enumerate(EXIT_REASONS)}
-I_MEMORY, I_HALT, I_MSR, I_CANCELED, I_HYPERCALL = (
-    _EXIT_INDEX[ExitReason.MEMORY_ACCESS],
-    _EXIT_INDEX[ExitReason.X64_HALT],
-    _EXIT_INDEX[ExitReason.X64_MSR_ACCESS],
-    _EXIT_INDEX[ExitReason.CANCELED],
-    _EXIT_INDEX[ExitReason.HYPERCALL],
-)
+GUEST, EXIT, HYPERCALL, FLUSH, SPINNING, SUSPENDED, HALTED, DESCHEDULED, VF = VpState
 
 
-class VP:
+class VP(TimeAccount):
     __slots__ = (
         "_exit_cost",
         "_exit_cum",
         "_refill_us",
         "_target_interrupt_us",
-        "acc",
         "address_space",
         "applied_ids",
         "arrivals",
-        "check",
         "collateral_entries",
         "costs",
         "deferred",
         "deferred_applied",
         "dispatch_event",
-        "env",
         "exit_budget_us",
-        "exit_count",
-        "exit_end_us",
         "exit_gap_mean_us",
         "exit_index",
-        "exit_time",
         "flushes_applied",
         "halt_idle_mean_us",
         "host",
-        "hv_debt_us",
         "index",
         "inhibit",
         "interruptible",
@@ -90,63 +63,51 @@ class VP:
         "kicked",
         "next_arrival_us",
         "on_lp",
-        "part",
+        "policy",
         "preempt_pending",
         "proc",
-        "refill_debt_us",
+        "recorder",
         "refill_entries",
         "requests",
-        "since",
         "slice_end_us",
-        "state",
         "streams",
-        "tlb",
-        "vsm",
         "work",
     )
 
-    def __init__(self, part: Partition, index: int, address_space: int, streams, arrivals, vsm_lock):
+    def __init__(self, part: Partition, index: int, address_space: int, streams, arrivals):
         cfg = part.config
-        self.part = part
-        self.env = part.env
+        t = cfg.tlb
+        super().__init__(part.env, Tlb(address_space, t.capacity, t.working_set_pages, t.global_pages,
+                                       t.fill_rate_per_us, t.start_warm))
         self.host = part.host
+        self.policy = part.policy
+        self.recorder = part.recorder
+        self.inhibit = part.intercept_inhibit  # TlbFlushInhibit source, None when that lock is off
         self.index = index
         self.address_space = address_space
         self.streams = streams
         self.arrivals = arrivals
-        self.vsm = vsm_lock
         self.costs = cfg.costs
         self._refill_us = cfg.costs.refill_us
         self._target_interrupt_us = cfg.costs.target_interrupt_us
-        self.check = cfg.run.check_invariants
-        t = cfg.tlb
-        self.tlb = Tlb(address_space, t.capacity, t.working_set_pages, t.global_pages, t.fill_rate_per_us, t.start_warm)
-        self.inhibit = cfg.locks.memory_access_inhibit
 
         # Exit mix: cumulative probabilities over EXIT_REASONS by rate.
         specs = part.exit_specs
         total_rate = sum(s.rate_per_ms for s in specs)
         self.exit_gap_mean_us = 1000.0 / total_rate if total_rate > 0 else math.inf
-        acc, cum = 0.0, []
+        running, cum = 0.0, []
         for s in specs:
-            acc += s.rate_per_ms
-            cum.append(acc / total_rate if total_rate else 0.0)
+            running += s.rate_per_ms
+            cum.append(running / total_rate if total_rate else 0.0)
         self._exit_cum = cum
         self._exit_cost = [s.cost_us for s in specs]
         self.halt_idle_mean_us = cfg.exits.halt_idle_mean_us
 
-        # State and accounting.
-        self.state = DESCHEDULED
-        self.since = 0.0
-        self.acc = [0.0] * len(TIME_COLUMNS)
-        self.hv_debt_us = 0.0
-        self.refill_debt_us = 0.0
+        # Flush bookkeeping (per-VP columns of the vps table).
         self.refill_entries = 0.0
         self.collateral_entries = 0.0
         self.flushes_applied = 0
         self.deferred_applied = 0
-        self.exit_count = [0] * len(EXIT_REASONS)
-        self.exit_time = [0.0] * len(EXIT_REASONS)
 
         # Scheduling.
         self.on_lp = False
@@ -155,137 +116,66 @@ class VP:
         self.dispatch_event = None
 
         # Work and interrupts.
-        self.irqs: list = []  # (shootdown, scope) IPIs waiting to be taken
+        self.irqs: list = []  # (shootdown, scope, ack wait) IPIs waiting to be taken
         self.deferred: list = []  # (shootdown, scope, whole_context) flushes applied at next entry
         self.requests: deque = deque()
         self.work: deque = deque()  # (cost_us, event): guest work items of the VF chain
         self.interruptible = False
         self.kicked = False
         self.exit_index = -1
-        self.exit_end_us = 0.0
-        self.applied_ids: set[int] | None = set() if self.check else None
+        self.applied_ids: set[int] | None = set() if cfg.run.check_invariants else None
 
         self.exit_budget_us = streams["exits"].exp(self.exit_gap_mean_us)
         self.next_arrival_us = arrivals.next_time(0.0)
         self.proc = self.env.process(self._run())
 
-    # ------------------------------------------------------------ accounting
-    def set_state(self, new: int, now: float | None = None) -> None:
-        """Enter state ``new`` at ``now`` (default: the current time), accounting the old one."""
-        if now is None:
-            now = self.env.now
-        dt = now - self.since
-        if dt > 0:
-            if self.state == GUEST:
-                self._account_guest(dt)
-            else:
-                self.acc[self.state] += dt
-        self.state = new
-        self.since = now
-
-    def settle(self) -> None:
-        """Bring accounting and the TLB up to now without changing state."""
-        self.set_state(self.state)
-
-    def _account_guest(self, dt: float) -> None:
-        tlb = self.tlb
-        if tlb.ng < tlb.ng_cap or tlb.g < tlb.g_cap:
-            tlb.advance(dt)
-        acc = self.acc
-        if not (self.hv_debt_us or self.refill_debt_us):
-            acc[GUEST] += dt
-            return
-        left = dt
-        if self.hv_debt_us:
-            take = self.hv_debt_us if self.hv_debt_us < left else left
-            self.hv_debt_us -= take
-            acc[HV_FLUSH] += take
-            left -= take
-        if self.refill_debt_us and left:
-            take = self.refill_debt_us if self.refill_debt_us < left else left
-            self.refill_debt_us -= take
-            acc[REFILL] += take
-            left -= take
-        acc[GUEST] += left
-
-    def record_exit(self, index: int, count: int, time_us: float) -> None:
-        self.exit_count[index] += count
-        self.exit_time[index] += time_us
-
-    # ------------------------------------------------------------ TLB locks
-    def locked_until(self, now: float) -> float | None:
-        """When this VP's TLB lock lifts, or None if it is not locked."""
-        end = None
-        if self.inhibit and self.exit_index == I_MEMORY and self.state == EXIT:
-            end = self.exit_end_us
-        if self.vsm is not None:
-            vsm_end = self.vsm.locked_until(now)
-            if vsm_end is not None and (end is None or vsm_end > end):
-                end = vsm_end
-        return end
-
+    # ------------------------------------------------------------ flushes
     def requires(self, scope: FlushScope) -> bool:
+        """Does this VP's TLB hold anything ``scope`` must remove (TLFS: "requires a flush")?"""
         if self.state == GUEST:
             self.settle()
         return self.tlb.required(scope) > 0
 
-    # ------------------------------------------------------------ flushes
-    def _remove(self, scope: FlushScope, sd, whole_context: bool) -> None:
-        required, removed = self.tlb.flush(scope, whole_context)
+    def _book(self, shootdown, required: float, removed: float) -> None:
+        """Refills owed for ``removed`` entries; the flush reported to the recorder."""
         self.refill_debt_us += removed * self._refill_us
         self.refill_entries += required
         self.collateral_entries += removed - required
         self.flushes_applied += 1
-        if sd is not None:
-            if sd.row < 0:
-                sd.refill_entries += required
-                sd.collateral_entries += removed - required
-            else:  # a deferred flush, applied after its shootdown returned and was recorded
-                self.part.recorder.add_refills(sd.row, required, removed - required)
+        if shootdown is not None:
+            self.recorder.flushed(shootdown, required, removed)
             if self.applied_ids is not None:
-                self.applied_ids.add(sd.id)
+                self.applied_ids.add(shootdown.id)
 
-    def hv_flush(self, scope: FlushScope, sd, whole_context: bool, now: float) -> None:
+    def flush_by_hypervisor(self, scope: FlushScope, shootdown, whole_context: bool, now: float) -> None:
         """The hypervisor flushes this VP on its LP at ``now``: an interruption
         of ``target_interrupt_us`` plus the refills, both repaid from guest
-        time. (The hot path of every hypercall shootdown: _remove, inlined for
-        the Space calls' whole-address-space, non-global scope.)"""
+        time. The hot path of every hypercall shootdown (once per running
+        target): a Space call's scope takes the TLB's fast path."""
         if self.state == GUEST and now > self.since:
-            self._account_guest(now - self.since)
+            self.account_guest(now - self.since)
             self.since = now
         self.hv_debt_us += self._target_interrupt_us
-        if scope.pages is not None or not scope.non_global_only:
-            self._remove(scope, sd, whole_context)
-            return
-        # _remove and Tlb.flush for a Space call's scope, inlined: 0.87 instead of 1.04 us per target
-        # (bench.target_flush_us). The shootdown is in its hypercall, not yet recorded: its sums are open.
-        tlb = self.tlb
-        removed = tlb.ng
-        required = removed if scope.address_space is None or scope.address_space == tlb.address_space else 0.0
-        if not whole_context:
-            removed = required
-        tlb.ng -= removed
-        self.refill_debt_us += removed * self._refill_us
-        self.refill_entries += required
-        self.collateral_entries += removed - required
-        self.flushes_applied += 1
-        sd.refill_entries += required
-        sd.collateral_entries += removed - required
-        if self.applied_ids is not None:
-            self.applied_ids.add(sd.id)
+        if scope.pages is None and scope.non_global_only:
+            required, removed = self.tlb.flush_space_nonglobal(scope.address_space, whole_context)
+        else:
+            required, removed = self.tlb.flush(scope, whole_context)
+        self._book(shootdown, required, removed)
 
-    def defer(self, scope: FlushScope, sd, whole_context: bool) -> None:
+    def defer_flush(self, scope: FlushScope, shootdown, whole_context: bool) -> None:
         """This VP is not on an LP: flush it before it next runs guest code."""
-        self.deferred.append((sd, scope, whole_context))
-        sd.deferred_targets += 1
+        self.deferred.append((shootdown, scope, whole_context))
+        self.recorder.deferred(shootdown)
 
-    def local_flush(self, scope: FlushScope, sd) -> None:
+    def flush_locally(self, scope: FlushScope, shootdown) -> None:
         """The guest's own flush (INVLPG / CR3 reload): exact."""
-        self._remove(scope, sd, False)
+        required, removed = self.tlb.flush(scope, False)
+        self._book(shootdown, required, removed)
 
-    def _apply_deferred(self) -> None:
-        for sd, scope, whole_context in self.deferred:
-            self._remove(scope, sd, whole_context)
+    def apply_deferred_flushes(self) -> None:
+        for shootdown, scope, whole_context in self.deferred:
+            required, removed = self.tlb.flush(scope, whole_context)
+            self._book(shootdown, required, removed)
             self.hv_debt_us += self.costs.deferred_flush_us
             self.deferred_applied += 1
         self.deferred.clear()
@@ -300,8 +190,8 @@ class VP:
                 self.kicked = True
             self.proc.interrupt()
 
-    def post_ipi(self, sd, scope: FlushScope) -> None:
-        self.irqs.append((sd, scope))
+    def post_ipi(self, shootdown, scope: FlushScope, acks) -> None:
+        self.irqs.append((shootdown, scope, acks))
         self.kick(cancel=True)
 
     def post_work(self, cost_us: float, from_host: bool):
@@ -321,12 +211,12 @@ class VP:
             self.kick(cancel=from_host)
         return ev
 
-    def _spend(self, state: int, cost_us: float):
+    def _spend(self, state: VpState, cost_us: float):
         """Spend ``cost_us`` in ``state``: one timeout. If the host kicked the
         VP out of guest code for this, its Canceled exit comes first and
         shares the timeout: nothing is decided between the exit and the work
         that follows, so the time is split between the two states by
-        arithmetic (``_switch_at``), not by an event."""
+        arithmetic (``switch_at``), not by an event."""
         env = self.env
         if not self.kicked:
             self.set_state(state)
@@ -340,7 +230,7 @@ class VP:
         start = env.now
         yield env.timeout(exit_us + cost_us)
         self.exit_index = -1
-        self._switch_at(state, start + exit_us)
+        self.switch_at(state, start + exit_us)
 
     def run_work(self):
         """Run the first queued VF work item."""
@@ -353,22 +243,10 @@ class VP:
         kick the VP out of guest code), run the flush handler for each, then
         ack. IPIs that arrive during the round wait for the next one."""
         irqs, self.irqs = self.irqs, []
-        yield from self._spend(FLUSH, sum(self.costs.local_flush_cost_us(scope.pages) for _, scope in irqs))
-        for sd, scope in irqs:
-            self.local_flush(scope, sd)
-            sd.ack()
-
-    def _switch_at(self, new: int, when: float) -> None:
-        """Change state as of ``when`` (a moment already past, in a non-guest
-        state): the time since ``when`` belongs to ``new``."""
-        acc = self.acc
-        if when >= self.since:
-            acc[self.state] += when - self.since
-            self.since = when
-        else:  # accounted past ``when`` under the old state (someone settled this VP): move the excess
-            acc[self.state] -= self.since - when
-            acc[new] += self.since - when
-        self.state = new
+        yield from self._spend(FLUSH, sum(self.costs.local_flush_cost_us(scope.pages) for _, scope, _ in irqs))
+        for shootdown, scope, acks in irqs:
+            self.flush_locally(scope, shootdown)
+            acks.ack()
 
     # ------------------------------------------------------------ LP
     def wait_for_lp(self):
@@ -378,15 +256,15 @@ class VP:
         if ev is not None:
             yield ev
         if self.deferred:
-            self._apply_deferred()
+            self.apply_deferred_flushes()
 
-    def give_up_lp(self, state: int) -> None:
+    def give_up_lp(self, state: VpState) -> None:
         self.set_state(state)
         self.host.release(self)
 
-    def spin_until_acked(self, sd):
-        """Busy-wait (interrupts on) until every target acked ``sd``."""
-        while sd.pending_acks:
+    def spin_until_acked(self, acks):
+        """Busy-wait (interrupts on) until every target acked (``acks``: guest.AckWait)."""
+        while acks.pending:
             if not self.on_lp:
                 yield from self.wait_for_lp()
             elif self.preempt_pending:
@@ -397,7 +275,7 @@ class VP:
                 self.set_state(SPINNING)
                 self.interruptible = True
                 try:
-                    yield sd.acked
+                    yield acks.event
                 except Interrupt:
                     pass
                 self.interruptible = False
@@ -405,15 +283,16 @@ class VP:
     # ------------------------------------------------------------ the loop
     def _run(self):
         env = self.env
-        policy = self.part.policy
+        policy = self.policy
         exits = self.streams["exits"]
         cum = self._exit_cum
         last = len(cum) - 1
         exit_cost = self._exit_cost
         exit_count = self.exit_count
         exit_time = self.exit_time
-        part = self.part
+        inhibit = self.inhibit
         timeout = env.timeout
+        check = self.applied_ids is not None
         while True:
             if not self.on_lp:
                 yield from self.wait_for_lp()
@@ -435,7 +314,7 @@ class VP:
                 self.requests.extend(self.arrivals.requests(self, now))
                 self.next_arrival_us = self.arrivals.next_time(now)
                 continue
-            if self.check:
+            if check:
                 assert not self.deferred, f"VP {self.index} runs guest code with a deferred flush pending"
             run_for = self.next_arrival_us - now
             if self.exit_budget_us < run_for:
@@ -451,8 +330,9 @@ class VP:
             self.exit_budget_us -= end - now
             if self.exit_budget_us > 1e-9:
                 continue
-            # The exit (inline: the hot path of every run). Its reason is drawn
-            # from the exit mix; the next exit's distance in guest time too.
+            # The exit (inline: the hot path of every run; record_exit's work
+            # done in place). Its reason is drawn from the exit mix; the next
+            # exit's distance in guest time too.
             self.exit_budget_us = exits.exp(self.exit_gap_mean_us)
             index = bisect_right(cum, exits.uniform())
             if index > last:
@@ -461,12 +341,11 @@ class VP:
             exit_count[index] += 1
             exit_time[index] += cost
             self.exit_index = index
-            self.exit_end_us = end + cost
             self.set_state(EXIT, end)
-            if index == I_MEMORY:
-                part.memory_exits += 1
+            if index == I_MEMORY and inhibit is not None:  # TlbFlushInhibit while the stack emulates
+                inhibit.begin(self.index, end + cost)
                 yield timeout(cost)
-                part.memory_exits -= 1
+                inhibit.end(self.index)
             else:
                 yield timeout(cost)
             self.exit_index = -1
