@@ -168,9 +168,16 @@ class ShootdownRecorder:
             self.floats["refill_entries"][shootdown.row] += required
             self.floats["collateral_entries"][shootdown.row] += removed - required
 
-    def running_flushed(self, shootdown: _Shootdown, running: int) -> None:
-        """The hypervisor flushed ``running`` targets on their LPs (each also reported to ``flushed``)."""
-        shootdown.running_targets = running
+    def running_flushed(self, shootdown: _Shootdown, flushed: list[tuple[float, float]]) -> None:
+        """The hypervisor flushed the running targets on their LPs:
+        ``flushed`` holds (required, removed) per target, in target order
+        (the same as one ``flushed`` call each, in one call)."""
+        shootdown.running_targets = len(flushed)
+        refill, collateral = shootdown.refill_entries, shootdown.collateral_entries
+        for required, removed in flushed:
+            refill += required
+            collateral += removed - required
+        shootdown.refill_entries, shootdown.collateral_entries = refill, collateral
 
     def deferred(self, shootdown: _Shootdown) -> None:
         """A target was not on an LP: its flush waits for its next entry."""

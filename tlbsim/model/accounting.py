@@ -60,7 +60,10 @@ I_MEMORY, I_HALT, I_MSR, I_CANCELED, I_HYPERCALL = (
     _EXIT_INDEX[ExitReason.HYPERCALL],
 )
 
-GUEST = VpState.GUEST
+#: The hot path stores and compares plain ints (VpState's values): CPython's
+#: specialised list-index and compare instructions take exact ints only, and an
+#: IntEnum member there cost ~10 % of a run. ``VpState(vp.state)`` names one.
+GUEST, EXIT, HYPERCALL, FLUSH, SPINNING, SUSPENDED, HALTED, DESCHEDULED, VF = (int(s) for s in VpState)
 
 
 class TimeAccount:
@@ -72,10 +75,10 @@ class TimeAccount:
     __slots__ = ("env", "state", "since", "state_us", "hv_flush_us", "refill_us", "hv_debt_us", "refill_debt_us",
                  "tlb", "exit_count", "exit_time")
 
-    def __init__(self, env, tlb, start: VpState = VpState.DESCHEDULED):
+    def __init__(self, env, tlb, start: int = DESCHEDULED):
         self.env = env
         self.tlb = tlb  # filled by guest time
-        self.state = start
+        self.state = int(start)
         self.since = 0.0
         self.state_us = [0.0] * N_STATES
         self.hv_flush_us = 0.0

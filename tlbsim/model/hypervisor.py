@@ -120,22 +120,25 @@ class Hypervisor:
         targets = plan.targets
         scope = plan.scope
         recorder.call_issued(sd, plan.call_code, plan.flags, len(targets))
+        locks = self.locks if self.profile.suspends_on_tlb_lock else None
         while True:
             now = env.now
+            if locks is None or not locks.any_active():
+                break
             lock_end = self.blocking_lock(targets, scope, now)
             if lock_end is None:
                 break
             yield from self._in_hypercall(vp, sd, c.vmexit_roundtrip_us + c.hypercall_decode_us)
             yield from self._suspend(vp, sd, lock_end)
-        running = 0
+        flushed = []  # (required, removed) of each running target
         whole_context = self.whole_context
         for t in targets:
             if t.on_lp:
-                t.flush_by_hypervisor(scope, sd, whole_context, now)
-                running += 1
+                flushed.append(t.flush_by_hypervisor(scope, sd, whole_context, now))
             else:
                 t.defer_flush(scope, sd, whole_context)
-        recorder.running_flushed(sd, running)
+        recorder.running_flushed(sd, flushed)
+        running = len(flushed)
         cost = plan.cost_us[running]
         if cost is None:
             cost = plan.cost_us[running] = self.call_cost_us(plan.call, plan.validation, running)

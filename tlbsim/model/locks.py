@@ -99,8 +99,12 @@ class TlbLocks:
         self.sources.append(source)
 
     def any_active(self) -> bool:
-        """Cheap gate: can any TLB of the partition be locked right now?"""
-        return any(source.active() for source in self.sources)
+        """Cheap gate: can any TLB of the partition be locked right now?
+        (Asked on every flush hypercall: a loop, not ``any()`` over a generator.)"""
+        for source in self.sources:  # noqa: SIM110
+            if source.active():
+                return True
+        return False
 
     def lock_on(self, vp_index: int, now: float) -> tuple[float, str] | None:
         """(when the last lock on this VP's TLB lifts, the source holding it

@@ -27,13 +27,29 @@ from typing import TYPE_CHECKING
 
 from simpy import Interrupt
 
-from tlbsim.model.accounting import I_CANCELED, I_HALT, I_MEMORY, TimeAccount, VpState
+from tlbsim.model.accounting import (
+    DESCHEDULED,
+    EXIT,
+    FLUSH,
+    GUEST,
+    HALTED,
+    HYPERCALL,
+    I_CANCELED,
+    I_HALT,
+    I_MEMORY,
+    SPINNING,
+    SUSPENDED,
+    VF,
+    TimeAccount,
+    VpState,
+)
 from tlbsim.model.tlb import FlushScope, Tlb
 
 if TYPE_CHECKING:
     from tlbsim.model.partition import Partition
 
-GUEST, EXIT, HYPERCALL, FLUSH, SPINNING, SUSPENDED, HALTED, DESCHEDULED, VF = VpState
+__all__ = ["VP", "VpState", "GUEST", "EXIT", "HYPERCALL", "FLUSH", "SPINNING", "SUSPENDED", "HALTED",
+           "DESCHEDULED", "VF"]
 
 
 class VP(TimeAccount):
@@ -147,20 +163,33 @@ class VP(TimeAccount):
             if self.applied_ids is not None:
                 self.applied_ids.add(shootdown.id)
 
-    def flush_by_hypervisor(self, scope: FlushScope, shootdown, whole_context: bool, now: float) -> None:
+    def flush_by_hypervisor(self, scope: FlushScope, shootdown, whole_context: bool, now: float):
         """The hypervisor flushes this VP on its LP at ``now``: an interruption
         of ``target_interrupt_us`` plus the refills, both repaid from guest
-        time. The hot path of every hypercall shootdown (once per running
-        target): a Space call's scope takes the TLB's fast path."""
+        time. Returns (required, removed) for the hypervisor to report to the
+        recorder (``ShootdownRecorder.running_flushed``, one call for all
+        running targets).
+
+        The hot path of every hypercall shootdown (once per running target):
+        a Space call's scope takes the TLB's fast path, and ``_book``'s VP
+        half is done in place (with ``recorder.flushed`` per target, this
+        path measured 0.61 instead of 0.51 us per target)."""
         if self.state == GUEST and now > self.since:
             self.account_guest(now - self.since)
             self.since = now
         self.hv_debt_us += self._target_interrupt_us
         if scope.pages is None and scope.non_global_only:
-            required, removed = self.tlb.flush_space_nonglobal(scope.address_space, whole_context)
+            flushed = self.tlb.flush_space_nonglobal(scope.address_space, whole_context)
         else:
-            required, removed = self.tlb.flush(scope, whole_context)
-        self._book(shootdown, required, removed)
+            flushed = self.tlb.flush(scope, whole_context)
+        required, removed = flushed
+        self.refill_debt_us += removed * self._refill_us
+        self.refill_entries += required
+        self.collateral_entries += removed - required
+        self.flushes_applied += 1
+        if self.applied_ids is not None:
+            self.applied_ids.add(shootdown.id)
+        return flushed
 
     def defer_flush(self, scope: FlushScope, shootdown, whole_context: bool) -> None:
         """This VP is not on an LP: flush it before it next runs guest code."""
