@@ -25,6 +25,16 @@ from tlbsim import hv
 
 POLICIES = ("ipi", "mask", "all", "linux", "kvm-pv")
 SHARING = ("all", "groups", "private")
+SEMANTICS = ("tlfs", "kvm", "openhcl")
+#: keys that existed once and were removed, with what to do instead
+REMOVED_KEYS = {
+    "costs.flush_all_broadcast_us": "ALL_PROCESSORS now costs what the mask path costs per running target "
+    "(flush_per_running_target_us), with no mask walk; no source gives it an extra fixed cost (docs/model.md)",
+    "costs.flush_all_per_running_target_us": "ALL_PROCESSORS targets now cost flush_per_running_target_us like "
+    "mask targets: each target LP is interrupted and acknowledges either way (docs/model.md)",
+}
+#: Upper bounds on counts and sizes, so no input can make a run take forever or exhaust memory.
+MAX_COUNT = 1 << 20
 
 
 class ConfigError(ValueError):
@@ -62,8 +72,10 @@ def read_toml(path: str | Path, what: str, key: str = "") -> dict[str, Any]:
 @dataclass(frozen=True)
 class PartitionConfig:
     vps: int = 16  # virtual processors; > 64 means the Ex calls
-    lps: int = 16  # host logical processors given to this partition; lps < vps is overcommit
-    semantics: str = "tlfs"  # "tlfs" (Hyper-V) or "kvm" (KVM's Hyper-V emulation)
+    lps: int = 16  # host logical processors, shared with any co-tenants ([host]); fewer than VPs is overcommit
+    # hypervisor profile (model/profiles.py): "tlfs" (Hyper-V), "kvm" (KVM emulating the Hyper-V
+    # calls), "openhcl" (Hyper-V with the OpenHCL paravisor's TLB-lock waits)
+    semantics: str = "tlfs"
     slice_us: float = 10_000.0  # src: calibration "host scheduler slice", Hyper-V 10 ms
     duration_us: float = 100_000.0  # simulated time per run
 
@@ -72,7 +84,9 @@ class PartitionConfig:
         _positive(self.lps, f"{key}.lps")
         if self.vps > hv.MAX_VP_INDEX + 1:
             raise ConfigError(f"{key}.vps", f"at most {hv.MAX_VP_INDEX + 1} VPs (64 banks x 64)")
-        _one_of(self.semantics, ("tlfs", "kvm"), f"{key}.semantics")
+        if self.lps > MAX_COUNT:
+            raise ConfigError(f"{key}.lps", f"at most {MAX_COUNT:,} LPs")
+        _one_of(self.semantics, SEMANTICS, f"{key}.semantics")
         _positive(self.slice_us, f"{key}.slice_us")
         _positive(self.duration_us, f"{key}.duration_us")
 
@@ -83,9 +97,9 @@ class CostConfig:
 
     vmexit_roundtrip_us: float = 0.6  # src: calibration "VM exit + entry round trip"
     hypercall_decode_us: float = 0.1  # estimate: decode + validate the input block
-    flush_per_running_target_us: float = 1.0  # src: calibration "hypervisor flush of one running target"
-    flush_all_broadcast_us: float = 1.5  # estimate: ALL_PROCESSORS fixed cost (one broadcast, no mask walk)
-    flush_all_per_running_target_us: float = 0.25  # estimate: ack collection per running VP on the ALL path
+    # src: calibration "hypervisor flush of one running target"; the same for a ProcessorMask and for
+    # HV_FLUSH_ALL_PROCESSORS (each target LP is interrupted and acknowledges either way)
+    flush_per_running_target_us: float = 1.0
     mask_per_vp_us: float = 0.02  # estimate: walking one set bit of a ProcessorMask / VP set
     vp_set_per_bank_us: float = 0.05  # estimate: reading one HV_VP_SET bank word
     list_per_range_us: float = 0.05  # estimate: one GVA range entry
@@ -107,7 +121,9 @@ class CostConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, bool):
-                _non_negative(value, f"{key}.{f.name}")
+                _finite_non_negative(value, f"{key}.{f.name}")
+        if self.flush_ceiling_pages > MAX_COUNT:
+            raise ConfigError(f"{key}.flush_ceiling_pages", f"at most {MAX_COUNT:,}")
         if not 0 <= self.posted_interrupt_discount < 1:
             raise ConfigError(f"{key}.posted_interrupt_discount", "must be in [0, 1)")
 
@@ -132,12 +148,20 @@ class TlbConfig:
     start_warm: bool = True  # TLBs start full to their working set (no warm-up transient)
     hypervisor_flush: str = "vpid"  # "vpid": an address-space flush by the hypervisor drops every
     # non-global entry of the VP (INVVPID single-context); "exact": only the named address space
+    # Fraction of a VP's TLB entries still there when it is dispatched again after something else ran
+    # on the LPs meanwhile (VPID-tagged entries are not flushed on a switch but evicted by the other
+    # working set). estimate: reference/scheduling.md, "a 1,536-entry STLB is largely replaced within a
+    # few ms of another working set"; slices are 3-10 ms. 1.0: nothing is evicted (the old model).
+    retained_fraction: float = 0.2
 
     def check(self, key: str) -> None:
         _positive(self.capacity, f"{key}.capacity")
-        _non_negative(self.working_set_pages, f"{key}.working_set_pages")
-        _non_negative(self.global_pages, f"{key}.global_pages")
-        _non_negative(self.fill_rate_per_us, f"{key}.fill_rate_per_us")
+        for name in ("capacity", "working_set_pages", "global_pages"):
+            _non_negative(getattr(self, name), f"{key}.{name}")
+            if getattr(self, name) > MAX_COUNT:
+                raise ConfigError(f"{key}.{name}", f"at most {MAX_COUNT:,} entries")
+        _finite_non_negative(self.fill_rate_per_us, f"{key}.fill_rate_per_us")
+        _fraction(self.retained_fraction, f"{key}.retained_fraction")
         _one_of(self.hypervisor_flush, ("vpid", "exact"), f"{key}.hypervisor_flush")
 
 
@@ -147,8 +171,10 @@ class ExitSpec:
     cost_us: float = 1.0  # time the virtualization stack takes to handle one
 
     def check(self, key: str) -> None:
-        _non_negative(self.rate_per_ms, f"{key}.rate_per_ms")
-        _non_negative(self.cost_us, f"{key}.cost_us")
+        _finite_non_negative(self.rate_per_ms, f"{key}.rate_per_ms")
+        _finite_non_negative(self.cost_us, f"{key}.cost_us")
+        if self.rate_per_ms > MAX_RATE_PER_MS:
+            raise ConfigError(f"{key}.rate_per_ms", f"at most {MAX_RATE_PER_MS:,} per ms")
 
 
 @dataclass(frozen=True)
@@ -172,7 +198,7 @@ class ExitsConfig:
             value = getattr(self, f.name)
             if isinstance(value, ExitSpec):
                 value.check(f"{key}.{f.name}")
-        _non_negative(self.halt_idle_mean_us, f"{key}.halt_idle_mean_us")
+        _finite_non_negative(self.halt_idle_mean_us, f"{key}.halt_idle_mean_us")
 
     def specs(self) -> dict[str, ExitSpec]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.type in ("ExitSpec", ExitSpec)}
@@ -180,22 +206,41 @@ class ExitsConfig:
 
 @dataclass(frozen=True)
 class LocksConfig:
-    vsm_rate_per_ms: float = 0.0  # VSM TlbLocked episodes per ms per VP (0: VSM off)
-    vsm_hold_mean_us: float = 20.0  # mean time a higher VTL keeps TlbLocked set
+    # VTL1 entries per ms of the VP's guest time (0: VSM off). While in VTL1 the VP runs no VTL0 code,
+    # takes no VTL0 interrupts and holds VSM TlbLocked (its time is the vtl1 column).
+    vsm_rate_per_ms: float = 0.0
+    vsm_hold_mean_us: float = 20.0  # mean time in VTL1 (TlbLocked set), us. parameter (no public source)
     vsm_hold_distribution: str = "exponential"  # "exponential" or "fixed"
     vsm_vps: list[int] = field(default_factory=list)  # VPs with a VTL1 (empty: all)
     memory_access_inhibit: bool = True  # TlbFlushInhibit while a MemoryAccess exit is emulated
+    # How a caller waits for a locked TLB: "profile" (the hypervisor profile's), "reissue" (TLFS: suspend,
+    # then reissue the whole call; may starve) or "snapshot" (OpenHCL: wait only for the VPs that held the
+    # lock when the call was made; the last releasing holder wakes the waiter)
+    wait: str = "profile"
+    # A lock due to lift within this many us is waited for spinning on the LP instead of giving it up.
+    # 0: always give up the LP. parameter (no public source)
+    wait_spin_us: float = 0.0
 
     def check(self, key: str) -> None:
-        _non_negative(self.vsm_rate_per_ms, f"{key}.vsm_rate_per_ms")
-        _non_negative(self.vsm_hold_mean_us, f"{key}.vsm_hold_mean_us")
+        _finite_non_negative(self.vsm_rate_per_ms, f"{key}.vsm_rate_per_ms")
+        if self.vsm_rate_per_ms > MAX_RATE_PER_MS:
+            raise ConfigError(f"{key}.vsm_rate_per_ms", f"at most {MAX_RATE_PER_MS:,} per ms")
+        _finite_non_negative(self.vsm_hold_mean_us, f"{key}.vsm_hold_mean_us")
         _one_of(self.vsm_hold_distribution, ("exponential", "fixed"), f"{key}.vsm_hold_distribution")
+        _one_of(self.wait, ("profile", "reissue", "snapshot"), f"{key}.wait")
+        _finite_non_negative(self.wait_spin_us, f"{key}.wait_spin_us")
 
 
 @dataclass(frozen=True)
 class WorkloadConfig:
     policy: str = "mask"  # one of POLICIES
-    rate_per_ms: float = 0.5  # shootdowns initiated per VP per ms (Poisson)
+    # "open": arrivals per VP at rate_per_ms whatever the VP is doing, queued until it can serve them
+    # (every policy sees the same offered load); "closed": each VP does closed_work_us of useful guest
+    # work, then a shootdown, then again (throughput: ops_per_s in the summary)
+    mode: str = "open"
+    rate_per_ms: float = 0.5  # open: shootdowns arriving per VP per ms (Poisson)
+    closed_work_us: float = 0.0  # closed: useful guest work between a VP's shootdowns, us (0: 1000 / rate_per_ms)
+    closed_work_distribution: str = "exponential"  # closed: "exponential" or "fixed"
     burst_size: int = 1  # shootdowns per arrival (back to back)
     pages: int = 1  # pages per shootdown
     full_flush_fraction: float = 0.0  # fraction of shootdowns that flush the whole address space
@@ -207,15 +252,105 @@ class WorkloadConfig:
 
     def check(self, key: str) -> None:
         _one_of(self.policy, POLICIES, f"{key}.policy")
-        _non_negative(self.rate_per_ms, f"{key}.rate_per_ms")
+        _one_of(self.mode, ("open", "closed"), f"{key}.mode")
+        _finite_non_negative(self.rate_per_ms, f"{key}.rate_per_ms")
+        if self.rate_per_ms > MAX_RATE_PER_MS:
+            raise ConfigError(f"{key}.rate_per_ms", f"at most {MAX_RATE_PER_MS:,} per ms")
+        _finite_non_negative(self.closed_work_us, f"{key}.closed_work_us")
+        _one_of(self.closed_work_distribution, ("exponential", "fixed"), f"{key}.closed_work_distribution")
+        if self.mode == "closed" and self.closed_work_us == 0 and self.rate_per_ms == 0:
+            raise ConfigError(f"{key}.closed_work_us", "closed loop needs closed_work_us > 0 or rate_per_ms > 0")
         _positive(self.burst_size, f"{key}.burst_size")
+        if self.burst_size > 4096:
+            raise ConfigError(f"{key}.burst_size", "at most 4,096 shootdowns per arrival")
         _positive(self.pages, f"{key}.pages")
+        if self.pages > hv.GVA_RANGE_MAX_PAGES * 4096:
+            raise ConfigError(f"{key}.pages", f"at most {hv.GVA_RANGE_MAX_PAGES * 4096:,} pages")
+        if self.group_size > MAX_COUNT:
+            raise ConfigError(f"{key}.group_size", f"at most {MAX_COUNT:,}")
         if not 0 <= self.full_flush_fraction <= 1:
             raise ConfigError(f"{key}.full_flush_fraction", "must be in [0, 1]")
         _one_of(self.sharing, SHARING, f"{key}.sharing")
         _positive(self.group_size, f"{key}.group_size")
         if not 0 <= self.processor_mask <= hv.U64_MAX:
             raise ConfigError(f"{key}.processor_mask", "must be a 64-bit ProcessorMask")
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    """What the guest OS does around a shootdown (policies are in [workload])."""
+
+    # Hypercall form of mask / all: "list" (HvCallFlushVirtualAddressList for ranges up to
+    # costs.flush_ceiling_pages, the Space call above, as Windows and Linux do) or "space" (always the
+    # Space call: the model before issue 12, kept for comparison)
+    call_form: str = "list"
+    # Skip VPs in lazy-TLB mode (halted: idle) for IPIs and in the ProcessorMask; they flush when they next
+    # run. "auto": on for the Linux policies (ipi, linux, kvm-pv: arch/x86/mm/tlb.c should_flush_tlb,
+    # hyperv_flush_tlb_multi), off for mask / all (no public source for Windows); "on"; "off"
+    lazy_tlb: str = "auto"
+    # Linux's PV sched yield (5.3+): after sending IPIs, a directed yield to a preempted target
+    # (KVM_HC_SCHED_YIELD). "auto": on for ipi / kvm-pv under the kvm profile; "on"; "off"
+    pv_sched_yield: str = "auto"
+
+    def check(self, key: str) -> None:
+        _one_of(self.call_form, ("list", "space"), f"{key}.call_form")
+        _one_of(self.lazy_tlb, ("auto", "on", "off"), f"{key}.lazy_tlb")
+        _one_of(self.pv_sched_yield, ("auto", "on", "off"), f"{key}.pv_sched_yield")
+
+
+@dataclass(frozen=True)
+class SpinConfig:
+    """A VP spinning for IPI acks gives up its LP to a preempted VP of its partition (directed yield)."""
+
+    # "profile" (kvm: pause-loop exiting; tlfs / openhcl: the long spin wait notification), "ple",
+    # "notify" or "off" (spin until acked or preempted: the model before issue 12)
+    mode: str = "profile"
+    # src: arch/x86/kvm/x86.h KVM_VMX_DEFAULT_PLE_WINDOW 4096 cycles at 2.5 GHz
+    ple_window_us: float = 1.64
+    ple_window_grow: float = 2.0  # src: KVM_DEFAULT_PLE_WINDOW_GROW (the window doubles on each exit)
+    ple_window_max_us: float = 1.0e6  # src: KVM_VMX_DEFAULT_PLE_WINDOW_MAX = UINT_MAX cycles (~1.7 s; capped)
+    # src: TLFS CPUID 0x40000004 EBX, recommended spin retries before HvCallNotifyLongSpinWait (0xFFF)
+    notify_retries: int = 4095
+    spin_iteration_us: float = 0.016  # one spin-loop iteration with PAUSE, us. estimate (~40 cycles)
+    # handling one pause-loop exit or notification beyond the exit round trip (scan for a candidate), us.
+    # estimate
+    yield_cost_us: float = 1.0
+    # prefer the preempted VP the spinner sent an IPI to (KVM series 2025-26); off in mainline KVM
+    ipi_aware: bool = False
+
+    def check(self, key: str) -> None:
+        _one_of(self.mode, ("profile", "ple", "notify", "off"), f"{key}.mode")
+        _positive(self.ple_window_us, f"{key}.ple_window_us")
+        if not 1.0 <= self.ple_window_grow <= 1024:
+            raise ConfigError(f"{key}.ple_window_grow", "must be in [1, 1024]")
+        _positive(self.ple_window_max_us, f"{key}.ple_window_max_us")
+        _positive(self.notify_retries, f"{key}.notify_retries")
+        if self.notify_retries > 0xFFFFFFFF:
+            raise ConfigError(f"{key}.notify_retries", "must fit CPUID 0x40000004 EBX (32 bits)")
+        _positive(self.spin_iteration_us, f"{key}.spin_iteration_us")
+        _finite_non_negative(self.yield_cost_us, f"{key}.yield_cost_us")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """Other partitions on the same LPs (co-tenants), under the same host scheduler."""
+
+    cotenants: int = 0  # co-tenant partitions
+    cotenant_vps: int = 16  # VPs per co-tenant partition
+    # "cpu": always runnable (CPU-bound); "duty": runnable for cotenant_duty of the time, in busy and
+    # idle periods (exponential, mean busy + idle = cotenant_period_us)
+    cotenant_load: str = "cpu"
+    cotenant_duty: float = 0.5
+    cotenant_period_us: float = 10_000.0  # estimate
+
+    def check(self, key: str) -> None:
+        _non_negative(self.cotenants, f"{key}.cotenants")
+        _positive(self.cotenant_vps, f"{key}.cotenant_vps")
+        if self.cotenants * self.cotenant_vps > 65536:
+            raise ConfigError(f"{key}.cotenants", "at most 65,536 co-tenant VPs in all")
+        _one_of(self.cotenant_load, ("cpu", "duty"), f"{key}.cotenant_load")
+        _fraction(self.cotenant_duty, f"{key}.cotenant_duty")
+        _positive(self.cotenant_period_us, f"{key}.cotenant_period_us")
 
 
 @dataclass(frozen=True)
@@ -300,6 +435,9 @@ class Config:
     exits: ExitsConfig = ExitsConfig()
     locks: LocksConfig = LocksConfig()
     workload: WorkloadConfig = WorkloadConfig()
+    guest: GuestConfig = GuestConfig()
+    spin: SpinConfig = SpinConfig()
+    host: HostConfig = HostConfig()
     vf: VfConfig = VfConfig()
     run: RunConfig = RunConfig()
 
@@ -352,6 +490,19 @@ def _one_of(value: str, options: tuple[str, ...], key: str) -> None:
 def _non_negative(value, key: str) -> None:
     if not value >= 0:
         raise ConfigError(key, f"must be >= 0, got {value!r}")
+
+
+def _finite_non_negative(value, key: str) -> None:
+    if not value >= 0 or math.isinf(value):
+        raise ConfigError(key, f"must be a finite number >= 0, got {value!r}")
+
+
+def _fraction(value, key: str) -> None:
+    if not 0 <= value <= 1:
+        raise ConfigError(key, f"must be in [0, 1], got {value!r}")
+
+
+MAX_RATE_PER_MS = 1e6  # one event per ns: anything faster is a typo
 
 
 def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -430,6 +581,8 @@ def _build(cls, data: dict[str, Any], prefix: str):
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
+        if prefix + key in REMOVED_KEYS:
+            raise ConfigError(prefix + key, f"this key was removed: {REMOVED_KEYS[prefix + key]}")
         if key not in names:
             close = difflib.get_close_matches(key, sorted(names), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""

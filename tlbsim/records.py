@@ -6,7 +6,8 @@ itself; the row handle a policy carries (``_Shootdown``) is private to this
 module. Entry points, in the order a shootdown meets them:
 
   started -> [call_issued | targets_named | ipis_sent] -> flushed* / deferred*
-  -> [suspended -> resumed]* -> in_hypervisor* -> completed   (or finish(): INCOMPLETE)
+  -> [suspended -> resumed | waited]* -> in_hypervisor* -> [call_returned]
+  -> completed   (or finish(): INCOMPLETE)
 
 ``flushed`` is also how a deferred target's flush lands when the target next
 runs, which may be after ``completed``: the recorder adds it to the row then.
@@ -32,14 +33,14 @@ from tlbsim.hv import HvStatus
 SHOOTDOWN_COLUMNS = (
     "id", "initiator_vp", "policy", "origin", "address_space", "pages", "call_code", "flags", "n_targets",
     "running_targets", "deferred_targets", "ipis", "arrival_us", "issue_us", "complete_us", "latency_us",
-    "suspensions", "reissues", "suspended_us", "hypercall_us", "refill_entries", "collateral_entries",
-    "status", "stuck_on",
+    "queue_us", "suspensions", "reissues", "suspended_us", "hypercall_us", "refill_entries", "collateral_entries",
+    "status", "hypercall_status", "stuck_on",
 )
 _INT_COLUMNS = ("id", "initiator_vp", "address_space", "pages", "call_code", "flags", "n_targets",
                 "running_targets", "deferred_targets", "ipis", "suspensions", "reissues")
-_FLOAT_COLUMNS = ("arrival_us", "issue_us", "complete_us", "latency_us", "suspended_us", "hypercall_us",
-                  "refill_entries", "collateral_entries")
-_STR_COLUMNS = ("policy", "origin", "status", "stuck_on")
+_FLOAT_COLUMNS = ("arrival_us", "issue_us", "complete_us", "latency_us", "queue_us", "suspended_us",
+                  "hypercall_us", "refill_entries", "collateral_entries")
+_STR_COLUMNS = ("policy", "origin", "status", "hypercall_status", "stuck_on")
 
 _ROW_CHUNK = 1024
 #: _Shootdown attribute of each column, where the names differ
@@ -72,6 +73,7 @@ class _Shootdown:
     refill_entries = 0.0
     collateral_entries = 0.0
     status = "IN_PROGRESS"
+    hypercall_status = ""  # the flush hypercall's HV_STATUS ("" without one)
     stuck_on = ""
     row = -1  # its row once recorded
 
@@ -108,7 +110,8 @@ class _Codes:
         self.codes.extend(map(self._code, values))
 
 
-_PAGES, _FLAGS, _COMPLETE, _ISSUE = (attrgetter(a) for a in ("pages", "flags", "complete_us", "issue_us"))
+_PAGES, _FLAGS, _COMPLETE, _ISSUE, _ARRIVAL = (
+    attrgetter(a) for a in ("pages", "flags", "complete_us", "issue_us", "arrival_us"))
 
 
 class ShootdownRecorder:
@@ -130,7 +133,7 @@ class ShootdownRecorder:
         self._moves = []  # (sink, getter) of every column filled from the kept handles
         for columns, sinks in ((_INT_COLUMNS, self.ints), (_FLOAT_COLUMNS, self.floats), (_STR_COLUMNS, self.strings)):
             for c in columns:
-                if c not in ("pages", "flags", "latency_us", *_PATCHED):
+                if c not in ("pages", "flags", "latency_us", "queue_us", *_PATCHED):
                     self._moves.append((sinks[c], attrgetter(_SOURCE.get(c, c))))
 
     # ------------------------------------------------------------ entry points
@@ -196,9 +199,14 @@ class ShootdownRecorder:
         shootdown.suspended_us += suspended_us
         shootdown.reissues += 1
 
-    def stuck(self, shootdown: _Shootdown, why: str) -> None:
-        """It can never complete (reported as INCOMPLETE at the end, with ``why``)."""
-        shootdown.stuck_on = why
+    def waited(self, shootdown: _Shootdown, suspended_us: float) -> None:
+        """Its caller waited ``suspended_us`` for lock holders and goes on without reissuing (OpenHCL)."""
+        shootdown.suspended_us += suspended_us
+
+    def call_returned(self, shootdown: _Shootdown, status: HvStatus) -> None:
+        """Its flush hypercall returned ``status`` (the shootdown's own status may differ:
+        a guest that falls back to IPIs after a failure still completes)."""
+        shootdown.hypercall_status = _STATUS_NAMES.get(status) or str(status)
 
     def completed(self, shootdown: _Shootdown, status: HvStatus, now: float) -> None:
         shootdown.complete_us = now
@@ -235,6 +243,7 @@ class ShootdownRecorder:
         self.ints["pages"].extend([0 if p is None else p for p in map(_PAGES, chunk)])  # 0: whole space
         self.ints["flags"].extend(map(int, map(_FLAGS, chunk)))
         self.floats["latency_us"].extend(map(sub, map(_COMPLETE, chunk), map(_ISSUE, chunk)))
+        self.floats["queue_us"].extend(map(sub, map(_ISSUE, chunk), map(_ARRIVAL, chunk)))
         self._chunk = []
 
     def ids(self) -> list[int]:
@@ -279,7 +288,9 @@ def vp_tables(vps) -> tuple[dict[str, list], dict[str, list]]:
     table: dict[str, list] = {"vp": [], "address_space": []}
     for name in TIME_COLUMNS:
         table[f"{name}_us"] = []
-    for extra in ("refill_entries", "collateral_entries", "flushes_applied", "deferred_applied", "exits"):
+    extras = ("refill_entries", "collateral_entries", "evicted_entries", "flushes_applied", "deferred_applied",
+              "deferred_pending", "spin_exits", "spin_yields", "exits")
+    for extra in extras:
         table[extra] = []
     exits: dict[str, list] = {"vp": [], "reason": [], "code": [], "count": [], "time_us": []}
     for vp in vps:
@@ -289,8 +300,12 @@ def vp_tables(vps) -> tuple[dict[str, list], dict[str, list]]:
             table[f"{name}_us"].append(value)
         table["refill_entries"].append(vp.refill_entries)
         table["collateral_entries"].append(vp.collateral_entries)
+        table["evicted_entries"].append(vp.evicted_entries)
         table["flushes_applied"].append(vp.flushes_applied)
         table["deferred_applied"].append(vp.deferred_applied)
+        table["deferred_pending"].append(len(vp.deferred))
+        table["spin_exits"].append(vp.spin_exits)
+        table["spin_yields"].append(vp.spin_yields)
         table["exits"].append(sum(vp.exit_count))
         for i, reason in enumerate(EXIT_REASONS):
             exits["vp"].append(vp.index)
@@ -382,7 +397,14 @@ def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, e
         "shootdowns_incomplete": int((shootdowns["status"] == "INCOMPLETE").sum()) if len(shootdowns) else 0,
         **latency_stats(lat, "latency"),
         "latency_max_us": float(lat.max()) if lat.size else np.nan,
+        # operations (workload shootdowns) completed per second of simulated time, all VPs together:
+        # the closed loop's figure of merit
+        "ops_per_s": float((done["origin"] == "workload").sum() / (duration_us * 1e-6)) if len(done) else 0.0,
+        "queue_mean_us": float(done["queue_us"].mean()) if len(done) else np.nan,
+        "queue_p99_us": float(np.percentile(done["queue_us"], 99)) if len(done) else np.nan,
         "suspensions": int(shootdowns["suspensions"].sum()) if len(shootdowns) else 0,
+        # suspended more than once: a reissued call found a lock again (TLFS reissue can starve)
+        "shootdowns_resuspended": int((shootdowns["suspensions"] >= 2).sum()) if len(shootdowns) else 0,
         "reissues": int(shootdowns["reissues"].sum()) if len(shootdowns) else 0,
         "suspended_us": float(shootdowns["suspended_us"].sum()) if len(shootdowns) else 0.0,
         "hypercall_us": float(shootdowns["hypercall_us"].sum()) if len(shootdowns) else 0.0,
@@ -390,7 +412,12 @@ def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, e
         "refill_us": float(vps["refill_us"].sum()),
         "hv_flush_us": float(vps["hv_flush_us"].sum()),
         "spinning_us": float(vps["spinning_us"].sum()),
+        "vtl1_us": float(vps["vtl1_us"].sum()),
         "collateral_entries": float(vps["collateral_entries"].sum()),
+        "evicted_entries": float(vps["evicted_entries"].sum()),
+        "spin_exits": int(vps["spin_exits"].sum()),
+        "spin_yields": int(vps["spin_yields"].sum()),
+        "deferred_pending": int(vps["deferred_pending"].sum()),
         "duration_us": float(duration_us),
         "vps": n_vps,
     }

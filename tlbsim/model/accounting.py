@@ -33,6 +33,7 @@ class VpState(IntEnum):
     HALTED = 6  # HLT: off its LP until an interrupt or new work
     DESCHEDULED = 7  # runnable, waiting for an LP
     VF = 8  # the guest's VF back-channel work (IOCTL completion, OID handler, block reads; model/vf.py)
+    VTL1 = 9  # running VTL1 (VSM): no VTL0 code, no VTL0 interrupts; holds VSM TlbLocked
 
 
 N_STATES = len(VpState)
@@ -63,7 +64,7 @@ I_MEMORY, I_HALT, I_MSR, I_CANCELED, I_HYPERCALL = (
 #: The hot path stores and compares plain ints (VpState's values): CPython's
 #: specialised list-index and compare instructions take exact ints only, and an
 #: IntEnum member there cost ~10 % of a run. ``VpState(vp.state)`` names one.
-GUEST, EXIT, HYPERCALL, FLUSH, SPINNING, SUSPENDED, HALTED, DESCHEDULED, VF = (int(s) for s in VpState)
+GUEST, EXIT, HYPERCALL, FLUSH, SPINNING, SUSPENDED, HALTED, DESCHEDULED, VF, VTL1 = (int(s) for s in VpState)
 
 
 class TimeAccount:

@@ -6,15 +6,23 @@ then reaches the other VPs that may cache the address space ("targets"):
 - ``ipi``: a virtual IPI per target (a trapped x2APIC ICR write: one
   X64MsrAccess exit each on the sender), the targets flush locally and ack,
   the sender spins until every ack is in.
-- ``mask``: HvCallFlushVirtualAddressSpace(NON_GLOBAL_MAPPINGS_ONLY) with a
-  ProcessorMask of exactly the targets (the Ex call with an HV_VP_SET when
-  an index is >= 64); no call when there is no target.
-- ``all``: the same call with HV_FLUSH_ALL_PROCESSORS.
+- ``mask``: a flush hypercall with a ProcessorMask of exactly the targets
+  (the Ex call with an HV_VP_SET when an index is >= 64); no call when there
+  is no target. With ``guest.call_form = "list"`` (default) a range of up to
+  ``costs.flush_ceiling_pages`` pages is flushed with
+  HvCallFlushVirtualAddressList, a larger one or a whole address space with
+  HvCallFlushVirtualAddressSpace(NON_GLOBAL_MAPPINGS_ONLY), as Windows and
+  Linux do; ``"space"`` always uses the Space call.
+- ``all``: the same calls with HV_FLUSH_ALL_PROCESSORS.
 - ``linux``: arch/x86/hyperv/mmu.c's choices (see reference/hyperv-flush.md),
   falling back to IPIs on any failure status.
 - ``kvm-pv``: KVM's PV flush: preempted targets are flagged to flush at
   their next entry, the others get IPIs (one PV send-IPI hypercall) and the
   initiator waits for them.
+
+Guest options ([guest]): lazy TLB (Linux skips idle CPUs, for IPIs and in
+the ProcessorMask; they flush when they next run) and Linux's PV sched
+yield (after sending IPIs, a directed yield to a preempted target).
 """
 
 from __future__ import annotations
@@ -24,12 +32,16 @@ from functools import partial
 from tlbsim import hv
 from tlbsim.hv import FlushCall, HvCallCode, HvFlushFlags, HvStatus, VpSet
 from tlbsim.model.accounting import I_HYPERCALL, I_MSR
-from tlbsim.model.tlb import FlushScope
-from tlbsim.model.vp import DESCHEDULED, EXIT, FLUSH
+from tlbsim.model.tlb import EVERYTHING, FlushScope
+from tlbsim.model.vp import EXIT, FLUSH, HALTED
 
 NG = HvFlushFlags.NON_GLOBAL_MAPPINGS_ONLY
-#: Linux: (PAGE_SIZE - sizeof header) / sizeof(u64) GVA entries per call.
+#: Linux: (PAGE_SIZE - sizeof(struct hv_tlb_flush)) / sizeof(u64) GVA entries per call: 509.
 LINUX_MAX_GVAS = (4096 - 24) // 8
+#: ... and for the Ex call (struct hv_tlb_flush_ex is 32 bytes before the banks): 508 - bank words.
+LINUX_MAX_GVAS_EX = (4096 - 32) // 8
+#: Policies that model a Linux guest (lazy TLB and PV sched yield apply with "auto").
+LINUX_POLICIES = ("ipi", "linux", "kvm-pv")
 
 
 class AckWait:
@@ -56,6 +68,11 @@ class Policy:
         self.costs = part.config.costs
         self.recorder = part.recorder
         self.check = part.check
+        g = part.config.guest
+        linux_guest = self.name in LINUX_POLICIES
+        self.lazy_tlb = g.lazy_tlb == "on" or (g.lazy_tlb == "auto" and linux_guest)
+        self.pv_sched_yield = g.pv_sched_yield == "on" or (
+            g.pv_sched_yield == "auto" and self.name in ("ipi", "kvm-pv") and part.profile.name == "kvm")
         self._local: dict = {}  # (address space, pages) -> (FlushScope, local flush cost in us)
 
     def shootdown(self, vp, request):
@@ -72,6 +89,14 @@ class Policy:
             vp.set_state(FLUSH)
             yield self.env.timeout(local_us)
             vp.flush_locally(scope, sd)
+        if self.lazy_tlb and targets:  # idle (halted) VPs are in lazy-TLB mode: flushed when they next run
+            active = []
+            for t in targets:
+                if t.state == HALTED:
+                    t.defer_flush(scope, sd, False)
+                else:
+                    active.append(t)
+            targets = active
         status = HvStatus.SUCCESS
         if targets:
             status = yield from self.remote(vp, sd, scope, targets)
@@ -102,6 +127,16 @@ class Policy:
         vp.set_state(EXIT)
         yield env.timeout(send_us)
         vp.exit_index = -1
+        if self.pv_sched_yield:  # kvm_smp_send_call_func_ipi: yield to the first preempted target, once
+            for t in targets:
+                if t.preempted and not t.on_lp:
+                    cost = self.costs.vmexit_roundtrip_us + self.part.config.spin.yield_cost_us
+                    vp.record_exit(I_HYPERCALL, 1, cost)  # KVM_HC_SCHED_YIELD
+                    vp.set_state(EXIT)
+                    yield env.timeout(cost)
+                    if t.dispatch_event is not None and vp.on_lp and not vp.preempt_pending:
+                        vp.yield_lp_to(t)
+                    break
         yield from vp.spin_until_acked(acks)
 
 
@@ -129,9 +164,9 @@ class KvmPvPolicy(Policy):
         self.recorder.targets_named(sd, len(targets))
         others = []
         for t in targets:
-            if t.state == DESCHEDULED:  # KVM_VCPU_PREEMPTED: flag KVM_VCPU_FLUSH_TLB, no IPI
-                t.defer_flush(scope, sd, True)
-            else:
+            if t.preempted:  # KVM_VCPU_PREEMPTED: flag KVM_VCPU_FLUSH_TLB (the whole guest TLB), no IPI
+                t.defer_flush(EVERYTHING, sd, True)
+            else:  # running, or halted / woken (not "preempted"): an IPI
                 others.append(t)
         if others:
             yield from self._ipis(vp, sd, scope, others, self.costs.pv_ipi_per_target_us, I_HYPERCALL, False)
@@ -150,9 +185,11 @@ class HypercallPolicy(Policy):
         """The hypervisor's generator for this shootdown's call (the policy
         adds no generator level of its own), or an empty one if there is no call."""
         key = (vp.index, scope.address_space, scope.pages)
+        if self.lazy_tlb:  # the target set depends on which VPs are idle now
+            key = (*key, *(t.index for t in targets))
         try:
             plan = self._plans[key]
-        except KeyError:  # targets of (initiator, address space) are fixed for a run
+        except KeyError:  # a plan per (initiator, address space, pages[, targets])
             built = self.build(vp, sd, scope, targets)
             plan = self._plans[key] = None if built is None else self.part.hypervisor.plan(vp, *built)
         if plan is None:
@@ -165,27 +202,40 @@ def _no_call():
     yield  # a generator that issues nothing
 
 
-def _target_call(address_space: int, flags: int, vps: list[int]) -> FlushCall:
-    if vps and max(vps) >= 64:
-        return FlushCall.space_ex(address_space, flags, hv.vps_to_vp_set(vps))
-    return FlushCall.space(address_space, flags, hv.vps_to_mask(vps))
+class WindowsStylePolicy(HypercallPolicy):
+    """``mask`` and ``all``: the List call for a range up to the ceiling, the
+    Space call (NON_GLOBAL) for more or a whole address space
+    (``guest.call_form = "list"``), or always the Space call (``"space"``)."""
+
+    all_processors = False
+
+    def build(self, vp, sd, scope, targets):
+        pages = scope.pages
+        use_list = (self.part.config.guest.call_form == "list" and pages is not None
+                    and pages <= self.costs.flush_ceiling_pages)
+        flags = HvFlushFlags.ALL_PROCESSORS if self.all_processors else 0
+        vps = [] if self.all_processors else [t.index for t in targets]
+        ex = bool(vps) and max(vps) >= 64
+        vp_set = hv.vps_to_vp_set(vps) if ex else None
+        mask = 0 if self.all_processors else hv.vps_to_mask([v for v in vps if v < 64])
+        if use_list:  # NON_GLOBAL is invalid on the List calls; a page flush is exact on every target
+            gvas = hv.gva_ranges_for(0x1000, pages)
+            call = (FlushCall.list_ex(scope.address_space, flags, vp_set, gvas) if ex
+                    else FlushCall.list(scope.address_space, flags, mask, gvas))
+            return call, FlushScope(scope.address_space, True, pages)
+        flags |= NG
+        call = (FlushCall.space_ex(scope.address_space, flags, vp_set) if ex
+                else FlushCall.space(scope.address_space, flags, mask))
+        return call, FlushScope(scope.address_space, True, None)
 
 
-class MaskPolicy(HypercallPolicy):
+class MaskPolicy(WindowsStylePolicy):
     name = "mask"
 
-    def build(self, vp, sd, scope, targets):
-        vps = [t.index for t in targets]
-        whole = FlushScope(scope.address_space, True, None)
-        return _target_call(scope.address_space, NG, vps), whole
 
-
-class AllPolicy(HypercallPolicy):
+class AllPolicy(WindowsStylePolicy):
     name = "all"
-
-    def build(self, vp, sd, scope, targets):
-        whole = FlushScope(scope.address_space, True, None)
-        return FlushCall.space(scope.address_space, HvFlushFlags.ALL_PROCESSORS | NG, 0), whole
+    all_processors = True
 
 
 class LinuxPolicy(HypercallPolicy):
@@ -210,7 +260,7 @@ class LinuxPolicy(HypercallPolicy):
         else:
             n_banks = cpus[-1] // 64 + 1 if ex else 0
             gva_n = -(-pages // hv.GVA_RANGE_MAX_PAGES)
-            limit = LINUX_MAX_GVAS - n_banks if ex else LINUX_MAX_GVAS
+            limit = LINUX_MAX_GVAS_EX - n_banks if ex else LINUX_MAX_GVAS
             if gva_n > limit:
                 hv_scope = FlushScope(scope.address_space, False, None)
                 gvas = None
@@ -235,6 +285,7 @@ class LinuxPolicy(HypercallPolicy):
         status = yield from super().remote(vp, sd, scope, targets)
         if status != HvStatus.SUCCESS:  # Linux falls back to native IPIs on any failure
             yield from self._ipis(vp, sd, scope, targets, self.costs.vipi_us(), I_MSR, staggered=True)
+            return HvStatus.SUCCESS  # the shootdown succeeded; hypercall_status keeps the call's failure
         return status
 
 

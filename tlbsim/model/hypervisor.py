@@ -1,24 +1,31 @@
 """The hypervisor's flush hypercall service.
 
-One call: decode and validate (``tlbsim.hv.validate`` under the partition's
-semantics), check the TLB locks of the targets, then flush: targets on an LP
-are interrupted (IPI to the LP, flush, ack: the caller waits for them),
-targets that are not on an LP get the flush deferred to their next entry and
-are not waited for. The call costs the caller:
+One call: decode and validate (under the partition's profile), check the TLB
+locks of the targets, then flush: targets on an LP are interrupted (IPI to
+the LP, flush, ack: the caller waits for them), targets that are not on an
+LP get the flush deferred to their next entry and are not waited for. The
+call costs the caller:
 
     vmexit_roundtrip + hypercall_decode
-      + mask_per_vp x |named VPs|            (ProcessorMask or VP set walk)
-      + vp_set_per_bank x |bank words|       (Ex calls)
-      + list_per_range x reps + invlpg x pages   (List calls)
-      + flush_per_running_target x k_running           (mask / VP set)
-      | flush_all_broadcast + flush_all_per_running_target x k_running  (ALL_PROCESSORS)
-      + vmexit_roundtrip x (continuations)   (rep calls longer than the ~50 us limit)
+      + mask_per_vp x |named VPs|              (ProcessorMask or VP set walk; none with ALL_PROCESSORS)
+      + vp_set_per_bank x |bank words|         (Ex calls)
+      + flush_per_running_target x k_running   (every running target, mask or ALL_PROCESSORS alike)
+      + list_per_range x reps + invlpg x pages (List calls)
+      + vmexit_roundtrip x (continuations)     (rep calls longer than the ~50 us limit)
+
+A ProcessorMask and HV_FLUSH_ALL_PROCESSORS reach each running target the
+same way (its LP is interrupted and acknowledges); what differs is the mask
+walk (mask only) and which VPs are flushed (ALL: every running VP of the
+partition, sharers or not: collateral interruptions and refills).
 
 If a target *requires* the flush and its TLB is locked (locks.TlbLocks
-answers), the caller pays the entry and decode, is suspended (gives up its
-LP) until the lock lifts, then reissues the whole call. Applying flushes to
-targets costs no events. What differs between hypervisors comes from the
-partition's profile (profiles.py); what the shootdown's row says goes
+answers), the caller waits as the profile says: ``reissue`` (TLFS: pays the
+entry and decode, is suspended off its LP until the lock lifts, then
+reissues the whole call, which may find another lock: starvation is
+possible) or ``snapshot`` (OpenHCL: waits, halted, only for the holders at
+call time, is woken by the last to release, then flushes everyone). A lock
+due to lift within ``locks.wait_spin_us`` is waited for on the LP. Applying
+flushes to targets costs no events. What the shootdown's row says goes
 through the recorder (records.py).
 """
 
@@ -29,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from tlbsim import hv
 from tlbsim.hv import FlushCall, HvStatus
-from tlbsim.model.tlb import FlushScope
+from tlbsim.model.tlb import EVERYTHING, FlushScope
 from tlbsim.model.vp import HYPERCALL, SUSPENDED
 
 if TYPE_CHECKING:
@@ -65,6 +72,11 @@ class Hypervisor:
         self.recorder = part.recorder
         self.whole_context = part.config.tlb.hypervisor_flush == "vpid"
         self.n_vps = part.config.partition.vps
+        locks = part.config.locks
+        self.lock_wait = self.profile.lock_wait if locks.wait == "profile" else locks.wait
+        if not self.profile.suspends_on_tlb_lock:
+            self.lock_wait = "none"  # the hypervisor has no TLB locks to wait for (KVM)
+        self.wait_spin_us = locks.wait_spin_us
 
     def plan(self, vp, call: FlushCall, scope: FlushScope) -> CallPlan:
         """The plan of ``call`` issued by ``vp``, flushing ``scope`` on its
@@ -73,6 +85,11 @@ class Hypervisor:
         validation = self.profile.validate(call, self.n_vps)
         vps = self.part.vps
         targets = [vps[i] for i in validation.targets if i != vp.index] if validation.ok else []
+        if self.profile.flush_whole_tlb:
+            reps = call.control.rep_count if call.gva_ranges else 0
+            limit = self.profile.flush_queue_ranges - 1  # one slot is kept for "flush everything"
+            if call.gva_ranges is None or reps > limit:
+                scope = EVERYTHING  # KVM: the whole guest TLB, NON_GLOBAL and AddressSpace ignored
         return CallPlan(call, scope, validation, targets)
 
     def call_cost_us(self, call: FlushCall, validation: hv.Validation, k_running: int) -> float:
@@ -80,11 +97,9 @@ class Hypervisor:
         cost = c.vmexit_roundtrip_us + c.hypercall_decode_us
         if not validation.ok:
             return cost
-        if validation.all_processors:
-            cost += c.flush_all_broadcast_us + c.flush_all_per_running_target_us * k_running
-        else:
+        if not validation.all_processors:
             cost += c.mask_per_vp_us * (len(validation.targets) + len(validation.ignored_vps))
-            cost += c.flush_per_running_target_us * k_running
+        cost += c.flush_per_running_target_us * k_running
         if call.vp_set is not None:
             cost += c.vp_set_per_bank_us * len(call.vp_set.banks)
         reps = call.control.rep_count - call.control.rep_start_index if call.gva_ranges else 0
@@ -96,18 +111,6 @@ class Hypervisor:
                 cost += c.vmexit_roundtrip_us * (math.ceil(cost / c.continuation_limit_us) - 1)
         return cost
 
-    def blocking_lock(self, targets, scope: FlushScope, now: float) -> float | None:
-        """When the lock of the first target that is locked *and* requires
-        the flush lifts, or None: the call can proceed now."""
-        locks = self.locks
-        if not (self.profile.suspends_on_tlb_lock and locks.any_active()):
-            return None
-        for t in targets:
-            lock = locks.lock_on(t.index, now)
-            if lock is not None and t.requires(scope):
-                return lock[0]
-        return None
-
     def flush(self, vp, plan: CallPlan, sd):
         """Run one flush hypercall for ``vp`` (a generator); returns its HvStatus."""
         env = self.env
@@ -116,20 +119,23 @@ class Hypervisor:
         if not plan.ok:
             recorder.call_issued(sd, plan.call_code, plan.flags, 0)
             yield from self._in_hypercall(vp, sd, self.call_cost_us(plan.call, plan.validation, 0))
+            recorder.call_returned(sd, plan.validation.status)
             return plan.validation.status
         targets = plan.targets
         scope = plan.scope
         recorder.call_issued(sd, plan.call_code, plan.flags, len(targets))
-        locks = self.locks if self.profile.suspends_on_tlb_lock else None
-        while True:
+        locks = self.locks if self.lock_wait != "none" else None
+        while locks is not None and locks.any_active():
             now = env.now
-            if locks is None or not locks.any_active():
-                break
-            lock_end = self.blocking_lock(targets, scope, now)
-            if lock_end is None:
+            holders = locks.holders(targets, scope, now)
+            if not holders:
                 break
             yield from self._in_hypercall(vp, sd, c.vmexit_roundtrip_us + c.hypercall_decode_us)
-            yield from self._suspend(vp, sd, lock_end)
+            if self.lock_wait == "snapshot":  # wait for these holders only, then flush everyone
+                yield from self._wait_for_holders(vp, sd, max(end for end, _, _ in holders))
+                break
+            yield from self._suspend(vp, sd, holders[0][0])  # reissue: the whole call again
+        now = env.now
         flushed = []  # (required, removed) of each running target
         whole_context = self.whole_context
         for t in targets:
@@ -145,6 +151,7 @@ class Hypervisor:
         recorder.in_hypervisor(sd, cost)
         vp.set_state(HYPERCALL, now)
         yield env.timeout(cost)
+        recorder.call_returned(sd, HvStatus.SUCCESS)
         return HvStatus.SUCCESS
 
     def _in_hypercall(self, vp, sd, cost_us: float):
@@ -154,14 +161,33 @@ class Hypervisor:
 
     def _suspend(self, vp, sd, lock_end_us: float):
         """Suspend the caller until the lock lifts, then (on an LP again)
-        let the caller reissue the call."""
+        let the caller reissue the call. A lock due to lift within
+        ``wait_spin_us`` is waited for on the LP."""
         env = self.env
         start = env.now
         self.recorder.suspended(sd)
+        if lock_end_us - start <= self.wait_spin_us:
+            vp.set_state(SUSPENDED)
+            yield env.timeout(max(0.0, lock_end_us - start))
+            self.recorder.resumed(sd, env.now - start)
+            return
         vp.give_up_lp(SUSPENDED)
-        if math.isinf(lock_end_us):
-            self.recorder.stuck(sd, "lock that never lifts")
-            yield env.event()  # never fires: the run ends with this shootdown reported incomplete
         yield env.timeout(max(0.0, lock_end_us - start))
         self.recorder.resumed(sd, env.now - start)
+        yield from vp.wait_for_lp()
+
+    def _wait_for_holders(self, vp, sd, last_release_us: float):
+        """OpenHCL's wait: halted until the last holder at call time releases
+        its lock and wakes the caller (an IPI: ``halt_wake_us``); no reissue."""
+        env = self.env
+        start = env.now
+        self.recorder.suspended(sd)
+        if last_release_us - start <= self.wait_spin_us:
+            vp.set_state(SUSPENDED)
+            yield env.timeout(max(0.0, last_release_us - start))
+            self.recorder.waited(sd, env.now - start)
+            return
+        vp.give_up_lp(SUSPENDED)
+        yield env.timeout(max(0.0, last_release_us - start) + self.costs.halt_wake_us)
+        self.recorder.waited(sd, env.now - start)
         yield from vp.wait_for_lp()

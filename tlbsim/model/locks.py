@@ -5,11 +5,11 @@ when, by which source?" (``TlbLocks.lock_on``). Sources register per
 partition; a VP that no source can lock costs the flush path nothing.
 
 - ``VsmTlbLocks`` (VSM TlbLocked, bit 1 of HV_REGISTER_VSM_VP_SECURE_VTL_CONFIG):
-  a higher VTL holds the lock for episodes that form an alternating renewal
-  process per VP: unlocked gaps ~ Exp(1 / rate), holds ~ the hold
-  distribution. Queries advance through the episodes lazily (query times
-  never decrease within a run), drawing from the VP's ``vsm`` stream, so the
-  episode sequence does not depend on when or how often it is asked.
+  held while the VP runs VTL1. A VTL1 entry is a state of the VP (vp.VP._vtl1:
+  it runs no VTL0 code and takes no VTL0 interrupts meanwhile); entries come
+  at ``vsm_rate_per_ms`` per ms of the VP's guest time and last a hold drawn
+  from ``VsmSchedule``. The lock is released when the VP returns to VTL0
+  (openvmm tlb_lock.rs: "unlock on VTL exit").
 - ``InterceptInhibit`` (TlbFlushInhibit in HvRegisterInterceptSuspend): set
   while the virtualization stack emulates a MemoryAccess exit; the VP reports
   the start and end of that emulation.
@@ -19,50 +19,46 @@ from __future__ import annotations
 
 import math
 
+from tlbsim.model.accounting import VTL1
 from tlbsim.model.rng import Stream
 
 
-class VsmEpisodes:
-    """One VP's VSM TlbLocked episodes."""
+class VsmSchedule:
+    """When one VP enters VTL1 (gaps in guest time) and for how long."""
 
-    __slots__ = ("_stream", "_gap_mean", "_hold_mean", "_fixed", "start_us", "end_us", "episodes")
+    __slots__ = ("_stream", "_gap_mean", "_hold_mean", "_fixed", "entries")
 
     def __init__(self, stream: Stream, rate_per_ms: float, hold_mean_us: float, fixed: bool):
         self._stream = stream
         self._gap_mean = 1000.0 / rate_per_ms if rate_per_ms > 0 else math.inf
         self._hold_mean = hold_mean_us
         self._fixed = fixed
-        self.episodes = 0
-        self.start_us = self._stream.exp(self._gap_mean)
-        self.end_us = self.start_us + self._hold()
+        self.entries = 0
 
-    def _hold(self) -> float:
+    def next_gap_us(self) -> float:
+        """Guest time until the next VTL1 entry."""
+        return self._stream.exp(self._gap_mean)
+
+    def hold_us(self) -> float:
+        self.entries += 1
         return self._hold_mean if self._fixed else self._stream.exp(self._hold_mean)
-
-    def locked_until(self, now: float) -> float | None:
-        """The end of the hold covering ``now``, or None if unlocked."""
-        while self.end_us <= now:
-            self.episodes += 1
-            self.start_us = self.end_us + self._stream.exp(self._gap_mean)
-            self.end_us = self.start_us + self._hold()
-        return self.end_us if self.start_us <= now else None
 
 
 class VsmTlbLocks:
-    """VSM TlbLocked on the VPs that have a VTL1."""
+    """VSM TlbLocked: held by a VP while it runs VTL1."""
 
     name = "VSM TlbLocked"
     __slots__ = ("by_vp",)
 
-    def __init__(self, by_vp: dict[int, VsmEpisodes]):
-        self.by_vp = by_vp
+    def __init__(self, by_vp: dict):
+        self.by_vp = by_vp  # VP index -> VP, for the VPs that have a VTL1
 
     def active(self) -> bool:
         return bool(self.by_vp)
 
     def locked_until(self, vp_index: int, now: float) -> float | None:
-        episodes = self.by_vp.get(vp_index)
-        return None if episodes is None else episodes.locked_until(now)
+        vp = self.by_vp.get(vp_index)
+        return vp.vtl1_end_us if vp is not None and vp.state == VTL1 else None
 
 
 class InterceptInhibit:
@@ -105,6 +101,16 @@ class TlbLocks:
             if source.active():
                 return True
         return False
+
+    def holders(self, targets, scope, now: float) -> list[tuple[float, str, object]]:
+        """(lock end, source, VP) for every target whose TLB is locked now
+        and requires the flush (``scope``): the lock holders a call waits for."""
+        out = []
+        for t in targets:
+            lock = self.lock_on(t.index, now)
+            if lock is not None and t.requires(scope):
+                out.append((lock[0], lock[1], t))
+        return out
 
     def lock_on(self, vp_index: int, now: float) -> tuple[float, str] | None:
         """(when the last lock on this VP's TLB lifts, the source holding it

@@ -17,13 +17,13 @@ from tlbsim.config import Config, ExitSpec
 from tlbsim.model import InvariantError, rng
 from tlbsim.model.accounting import EXIT_REASONS
 from tlbsim.model.guest import make_policy
-from tlbsim.model.host import Host
+from tlbsim.model.host import CoTenantVp, Host
 from tlbsim.model.hypervisor import Hypervisor
-from tlbsim.model.locks import InterceptInhibit, TlbLocks, VsmEpisodes, VsmTlbLocks
+from tlbsim.model.locks import InterceptInhibit, TlbLocks, VsmSchedule, VsmTlbLocks
 from tlbsim.model.profiles import profile_for
 from tlbsim.model.vf import VF_COLUMNS, PhysicalFunction, VirtualFunction
-from tlbsim.model.vp import GUEST, VP
-from tlbsim.model.workload import PoissonArrivals, TraceArrivals, TraceEvent
+from tlbsim.model.vp import GUEST, VP, SpinYield
+from tlbsim.model.workload import ClosedLoop, PoissonArrivals, TraceArrivals, TraceEvent
 from tlbsim.records import Records, ShootdownRecorder, vp_tables
 
 _schedule = simpy.Environment.schedule  # bound once: cheaper than super() on every event
@@ -65,20 +65,24 @@ class Partition:
         self.check = config.run.check_invariants
         self.profile = profile_for(p.semantics)
         self.recorder = ShootdownRecorder()
-        self.host = Host(self.env, min(p.lps, p.vps), p.slice_us)
+        self.host = Host(self.env, p.lps, p.slice_us)
         streams = rng.vp_streams(seed, p.vps)
+        self.spin_yield = self._spin_yield(config)
+        self.last_boosted = -1  # the VP the last directed yield went to (kvm_vcpu_on_spin's last_boosted_vcpu)
 
         # What can lock a TLB: registered sources, queried by the hypervisor.
         self.locks = TlbLocks()
         self.intercept_inhibit = InterceptInhibit() if lk.memory_access_inhibit else None
         if self.intercept_inhibit is not None:
             self.locks.register(self.intercept_inhibit)
+        self._vsm: dict[int, VsmSchedule] = {}
         if lk.vsm_rate_per_ms > 0:
             vsm_vps = set(lk.vsm_vps) if lk.vsm_vps else set(range(p.vps))
-            self.locks.register(VsmTlbLocks({
-                i: VsmEpisodes(streams[i]["vsm"], lk.vsm_rate_per_ms, lk.vsm_hold_mean_us,
-                               lk.vsm_hold_distribution == "fixed")
-                for i in range(p.vps) if i in vsm_vps}))
+            self._vsm = {i: VsmSchedule(streams[i]["vsm"], lk.vsm_rate_per_ms, lk.vsm_hold_mean_us,
+                                        lk.vsm_hold_distribution == "fixed")
+                         for i in range(p.vps) if i in vsm_vps}
+            self.vsm_locks = VsmTlbLocks({})
+            self.locks.register(self.vsm_locks)
 
         self.hypervisor = Hypervisor(self)
         self.policy = make_policy(w.policy, self)
@@ -98,6 +102,11 @@ class Partition:
         for i in range(p.vps):
             if trace is not None:
                 arrivals = TraceArrivals(per_vp_trace.get(i, []), cr3_of)
+            elif w.mode == "closed":
+                work_us = w.closed_work_us or (1000.0 / w.rate_per_ms)
+                arrivals = ClosedLoop(streams[i]["workload"], work_us if i in initiators else math.inf,
+                                      w.closed_work_distribution == "fixed", w.burst_size, w.pages,
+                                      w.full_flush_fraction)
             else:
                 rate = w.rate_per_ms if i in initiators else 0.0
                 arrivals = PoissonArrivals(streams[i]["workload"], rate, w.burst_size, w.pages,
@@ -105,6 +114,14 @@ class Partition:
             vp = VP(self, i, cr3_of(as_index[i]), streams[i], arrivals)
             self.vps.append(vp)
             self.sharers.setdefault(vp.address_space, []).append(vp)
+            if vp.vsm is not None:
+                self.vsm_locks.by_vp[i] = vp
+
+        # Co-tenants: other partitions' VPs on the same LPs, under the same scheduler.
+        h = config.host
+        self.cotenants = [CoTenantVp(self.env, self.host, stream, h.cotenant_load, h.cotenant_duty,
+                                     h.cotenant_period_us)
+                          for stream in rng.cotenant_streams(seed, h.cotenants * h.cotenant_vps)]
         if config.run.inject_fault == "drop_deferred_flush":
             for vp in self.vps:
                 vp.deferred = _LosingList()
@@ -122,6 +139,22 @@ class Partition:
                 replay = (vf_trace or {}).get(j, []) if vf_trace is not None else None
                 self.vfs.append(VirtualFunction(self.env, j, vp, self.pf, v, vf_streams[j],
                                                 config.run.check_invariants, replay))
+
+    def vsm_for(self, vp_index: int) -> VsmSchedule | None:
+        """The VTL1 entry schedule of a VP, or None if it has no VTL1."""
+        return self._vsm.get(vp_index)
+
+    def _spin_yield(self, config: Config) -> SpinYield | None:
+        """How spinning VPs give up their LP: [spin] over the profile's form."""
+        sp = config.spin
+        form = self.profile.spin_yield if sp.mode == "profile" else sp.mode
+        if form == "off":
+            return None
+        cost = config.costs.vmexit_roundtrip_us + sp.yield_cost_us
+        if form == "ple":
+            return SpinYield("ple", sp.ple_window_us, sp.ple_window_grow, sp.ple_window_max_us, cost, sp.ipi_aware)
+        window = sp.notify_retries * sp.spin_iteration_us  # a fixed retry count, then the notification
+        return SpinYield("notify", window, 1.0, window, cost, sp.ipi_aware)
 
     def _as_index(self, vp: int) -> int:
         w = self.config.workload
@@ -220,7 +253,10 @@ class Partition:
             shootdowns=cols, vps=vps, exits=exits, duration_us=duration,
             events=events,
             requests_waiting=sum(len(vp.requests) for vp in self.vps),
-            host={"dispatches": self.host.dispatches, "preemptions": self.host.preemptions},
+            host={"dispatches": self.host.dispatches, "preemptions": self.host.preemptions,
+                  "directed_yields": self.host.yields,
+                  "cotenant_vps": len(self.cotenants),
+                  "cotenant_run_us": sum(c.run_us for c in self.cotenants)},
         )
 
 

@@ -58,6 +58,17 @@ def vp_streams(seed: int | np.random.SeedSequence, n_vps: int) -> list[dict[str,
     return out
 
 
+COTENANT_KEY = VF_KEY + 2
+
+
+def cotenant_streams(seed: int | np.random.SeedSequence, n_vps: int) -> list[Stream]:
+    """One stream per co-tenant VP, under a spawn key of their own: adding
+    co-tenants changes no draw of the partition under study."""
+    root = _root(seed)
+    return [Stream(np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, COTENANT_KEY, j)))
+            for j in range(n_vps)]
+
+
 def _root(seed: int | np.random.SeedSequence) -> np.random.SeedSequence:
     return seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
 

@@ -32,6 +32,10 @@ class FlushScope:
     pages: int | None = None
 
 
+#: Everything in the TLB: every address space, global entries included.
+EVERYTHING = FlushScope(None, False, None)
+
+
 class Tlb:
     __slots__ = ("address_space", "nonglobal", "global_entries", "nonglobal_cap", "global_cap", "working_set",
                  "_rate_nonglobal", "_rate_global")
@@ -66,9 +70,11 @@ class Tlb:
         """Entries this TLB holds that the flush must remove (0: the TLB does
         not "require" the flush, in the TLFS's sense)."""
         if scope.pages is not None:
-            if not self._matches(scope) or self.nonglobal_cap == 0:
+            if not self._matches(scope) or self.working_set == 0:
                 return 0.0
-            return min(self.nonglobal, scope.pages * self.nonglobal / self.nonglobal_cap)
+            # each named page is one of the working set's pages; it is cached with probability
+            # nonglobal / working_set (the occupancy is spread over the whole working set)
+            return min(self.nonglobal, scope.pages * self.nonglobal / self.working_set)
         nonglobal = self.nonglobal if self._matches(scope) else 0.0
         return nonglobal if scope.non_global_only else nonglobal + self.global_entries
 
@@ -93,6 +99,14 @@ class Tlb:
             removed += self.global_entries
             self.global_entries = 0.0
         return required, removed
+
+    def evict(self, retained_fraction: float) -> float:
+        """Something else ran on the LP: keep ``retained_fraction`` of every
+        entry; return how many entries went (future refills)."""
+        gone = (self.nonglobal + self.global_entries) * (1.0 - retained_fraction)
+        self.nonglobal *= retained_fraction
+        self.global_entries *= retained_fraction
+        return gone
 
     def flush_space_nonglobal(self, address_space: int | None, whole_context: bool) -> tuple[float, float]:
         """Fast path of ``flush`` for one scope: a whole address space, non-global

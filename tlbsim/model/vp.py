@@ -7,6 +7,13 @@ simulated: TLB filling and the repayment of refill debt are arithmetic on
 the length of each guest interval (accounting.TimeAccount, the VP's base
 class, owns where the time went; tlb.Tlb owns what a flush removes).
 
+Mechanisms the loop runs besides guest code and exits: VTL1 entries (VSM:
+the VP runs no VTL0 code and holds VSM TlbLocked, ``_vtl1``), closed-loop
+operations (``workload.mode = "closed"``), TLB eviction by whatever ran on
+the LPs while it was away (``_evict``, on dispatch), and spinning that
+yields (``spin_until_acked``: pause-loop exits or long spin wait
+notifications hand the LP to a preempted VP of the partition).
+
 Flushes reach a VP in one of four ways, one verb each:
 ``flush_by_hypervisor`` (it is on an LP: interrupted, no event),
 ``defer_flush`` (it is not: applied by ``apply_deferred_flushes`` when it is
@@ -23,6 +30,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections import deque
+from functools import partial
 from typing import TYPE_CHECKING
 
 from simpy import Interrupt
@@ -36,20 +44,54 @@ from tlbsim.model.accounting import (
     HYPERCALL,
     I_CANCELED,
     I_HALT,
+    I_HYPERCALL,
     I_MEMORY,
     SPINNING,
     SUSPENDED,
     VF,
+    VTL1,
     TimeAccount,
     VpState,
 )
-from tlbsim.model.tlb import FlushScope, Tlb
+from tlbsim.model.tlb import EVERYTHING, FlushScope, Tlb
 
 if TYPE_CHECKING:
     from tlbsim.model.partition import Partition
 
 __all__ = ["VP", "VpState", "GUEST", "EXIT", "HYPERCALL", "FLUSH", "SPINNING", "SUSPENDED", "HALTED",
-           "DESCHEDULED", "VF"]
+           "DESCHEDULED", "VF", "VTL1"]
+
+
+def clock_tolerance(now_us: float) -> float:
+    """What is left of a time budget below this is rounding, not time: an
+    absolute nanosecond-scale floor plus a few ulps of the clock (at 2^24 us
+    and beyond, a float clock cannot advance by 1e-9 us any more)."""
+    return 1e-9 + now_us * 1e-15
+
+
+class SpinYield:
+    """How a spinning VP gives up its LP (built from [spin] and the profile)."""
+
+    __slots__ = ("form", "base_window_us", "grow", "max_window_us", "exit_cost_us", "ipi_aware")
+
+    def __init__(self, form: str, base_window_us: float, grow: float, max_window_us: float, exit_cost_us: float,
+                 ipi_aware: bool):
+        self.form = form  # "ple" or "notify"
+        self.base_window_us = base_window_us
+        self.grow = grow
+        self.max_window_us = max_window_us
+        self.exit_cost_us = exit_cost_us
+        self.ipi_aware = ipi_aware
+
+    def next_window(self, window_us: float) -> float:
+        grown = window_us * self.grow
+        return grown if grown < self.max_window_us else self.max_window_us
+
+
+def _spin_window_over(vp, epoch: int, _event) -> None:
+    if vp.spin_epoch == epoch and vp.state == SPINNING and vp.interruptible:
+        vp.spin_exit_due = True
+        vp.kick()
 
 
 class VP(TimeAccount):
@@ -60,6 +102,22 @@ class VP(TimeAccount):
         "_target_interrupt_us",
         "address_space",
         "applied_ids",
+        "closed",
+        "evicted_entries",
+        "left_dispatches",
+        "op_due_us",
+        "part",
+        "preempted",
+        "retained_fraction",
+        "spin",
+        "spin_epoch",
+        "spin_exit_due",
+        "spin_exits",
+        "spin_yields",
+        "vsm",
+        "vtl1_budget_us",
+        "vtl1_end_us",
+        "woken",
         "arrivals",
         "collateral_entries",
         "costs",
@@ -95,7 +153,9 @@ class VP(TimeAccount):
         t = cfg.tlb
         super().__init__(part.env, Tlb(address_space, t.capacity, t.working_set_pages, t.global_pages,
                                        t.fill_rate_per_us, t.start_warm))
+        self.part = part
         self.host = part.host
+        self.host.entities += 1
         self.policy = part.policy
         self.recorder = part.recorder
         self.inhibit = part.intercept_inhibit  # TlbFlushInhibit source, None when that lock is off
@@ -122,14 +182,31 @@ class VP(TimeAccount):
         # Flush bookkeeping (per-VP columns of the vps table).
         self.refill_entries = 0.0
         self.collateral_entries = 0.0
+        self.evicted_entries = 0.0
         self.flushes_applied = 0
         self.deferred_applied = 0
+        self.retained_fraction = t.retained_fraction
+        self.left_dispatches = 0
 
         # Scheduling.
         self.on_lp = False
         self.preempt_pending = False
+        self.preempted = False  # descheduled while runnable (KVM's steal-time "preempted")
+        self.woken = False  # goes to the head of the run queue when it next waits for an LP
         self.slice_end_us = 0.0
         self.dispatch_event = None
+
+        # Spinning that yields (None: spin until acked or preempted).
+        self.spin: SpinYield | None = part.spin_yield
+        self.spin_epoch = 0
+        self.spin_exit_due = False
+        self.spin_exits = 0
+        self.spin_yields = 0
+
+        # VTL1 (VSM): entries per guest time; None when this VP has no VTL1.
+        self.vsm = part.vsm_for(index)
+        self.vtl1_budget_us = self.vsm.next_gap_us() if self.vsm is not None else math.inf
+        self.vtl1_end_us = 0.0
 
         # Work and interrupts.
         self.irqs: list = []  # (shootdown, scope, ack wait) IPIs waiting to be taken
@@ -142,7 +219,9 @@ class VP(TimeAccount):
         self.applied_ids: set[int] | None = set() if cfg.run.check_invariants else None
 
         self.exit_budget_us = streams["exits"].exp(self.exit_gap_mean_us)
-        self.next_arrival_us = arrivals.next_time(0.0)
+        self.closed = arrivals.closed  # closed loop: the next shootdown after op_due_us of guest work
+        self.op_due_us = arrivals.work_us() if self.closed else math.inf
+        self.next_arrival_us = arrivals.next_time()
         self.proc = self.env.process(self._run())
 
     # ------------------------------------------------------------ flushes
@@ -202,12 +281,27 @@ class VP(TimeAccount):
         self._book(shootdown, required, removed)
 
     def apply_deferred_flushes(self) -> None:
-        for shootdown, scope, whole_context in self.deferred:
+        """Flushes deferred while this VP was off its LP, applied before it
+        runs guest code. Under a profile with a flush queue (KVM), more
+        queued page-range flushes than the queue holds become one flush of
+        everything (charged to the first)."""
+        deferred = self.deferred
+        limit = self.part.profile.flush_queue_ranges
+        if limit and sum(1 for _, scope, _ in deferred if scope.pages is not None) > limit:
+            deferred = [(deferred[0][0], EVERYTHING, True), *((sd, EVERYTHING, True) for sd, _, _ in deferred[1:])]
+        for shootdown, scope, whole_context in deferred:
             required, removed = self.tlb.flush(scope, whole_context)
             self._book(shootdown, required, removed)
             self.hv_debt_us += self.costs.deferred_flush_us
             self.deferred_applied += 1
         self.deferred.clear()
+
+    def _evict(self) -> None:
+        """Dispatched again after other VPs ran on the LPs: only
+        ``retained_fraction`` of the TLB is left; the rest are refills."""
+        gone = self.tlb.evict(self.retained_fraction)
+        self.evicted_entries += gone
+        self.refill_debt_us += gone * self._refill_us
 
     # ------------------------------------------------------------ interrupts
     def kick(self, cancel: bool = False) -> None:
@@ -279,40 +373,95 @@ class VP(TimeAccount):
 
     # ------------------------------------------------------------ LP
     def wait_for_lp(self):
-        woken = self.state in (HALTED, SUSPENDED)
+        woken = self.woken or self.state in (HALTED, SUSPENDED)
+        self.woken = False
         self.set_state(DESCHEDULED)
-        ev = self.host.acquire(self, woken)
+        host = self.host
+        ev = host.acquire(self, woken)
         if ev is not None:
             yield ev
+        self.preempted = False
+        if self.retained_fraction < 1.0 and host.overcommitted and host.dispatches - self.left_dispatches > 1:
+            self._evict()
         if self.deferred:
             self.apply_deferred_flushes()
 
-    def give_up_lp(self, state: VpState) -> None:
+    def give_up_lp(self, state: int) -> None:
         self.set_state(state)
+        self.kicked = False  # a Canceled exit that led to losing the LP is part of that switch
+        self.preempted = state == DESCHEDULED
+        self.left_dispatches = self.host.dispatches
         self.host.release(self)
 
+    def yield_lp_to(self, target) -> None:
+        """Hand this VP's LP to ``target`` (queued) and wait at the tail of the queue."""
+        self.set_state(DESCHEDULED)
+        self.kicked = False
+        self.preempted = True
+        self.left_dispatches = self.host.dispatches
+        self.spin_yields += 1
+        self.host.yield_to(self, target)
+
     def spin_until_acked(self, acks):
-        """Busy-wait (interrupts on) until every target acked (``acks``: guest.AckWait)."""
+        """Busy-wait (interrupts on) until every target acked (``acks``:
+        guest.AckWait). With spinning that yields, each ``window`` of
+        spinning ends in a pause-loop exit or a long spin wait notification:
+        the VP hands its LP to a preempted VP of its partition if one waits
+        (IPI-aware: a target of this shootdown first), else spins on, the
+        PLE window growing; it resets when the VP is descheduled."""
+        spin = self.spin
+        window = spin.base_window_us if spin is not None else 0.0
         while acks.pending:
             if not self.on_lp:
                 yield from self.wait_for_lp()
+                window = spin.base_window_us if spin is not None else 0.0
             elif self.preempt_pending:
                 self.give_up_lp(DESCHEDULED)
             elif self.irqs:
                 yield from self.take_interrupts()
             else:
                 self.set_state(SPINNING)
+                if spin is not None:
+                    self.spin_epoch += 1
+                    self.env.timeout(window).callbacks.append(partial(_spin_window_over, self, self.spin_epoch))
                 self.interruptible = True
                 try:
                     yield acks.event
                 except Interrupt:
                     pass
                 self.interruptible = False
+                if self.spin_exit_due:
+                    self.spin_exit_due = False
+                    if acks.pending:
+                        yield from self._spin_exit(acks)
+                        window = spin.next_window(window)
+
+    def _spin_exit(self, acks):
+        """A pause-loop exit (or HvCallNotifyLongSpinWait): its cost, then a
+        directed yield if the host has a candidate."""
+        spin = self.spin
+        self.spin_exits += 1
+        self.exit_index = I_HYPERCALL if spin.form == "notify" else -1
+        if spin.form == "notify":
+            self.record_exit(I_HYPERCALL, 1, spin.exit_cost_us)
+        self.set_state(EXIT)
+        yield self.env.timeout(spin.exit_cost_us)
+        self.exit_index = -1
+        if not acks.pending or not self.on_lp:
+            return
+        prefer = None
+        if spin.ipi_aware:
+            def prefer(vp):
+                return any(a is acks for _, _, a in vp.irqs)
+        target = self.host.yield_candidate(self, prefer)
+        if target is not None:
+            self.yield_lp_to(target)
 
     # ------------------------------------------------------------ the loop
     def _run(self):
         env = self.env
         policy = self.policy
+        arrivals = self.arrivals
         exits = self.streams["exits"]
         cum = self._exit_cum
         last = len(cum) - 1
@@ -322,6 +471,8 @@ class VP(TimeAccount):
         inhibit = self.inhibit
         timeout = env.timeout
         check = self.applied_ids is not None
+        closed = self.closed
+        state_us = self.state_us
         while True:
             if not self.on_lp:
                 yield from self.wait_for_lp()
@@ -339,16 +490,26 @@ class VP(TimeAccount):
                 yield from policy.shootdown(self, self.requests.popleft())
                 continue
             now = env.now
-            if self.next_arrival_us <= now:
-                self.requests.extend(self.arrivals.requests(self, now))
-                self.next_arrival_us = self.arrivals.next_time(now)
+            if self.next_arrival_us <= now:  # open loop: every arrival up to now, with its own time
+                self.requests.extend(arrivals.requests(self, now))
+                self.next_arrival_us = arrivals.next_time()
                 continue
             if check:
                 assert not self.deferred, f"VP {self.index} runs guest code with a deferred flush pending"
-            run_for = self.next_arrival_us - now
+            self.set_state(GUEST, now)
+            if closed:  # the next operation is due after op_due_us of useful guest work
+                left = self.op_due_us - state_us[GUEST]
+                if left <= clock_tolerance(now):
+                    self.requests.extend(arrivals.requests(self, now))
+                    self.op_due_us = state_us[GUEST] + arrivals.work_us()
+                    continue
+                run_for = left + self.hv_debt_us + self.refill_debt_us  # debts are repaid first
+            else:
+                run_for = self.next_arrival_us - now
             if self.exit_budget_us < run_for:
                 run_for = self.exit_budget_us
-            self.set_state(GUEST, now)
+            if self.vtl1_budget_us < run_for:
+                run_for = self.vtl1_budget_us
             self.interruptible = True
             try:
                 yield timeout(run_for)
@@ -357,7 +518,13 @@ class VP(TimeAccount):
             self.interruptible = False
             end = env.now
             self.exit_budget_us -= end - now
-            if self.exit_budget_us > 1e-9:
+            tolerance = clock_tolerance(end)
+            if self.vsm is not None:
+                self.vtl1_budget_us -= end - now
+                if self.vtl1_budget_us <= tolerance:
+                    yield from self._vtl1(end)
+                    continue
+            if self.exit_budget_us > tolerance:
                 continue
             # The exit (inline: the hot path of every run; record_exit's work
             # done in place). Its reason is drawn from the exit mix; the next
@@ -380,6 +547,16 @@ class VP(TimeAccount):
             self.exit_index = -1
             if index == I_HALT:
                 yield from self._halt()
+
+    def _vtl1(self, now: float):
+        """A VTL1 entry (VSM): the VP runs the secure kernel for a hold,
+        takes no VTL0 interrupts (IPIs wait in ``irqs``) and holds VSM
+        TlbLocked until it returns (locks.VsmTlbLocks)."""
+        hold = self.vsm.hold_us()
+        self.vtl1_end_us = now + hold
+        self.set_state(VTL1, now)
+        yield self.env.timeout(hold)
+        self.vtl1_budget_us = self.vsm.next_gap_us()
 
     def _halt(self):
         """HLT: give up the LP and idle until an interrupt or new work."""
