@@ -122,8 +122,8 @@ class CostConfig:
             value = getattr(self, f.name)
             if not isinstance(value, bool):
                 _finite_non_negative(value, f"{key}.{f.name}")
-        if self.flush_ceiling_pages > MAX_COUNT:
-            raise ConfigError(f"{key}.flush_ceiling_pages", f"at most {MAX_COUNT:,}")
+        if self.flush_ceiling_pages > hv.GVA_RANGE_MAX_PAGES * 4096:
+            raise ConfigError(f"{key}.flush_ceiling_pages", f"at most {hv.GVA_RANGE_MAX_PAGES * 4096:,} pages")
         if not 0 <= self.posted_interrupt_discount < 1:
             raise ConfigError(f"{key}.posted_interrupt_discount", "must be in [0, 1)")
 
@@ -413,14 +413,15 @@ class VfConfig:
         _non_negative(self.flush_pages, f"{key}.flush_pages")
 
 
-FAULTS = ("", "drop_deferred_flush")
+FAULTS = ("", "drop_deferred_flush", "deny_hypercalls")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     check_invariants: bool = False  # assert the model's invariants during the run (on in tests)
-    # fault injection, to show the invariant checks catch a broken model: "" (none) or
-    # "drop_deferred_flush" (a VP that is not on an LP loses the flushes deferred to it)
+    # fault injection: "" (none), "drop_deferred_flush" (a VP that is not on an LP loses the flushes
+    # deferred to it: the invariant checks must catch it) or "deny_hypercalls" (every flush hypercall
+    # returns HV_STATUS_ACCESS_DENIED: the guest's fallback path)
     inject_fault: str = ""
 
     def check(self, key: str) -> None:

@@ -83,6 +83,8 @@ class Hypervisor:
         targets: validated (under the partition's profile) once, when the
         policy first needs it."""
         validation = self.profile.validate(call, self.n_vps)
+        if self.part.config.run.inject_fault == "deny_hypercalls":
+            validation = hv.Validation(HvStatus.ACCESS_DENIED, reason="run.inject_fault = deny_hypercalls")
         vps = self.part.vps
         targets = [vps[i] for i in validation.targets if i != vp.index] if validation.ok else []
         if self.profile.flush_whole_tlb:
