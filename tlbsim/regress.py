@@ -30,7 +30,7 @@ from tlbsim.results import atomic_write_text, git_revision
 from tlbsim.stats import t_quantile
 
 METRICS = ("latency_mean_us", "latency_p50_us", "latency_p99_us", "suspensions_per_shootdown",
-           "guest_work_fraction", "shootdowns_completed")
+           "guest_work_fraction", "shootdowns_completed", "ops_per_s")
 #: measured too when the scenario has VFs (vf.count > 0)
 VF_METRICS = ("vf_latency_mean_us", "vf_latency_p99_us", "vf_coalescing_ratio")
 DEFAULT_THRESHOLD = 0.05
@@ -114,6 +114,7 @@ def metrics_of(config: Config, seed: int) -> dict[str, float]:
         "suspensions_per_shootdown": float(s["suspensions"]) / n,
         "guest_work_fraction": float(s["guest_work_fraction"]),
         "shootdowns_completed": float(s["shootdowns_completed"]),
+        "ops_per_s": float(s["ops_per_s"]),
     }
 
 
