@@ -1,4 +1,4 @@
-"""`tlbsim` command line: run | sweep | plot | check | bench.
+"""`tlbsim` command line: run | sweep | plot | check | validate | bench.
 
 Exit codes: 0 fine; 1 a regression (check) or failed sweep points; 2 bad
 input (a config error, a missing or corrupt file, an unwritable output: one
@@ -168,6 +168,53 @@ def cmd_check(args) -> int:
     return EXIT_REGRESSION if failed else EXIT_OK
 
 
+def cmd_validate(args) -> int:
+    import json
+
+    from tlbsim import validate
+
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError("--jobs must be >= 1")
+    cases = validate.load_cases(args.case, quick=args.quick)
+    out = Path(args.out or ("results/validation-quick" if args.quick else "results/validation"))
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if not args.json:
+        print(f"tlbsim validate: {len(cases)} case(s) ({'quick' if args.quick else 'full'}): "
+              f"{', '.join(c.name for c in cases)} -> {out}/", flush=True)
+    table = validate.run_cases(cases, out, quick=args.quick, jobs=args.jobs, resume=True,
+                               progress=not args.no_progress and not args.json)
+    if args.docs:
+        validate.write_docs(cases, table, out / "figures", Path(args.docs), args.quick)
+    missed = table[table["verdict"] != "holds"]
+    if args.json:
+        print(json.dumps({"ok": missed.empty, "rows": json.loads(table.to_json(orient="records"))}, indent=1))
+    else:
+        print(validate.format_table(table))
+        print(f"\n{len(table) - len(missed)} of {len(table)} checks hold; tables in {out}/validation.parquet, "
+              f"figures in {out}/figures/" + (f"; {args.docs} written" if args.docs else ""))
+    return EXIT_REGRESSION if len(missed) else EXIT_OK
+
+
+def cmd_sensitivity(args) -> int:
+    from tlbsim import sensitivity
+
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError("--jobs must be >= 1")
+    spec = sensitivity.load_spec(args.spec)
+    out = Path(args.out or Path("results") / "sensitivity" / spec.name)
+    n = len(spec.sample())
+    print(f"tlbsim sensitivity {spec.name}: {spec.method}, {n} sample points x {len(spec.variants)} variants x "
+          f"{spec.replications} replication(s) = {n * len(spec.variants) * spec.replications} runs -> {out}/",
+          flush=True)
+    indices, figure = sensitivity.run(spec, out, jobs=args.jobs, resume=args.resume,
+                                      progress=not args.no_progress, dask_scheduler=args.dask_scheduler,
+                                      dask_local=args.dask_local)
+    print(sensitivity.format_indices(indices))
+    print(f"indices in {out}/indices.parquet; figure {figure}")
+    return EXIT_OK
+
+
 def cmd_bench(args) -> int:
     from tlbsim.bench import main as bench_main
 
@@ -213,6 +260,28 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--seed", type=int, help="root seed for the statistical tier (default: the baseline's)")
     ck.add_argument("--scenario", action="append", help="check only this scenario (repeatable)")
     ck.set_defaults(func=cmd_check)
+
+    va = sub.add_parser("validate", help="compare the model with published measurements (experiments/validation)")
+    va.add_argument("case", nargs="*", help="case names (default: every case; with --quick, the quick subset)")
+    va.add_argument("--quick", action="store_true", help="the quick subset, fewer replications (CI)")
+    va.add_argument("--json", action="store_true", help="machine-readable output")
+    va.add_argument("--out", metavar="DIR", help="output directory (default results/validation[-quick]); "
+                    "finished runs there are reused")
+    va.add_argument("--jobs", type=int, help="local worker processes (default: all cores)")
+    va.add_argument("--docs", metavar="FILE", help="write the validation report (docs/validation.md)")
+    va.add_argument("--no-progress", action="store_true", help="no progress bar")
+    va.set_defaults(func=cmd_validate)
+
+    se = sub.add_parser("sensitivity", help="which parameters move an answer (Morris / Sobol indices, SALib)")
+    se.add_argument("spec", help="sensitivity spec TOML (see experiments/sensitivity/*.toml)")
+    se.add_argument("--out", metavar="DIR", help="output directory (default results/sensitivity/<name>)")
+    se.add_argument("--jobs", type=int, help="local worker processes (default: all cores)")
+    se.add_argument("--resume", action="store_true", help="finish an interrupted study in --out")
+    g = se.add_mutually_exclusive_group()
+    g.add_argument("--dask-scheduler", metavar="ADDR", help="run on a Dask cluster, e.g. tcp://host:8786")
+    g.add_argument("--dask-local", type=int, metavar="N", help="start a Dask LocalCluster with N workers")
+    se.add_argument("--no-progress", action="store_true", help="no progress bar")
+    se.set_defaults(func=cmd_sensitivity)
 
     bench = sub.add_parser("bench", help="measure simulator speed against raw SimPy")
     bench.add_argument("--quick", action="store_true", help="smaller workloads (a smoke test, not a measurement)")

@@ -289,7 +289,7 @@ def vp_tables(vps) -> tuple[dict[str, list], dict[str, list]]:
     for name in TIME_COLUMNS:
         table[f"{name}_us"] = []
     extras = ("refill_entries", "collateral_entries", "evicted_entries", "flushes_applied", "deferred_applied",
-              "deferred_pending", "spin_exits", "spin_yields", "exits")
+              "deferred_pending", "spin_exits", "spin_yields", "ipi_send_us", "exits")
     for extra in extras:
         table[extra] = []
     exits: dict[str, list] = {"vp": [], "reason": [], "code": [], "count": [], "time_us": []}
@@ -306,6 +306,7 @@ def vp_tables(vps) -> tuple[dict[str, list], dict[str, list]]:
         table["deferred_pending"].append(len(vp.deferred))
         table["spin_exits"].append(vp.spin_exits)
         table["spin_yields"].append(vp.spin_yields)
+        table["ipi_send_us"].append(vp.ipi_send_us)
         table["exits"].append(sum(vp.exit_count))
         for i, reason in enumerate(EXIT_REASONS):
             exits["vp"].append(vp.index)
@@ -413,6 +414,11 @@ def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, e
         "hv_flush_us": float(vps["hv_flush_us"].sum()),
         "spinning_us": float(vps["spinning_us"].sum()),
         "vtl1_us": float(vps["vtl1_us"].sum()),
+        # share of VP time a shootdown takes from the guest: sending IPIs, spinning for acks, flush
+        # handlers, flush hypercalls, suspended on a locked TLB, hypervisor interruptions, refills
+        "shootdown_time_fraction": float((vps["ipi_send_us"].sum() + vps["spinning_us"].sum() + vps["flush_us"].sum()
+                                          + vps["hypercall_us"].sum() + vps["suspended_us"].sum()
+                                          + vps["hv_flush_us"].sum() + vps["refill_us"].sum()) / total_us),
         "collateral_entries": float(vps["collateral_entries"].sum()),
         "evicted_entries": float(vps["evicted_entries"].sum()),
         "spin_exits": int(vps["spin_exits"].sum()),

@@ -123,6 +123,7 @@ class Policy:
             send_us = self.costs.vmexit_roundtrip_us + per_target_us * k
             vp.record_exit(exit_index, 1, send_us)
             env.timeout(send_us).callbacks.append(partial(_deliver_all, targets, sd, scope, acks))
+        vp.ipi_send_us += send_us
         vp.exit_index = exit_index
         vp.set_state(EXIT)
         yield env.timeout(send_us)

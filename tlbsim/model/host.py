@@ -109,14 +109,19 @@ class Host:
 
     def yield_to(self, yielder, target) -> None:
         """``yielder`` hands its LP to ``target`` (queued): ``target`` is
-        dispatched on it now; the yielder must ``acquire`` again (it queues
-        at the tail)."""
+        dispatched on it now, for what is left of the yielder's slice; the
+        yielder must ``acquire`` again (it queues at the tail)."""
         self.queue.remove(target)
         target.part.last_boosted = target.index
         self.running.remove(yielder)
         yielder.on_lp = False
+        preempt = yielder.preempt_pending
         yielder.preempt_pending = False
         self._dispatch(target)
+        # the target runs out the yielder's slice, not a fresh one: a yield moves the LP within the
+        # partition, it does not extend the partition's share against the co-tenants (CFS fairness)
+        target.slice_end_us = yielder.slice_end_us
+        target.preempt_pending = preempt
         ev, target.dispatch_event = target.dispatch_event, None
         ev.succeed()
         self.yields += 1

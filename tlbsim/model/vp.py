@@ -132,6 +132,7 @@ class VP(TimeAccount):
         "host",
         "index",
         "inhibit",
+        "ipi_send_us",
         "interruptible",
         "irqs",
         "kicked",
@@ -185,6 +186,7 @@ class VP(TimeAccount):
         self.evicted_entries = 0.0
         self.flushes_applied = 0
         self.deferred_applied = 0
+        self.ipi_send_us = 0.0  # in exits sending IPIs (trapped ICR writes or PV send-IPI hypercalls)
         self.retained_fraction = t.retained_fraction
         self.left_dispatches = 0
 

@@ -1,0 +1,396 @@
+"""Validation against published measurements of real systems (``tlbsim validate``).
+
+A case (one TOML file in ``experiments/validation/``) maps a published setup
+onto config keys and names the figures to compare::
+
+    name = "hv_tlbflush_kvm"
+    title = "..."
+    source = "..."            # citation: where the published figures come from
+    setup = "..."             # the published setup, in words
+    mapping = "..."           # how it maps onto the model, and what it assumes
+    reading = "..."           # an honest reading: where the model is off and why
+    config = "../configs/default.toml"
+    replications = 6
+    quick = true              # part of --quick (CI)
+    quick_replications = 3
+    [fixed]                   # overrides for every point
+    [[point]]                 # one simulated configuration per published one
+    label = "ipi_12_12"
+    set = { "workload.policy" = "ipi" }
+    [[check]]                 # one comparison with a published figure
+    kind = "ratio"            # ratio | value | at_most | at_least | less | increasing
+    metric = "ops_per_s"
+    numerator = "mask_12_12"  # point labels
+    denominator = "ipi_12_12"
+    published = 1.0
+    tolerance = 0.10          # relative (ratio, value, at_most)
+    why = "..."               # why this tolerance
+
+Published figures are mostly ratios measured on one system; ratios are
+compared, not absolute times. A ratio check is paired by replication
+(every point of a replication runs with the same seed: common random
+numbers): its interval is a Student t interval over the per-replication
+ratios. Runs go through the sweep machinery (``--jobs``, ``--resume``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tlbsim import __version__
+from tlbsim.config import ConfigError, read_toml
+from tlbsim.results import atomic_write_parquet, atomic_write_text, git_revision
+from tlbsim.stats import mean_ci
+
+CASE_DIR = Path(__file__).resolve().parent.parent / "experiments" / "validation"
+CHECK_KINDS = ("ratio", "value", "at_most", "at_least", "less", "increasing")
+CASE_KEYS = {"name", "title", "source", "setup", "mapping", "reading", "config", "replications", "quick",
+             "quick_replications", "quick_fixed", "fixed", "point", "check", "seed"}
+CHECK_KEYS = {"kind", "metric", "numerator", "denominator", "point", "points", "published", "tolerance", "why",
+              "label"}
+
+
+@dataclass(frozen=True)
+class Check:
+    kind: str
+    metric: str
+    published: float | None
+    tolerance: float
+    why: str
+    label: str
+    numerator: str = ""
+    denominator: str = ""
+    points: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    path: Path
+    title: str
+    source: str
+    setup: str
+    mapping: str
+    reading: str
+    base: dict[str, Any]
+    fixed: dict[str, Any]
+    quick_fixed: dict[str, Any]
+    points: tuple[tuple[str, dict[str, Any]], ...]
+    checks: tuple[Check, ...]
+    replications: int
+    quick: bool
+    quick_replications: int
+    seed: int
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def spec(self, quick: bool):
+        """The sweep that runs this case's points."""
+        from tlbsim.sweep import Point, SweepSpec
+
+        fixed = {**self.fixed, **(self.quick_fixed if quick else {})}
+        points = tuple(Point(i, {**fixed, **overrides}) for i, (_, overrides) in enumerate(self.points))
+        varied = tuple(sorted({k for _, o in self.points for k in o}))
+        reps = self.quick_replications if quick else self.replications
+        source = {"validation_case": self.raw, "quick": quick}
+        spec = SweepSpec(f"validate-{self.name}", self.base, points, reps, self.seed, varied, source=source)
+        for p in spec.points:
+            try:
+                spec.config(p)
+            except ConfigError as e:
+                raise ConfigError(e.key, f"{self.path}: point {self.points[p.index][0]!r}: "
+                                  f"{str(e).split(': ', 1)[-1]}") from None
+        return spec
+
+
+def _text(data: dict, key: str, path: Path) -> str:
+    value = data.get(key, "")
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, f"{path}: needs a non-empty string {key!r}")
+    return value.strip()
+
+
+def load_case(path: str | Path) -> Case:
+    path = Path(path)
+    data = read_toml(path, "validation case")
+    unknown = set(data) - CASE_KEYS
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], f"{path}: unknown validation case key")
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError("name", f"{path}: a case name is letters, digits, '_' and '-'")
+    base: dict[str, Any] = {}
+    if "config" in data:
+        if not isinstance(data["config"], str):
+            raise ConfigError("config", f"{path}: must be a path")
+        base = read_toml((path.parent / data["config"]).resolve(), "base config", "config")
+    fixed, quick_fixed = data.get("fixed", {}), data.get("quick_fixed", {})
+    for key, table in (("fixed", fixed), ("quick_fixed", quick_fixed)):
+        if not isinstance(table, dict):
+            raise ConfigError(key, f"{path}: must be a table of config overrides")
+    raw_points = data.get("point", [])
+    if not isinstance(raw_points, list) or not raw_points:
+        raise ConfigError("point", f"{path}: needs at least one [[point]]")
+    points, labels = [], set()
+    for i, p in enumerate(raw_points):
+        if not isinstance(p, dict) or not isinstance(p.get("label"), str) or not isinstance(p.get("set", {}), dict):
+            raise ConfigError(f"point[{i}]", f"{path}: a point has a label and a set = {{...}} table")
+        if p["label"] in labels:
+            raise ConfigError(f"point[{i}]", f"{path}: duplicate point label {p['label']!r}")
+        labels.add(p["label"])
+        points.append((p["label"], dict(p.get("set", {}))))
+    raw_checks = data.get("check", [])
+    if not isinstance(raw_checks, list) or not raw_checks:
+        raise ConfigError("check", f"{path}: needs at least one [[check]]")
+    checks = []
+    for i, c in enumerate(raw_checks):
+        key = f"check[{i}]"
+        if not isinstance(c, dict):
+            raise ConfigError(key, f"{path}: must be a table")
+        bad = set(c) - CHECK_KEYS
+        if bad:
+            raise ConfigError(f"{key}.{sorted(bad)[0]}", f"{path}: unknown check key")
+        kind = c.get("kind")
+        if kind not in CHECK_KINDS:
+            raise ConfigError(f"{key}.kind", f"{path}: must be one of {', '.join(CHECK_KINDS)}")
+        named = [c.get("numerator", ""), c.get("denominator", "")]
+        for n in [c.get("point", ""), *c.get("points", [])]:  # a point, or a ratio of two: "a/b"
+            named += str(n).split("/", 1)
+        for n in named:
+            if n and n not in labels:
+                raise ConfigError(key, f"{path}: names point {n!r}, which is not a [[point]] label")
+        published = c.get("published")
+        if kind not in ("increasing", "less") and (not isinstance(published, int | float) or isinstance(published, bool)
+                                     or not math.isfinite(published)):
+            raise ConfigError(f"{key}.published", f"{path}: a {kind} check needs a finite published figure")
+        tol = c.get("tolerance", 0.0)
+        if not isinstance(tol, int | float) or not 0 <= tol < 10:
+            raise ConfigError(f"{key}.tolerance", f"{path}: a relative tolerance in [0, 10)")
+        if kind == "ratio" and not (c.get("numerator") and c.get("denominator")):
+            raise ConfigError(key, f"{path}: a ratio check names a numerator and a denominator point")
+        if kind in ("value", "at_most", "at_least") and not c.get("point"):
+            raise ConfigError(key, f"{path}: a {kind} check names a point")
+        if kind in ("less", "increasing") and len(c.get("points", [])) < 2:
+            raise ConfigError(key, f"{path}: a {kind} check names at least two points, in order")
+        checks.append(Check(kind, str(c.get("metric", "")), None if published is None else float(published),
+                            float(tol), str(c.get("why", "")), str(c.get("label", f"{name}#{i}")),
+                            c.get("numerator", "") or c.get("point", ""), c.get("denominator", ""),
+                            tuple(c.get("points", []))))
+        if not checks[-1].metric:
+            raise ConfigError(f"{key}.metric", f"{path}: names the summary metric it compares")
+    reps = data.get("replications", 5)
+    quick_reps = data.get("quick_replications", min(3, reps) if isinstance(reps, int) else 3)
+    for key, v in (("replications", reps), ("quick_replications", quick_reps)):
+        if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 1000:
+            raise ConfigError(key, f"{path}: an integer in 2..1000 (intervals need two replications)")
+    seed = data.get("seed", 20261125)
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ConfigError("seed", f"{path}: an integer in 0..2^63-1")
+    return Case(name, path, _text(data, "title", path), _text(data, "source", path), _text(data, "setup", path),
+                _text(data, "mapping", path), _text(data, "reading", path), base, dict(fixed), dict(quick_fixed),
+                tuple(points), tuple(checks), reps, bool(data.get("quick", False)), quick_reps, seed, data)
+
+
+def load_cases(names: list[str] | None = None, quick: bool = False, directory: Path = CASE_DIR) -> list[Case]:
+    files = sorted(directory.glob("*.toml"))
+    cases = [load_case(f) for f in files]
+    by_name = {c.name: c for c in cases}
+    if names:
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise ConfigError("CASE", f"no validation case {missing[0]!r} (have: {', '.join(sorted(by_name))})")
+        cases = [by_name[n] for n in names]
+    elif quick:
+        cases = [c for c in cases if c.quick]
+    if not cases:
+        raise ConfigError("CASE", f"no validation cases to run in {directory}")
+    return cases
+
+
+# ---------------------------------------------------------------- evaluation
+def _per_rep(points: pd.DataFrame, case: Case, label: str, metric: str) -> pd.Series:
+    index = [lbl for lbl, _ in case.points].index(label)
+    rows = points[(points["point"] == index) & (points["status"] == "ok")]
+    if metric not in rows:
+        raise ConfigError("metric", f"{case.path}: the summary has no metric {metric!r}")
+    return rows.set_index("replication")[metric].astype(float)
+
+
+def evaluate(case: Case, points: pd.DataFrame) -> list[dict]:
+    """One row per check: published, simulated (mean and 95 % interval), ratio to published, verdict."""
+    rows = []
+    for chk in case.checks:
+        row: dict[str, Any] = {"case": case.name, "check": chk.label, "kind": chk.kind, "metric": chk.metric,
+                               "published": chk.published, "tolerance": chk.tolerance, "why": chk.why}
+        if chk.kind == "ratio":
+            num = _per_rep(points, case, chk.numerator, chk.metric)
+            den = _per_rep(points, case, chk.denominator, chk.metric)
+            per = (num / den).dropna()
+            row["compared"] = f"{chk.metric}: {chk.numerator} / {chk.denominator}"
+        elif chk.kind in ("value", "at_most", "at_least"):
+            num, _, den = chk.numerator.partition("/")
+            per = _per_rep(points, case, num, chk.metric)
+            if den:
+                per = per / _per_rep(points, case, den, chk.metric)
+            per = per.dropna()
+            row["compared"] = f"{chk.metric} of {chk.numerator}"
+        else:
+            series = []
+            for p in chk.points:
+                num, _, den = p.partition("/")
+                s = _per_rep(points, case, num, chk.metric)
+                series.append(s / _per_rep(points, case, den, chk.metric) if den else s)
+            means = [float(s.mean()) for s in series]
+            row["compared"] = f"{chk.metric}: " + " < ".join(chk.points)
+            row["simulated"] = means[-1] / means[0] if chk.kind == "increasing" and means[0] else math.nan
+            row["low"] = row["high"] = math.nan
+            row["ratio_to_published"] = math.nan
+            ok = all(b > a for a, b in zip(means, means[1:], strict=False))
+            row["detail"] = " -> ".join(f"{m:.4g}" for m in means)
+            row["verdict"] = "holds" if ok else "MISS"
+            rows.append(row)
+            continue
+        mean, low, high = mean_ci(per.to_numpy())
+        row.update(simulated=mean, low=low, high=high, detail=f"n={len(per)}")
+        row["ratio_to_published"] = mean / chk.published if chk.published else math.nan
+        if chk.kind == "at_most":
+            ok = mean <= chk.published * (1 + chk.tolerance)
+        elif chk.kind == "at_least":
+            ok = mean >= chk.published * (1 - chk.tolerance)
+        else:
+            ok = chk.published != 0 and abs(mean / chk.published - 1) <= chk.tolerance
+        row["verdict"] = "holds" if ok else "MISS"
+        rows.append(row)
+    return rows
+
+
+def run_cases(cases: list[Case], out: Path, quick: bool = False, jobs: int | None = None, resume: bool = False,
+              progress: bool = False, dask_scheduler: str | None = None, dask_local: int | None = None) -> pd.DataFrame:
+    from tlbsim.sweep import run_sweep
+
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for case in cases:
+        outcome = run_sweep(case.spec(quick), out / case.name, jobs=jobs, resume=resume, progress=progress,
+                            dask_scheduler=dask_scheduler, dask_local=dask_local)
+        if outcome.failed:
+            point, rep, err = outcome.failed[0]
+            raise ConfigError(case.name, f"{len(outcome.failed)} runs failed (point {point} replication {rep}: {err})")
+        results.extend(evaluate(case, outcome.points))
+        figure(case, pd.DataFrame([r for r in results if r["case"] == case.name]), out / "figures")
+    table = pd.DataFrame(results)
+    atomic_write_parquet(table, out / "validation.parquet")
+    manifest = {"kind": "tlbsim-validation", "quick": quick, "cases": [c.name for c in cases],
+                "case_files": {c.name: str(c.path) for c in cases}, "fingerprint": fingerprint(cases),
+                "version": __version__, "git_revision": git_revision(), "tables": {"validation": "validation.parquet"},
+                "python": sys.version.split()[0]}
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, default=str))
+    return table
+
+
+def fingerprint(cases: list[Case]) -> str:
+    """A hash of the model's source and the case files: docs/validation.md records the one its numbers
+    came from, and a test fails when either changed since (the doc cannot drift from the code)."""
+    h = hashlib.sha256()
+    model = Path(__file__).resolve().parent
+    for f in sorted([*model.glob("model/*.py"), model / "config.py", model / "records.py", model / "hv.py"]):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    for c in sorted(cases, key=lambda c: c.name):
+        h.update(c.path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- output
+def format_table(table: pd.DataFrame) -> str:
+    head = (f"{'case':22s} {'check':34s} {'published':>10s} {'simulated [95% CI]':>28s} {'ratio':>6s} {'tol':>5s}"
+            "  verdict")
+    lines = [head, "-" * len(head)]
+    for r in table.itertuples():
+        pub = "-" if r.published is None or (isinstance(r.published, float) and math.isnan(r.published)) \
+            else f"{r.published:.4g}"
+        if r.kind in ("increasing", "less"):
+            sim = r.detail
+        elif math.isnan(r.low):
+            sim = f"{r.simulated:.4g}"
+        else:
+            sim = f"{r.simulated:.4g} [{r.low:.4g}, {r.high:.4g}]"
+        ratio = "-" if math.isnan(r.ratio_to_published) else f"{r.ratio_to_published:.2f}"
+        tol = "-" if r.kind in ("increasing", "less") else f"{r.tolerance:.0%}"
+        lines.append(f"{r.case:22s} {r.check[:34]:34s} {pub:>10s} {sim[:28]:>28s} {ratio:>6s} {tol:>5s}  {r.verdict}")
+    return "\n".join(lines)
+
+
+def figure(case: Case, rows: pd.DataFrame, out_dir: Path) -> Path | None:
+    """Published vs simulated (95 % interval) for each check of a case, on the same axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numeric = rows[rows["kind"].isin(["ratio", "value", "at_most", "at_least"])]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(max(4.0, 2.2 * max(1, len(rows))), 3.4))
+    if len(numeric):
+        x = np.arange(len(numeric))
+        ax.bar(x - 0.18, numeric["published"], width=0.36, label="published", color="#555555")
+        err = np.array([numeric["simulated"] - numeric["low"], numeric["high"] - numeric["simulated"]])
+        err = np.nan_to_num(err, nan=0.0)
+        ax.bar(x + 0.18, numeric["simulated"], width=0.36, yerr=err, capsize=4, label="simulated (95 % CI)",
+               color="#1f77b4")
+        ax.set_xticks(x, [f"{c}\n({v})" for c, v in zip(numeric["check"], numeric["verdict"], strict=True)],
+                      fontsize=7)
+        ax.set_ylabel(", ".join(sorted(set(numeric["metric"]))) + " (as published)")
+        ax.legend(fontsize=7)
+    for i, r in enumerate(rows[~rows["kind"].isin(["ratio", "value", "at_most", "at_least"])].itertuples()):
+        ax.text(0.02, 0.95 - 0.08 * i, f"{r.check}: {r.detail} ({r.verdict})", transform=ax.transAxes, fontsize=7,
+                va="top")
+    ax.set_title(case.title, fontsize=9)
+    fig.tight_layout()
+    path = out_dir / f"{case.name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_docs(cases: list[Case], table: pd.DataFrame, figures: Path, doc: Path, quick: bool) -> None:
+    """docs/validation.md: every case, its setup, mapping, result (table and figure), and reading."""
+    import shutil
+
+    fig_dir = doc.parent / "figures" / "validation"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# Validation: how far tlbsim is from published measurements", "",
+             "Generated by `tlbsim validate --docs docs/validation.md` (`make validate`); do not edit by hand.",
+             f"Model fingerprint `{fingerprint(cases)}` (a test fails when the model or a case changed since).",
+             f"Run: {'quick subset' if quick else 'full suite'}, tlbsim {__version__}, git {git_revision()}.", "",
+             "Each case maps a published setup onto config keys (`experiments/validation/*.toml`), compares the",
+             "published figures (mostly ratios measured on one system) with the simulated ones (mean and 95 %",
+             "Student t interval over replications, paired by seed), and states a tolerance and why. Misses",
+             "are shown as misses.", "", "## Summary", "", "```", format_table(table), "```", ""]
+    for case in cases:
+        rows = table[table["case"] == case.name]
+        lines += [f"## {case.title} (`{case.name}`)", "", f"**Source.** {case.source}", "",
+                  f"**Setup.** {case.setup}", "", f"**Mapping and assumptions.** {case.mapping}", "",
+                  "| check | compared | published | simulated (95 % CI) | tolerance | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for r in rows.itertuples():
+            sim = r.detail if r.kind in ("increasing", "less") else (
+                f"{r.simulated:.4g}" + ("" if math.isnan(r.low) else f" [{r.low:.4g}, {r.high:.4g}]"))
+            pub = "-" if r.published is None or (isinstance(r.published, float) and math.isnan(r.published)) \
+                else f"{r.published:.4g}"
+            tol = "-" if r.kind in ("increasing", "less") else f"{r.tolerance:.0%}: {r.why}"
+            lines.append(f"| {r.check} | {r.compared} | {pub} | {sim} | {tol} | {r.verdict} |")
+        src = figures / f"{case.name}.png"
+        if src.exists():
+            shutil.copyfile(src, fig_dir / src.name)
+            lines += ["", f"![{case.name}](figures/validation/{src.name})"]
+        lines += ["", f"**Reading.** {case.reading}", ""]
+    atomic_write_text(doc, "\n".join(lines))
