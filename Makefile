@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP     := $(VENV)/.stamp-run
 DEV_STAMP := $(VENV)/.stamp-dev
 
-.PHONY: run test lint check bench clean
+.PHONY: run test lint check validate validate-quick sensitivity bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,18 @@ test: $(DEV_STAMP) lint
 # The CI regression gate: simulated latency against results/baselines/ (exit 1 on a regression).
 check: $(STAMP)
 	$(BIN)/tlbsim check
+
+# Validation against published measurements: the table, figures and docs/validation.md (exit 1 on a miss).
+validate: $(STAMP)
+	$(BIN)/tlbsim validate --docs docs/validation.md
+
+# The quick subset CI runs.
+validate-quick: $(STAMP)
+	$(BIN)/tlbsim validate --quick --no-progress
+
+# Which estimated parameters decide the policy answers (Morris screening; about a minute on 2 cores).
+sensitivity: $(STAMP)
+	$(BIN)/tlbsim sensitivity experiments/sensitivity/policy_choice.toml --resume
 
 bench: $(STAMP)
 	$(BIN)/tlbsim bench

@@ -25,9 +25,12 @@ LABELS = {
     "latency_mean_us": "shootdown latency, mean (us)",
     "latency_p50_us": "shootdown latency, p50 (us)",
     "latency_p99_us": "shootdown latency, p99 (us)",
-    "guest_work_fraction": "guest work fraction (of VP time)",
-    "lp_work_fraction": "useful guest work, fraction of LP capacity",
-    "vps_per_lp": "VPs per logical processor",
+    "guest_work_fraction": "useful guest work, share of the partition's VP time",
+    "lp_work_fraction": "useful guest work, share of the partition's fair LP capacity",
+    "vps_per_lp": "VPs per logical processor (all partitions)",
+    "ops_per_s": "operations (work + shootdown) per second",
+    "shootdown_time_fraction": "share of VP time taken by shootdowns",
+    "host.cotenants": "co-tenant partitions",
     "partition.vps": "virtual processors",
     "fraction_targeted": "fraction of VPs targeted",
     "cost_per_shootdown_us": "total cost per shootdown (us):\nhypercall + target interruptions + refills",
@@ -82,7 +85,9 @@ def load_sweep(directory: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]
 def add_derived(points: pd.DataFrame) -> pd.DataFrame:
     p = points.copy()
     vps = p["partition.vps"]
-    p["vps_per_lp"] = vps / p["partition.lps"].clip(upper=vps)
+    # every VP on the host: the partition's and its co-tenants'
+    host_vps = vps + (p["host.cotenants"] * p["host.cotenant_vps"] if "host.cotenants" in p else 0)
+    p["vps_per_lp"] = host_vps / p["partition.lps"].clip(upper=host_vps)
     group = np.where(p["workload.sharing"] == "groups", p["workload.group_size"].clip(upper=vps),
                      np.where(p["workload.sharing"] == "all", vps, 1))
     p["fraction_targeted"] = group / vps
@@ -90,8 +95,11 @@ def add_derived(points: pd.DataFrame) -> pd.DataFrame:
     p["cost_per_shootdown_us"] = (p["hypercall_us"] + p["hv_flush_us"] + p["refill_us"] + p["spinning_us"]) / n
     p["suspensions_per_shootdown"] = p["suspensions"] / n
     p["suspended_us_per_shootdown"] = p["suspended_us"] / n
-    # useful guest work as a fraction of the LP capacity the partition has (1.0 = every LP busy with guest work)
-    p["lp_work_fraction"] = p["guest_work_fraction"] * vps / p["partition.lps"].clip(upper=vps)
+    # useful guest work as a fraction of the partition's fair share of the LPs (its VPs' share of all the
+    # host's VPs): 1.0 = its share of the LPs busy with useful guest work. guest_work_fraction is the
+    # share of the partition's VP time (it cannot exceed LPs / VPs under overcommit).
+    fair_lps = p["partition.lps"].clip(upper=host_vps) * vps / host_vps
+    p["lp_work_fraction"] = p["guest_work_fraction"] * vps / fair_lps
     return p
 
 
@@ -244,6 +252,9 @@ def plot_sweep(directory: str | Path, out_dir: str | Path | None = None) -> list
         paths += cdf_figure(points, shootdowns, out, {"vps_per_lp": worst}, "latency_cdf_overcommitted")
         best = points["vps_per_lp"].min()
         paths += cdf_figure(points, shootdowns, out, {"vps_per_lp": best}, "latency_cdf_dedicated")
+        if "ops_per_s" in points and (points.get("workload.mode") == "closed").any():
+            paths += metric_figure(points, "vps_per_lp", "ops_per_s", out, "throughput_vs_overcommit",
+                                   title="Closed loop: operations per second vs overcommit")
     elif kind == "mask_vs_all":
         for vps, g in points.groupby("partition.vps"):
             paths += latency_figure(g, "fraction_targeted", out, f"latency_vs_fraction_{vps}vps",

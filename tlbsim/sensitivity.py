@@ -261,7 +261,7 @@ def figure(spec: SensitivitySpec, indices: pd.DataFrame, out_dir: Path) -> Path:
         if spec.method == "morris":
             d = d.sort_values("mu_star")
             ax.barh(d["parameter"], d["mu_star"], xerr=d["mu_star_conf"], capsize=3, color="#1f77b4")
-            ax.set_xlabel("Morris mu* (mean |elementary effect|), bars: bootstrap 95 % CI")
+            ax.set_xlabel("Morris mu* = mean |elementary effect| (95 % bootstrap CI)", fontsize=8)
         else:
             d = d.sort_values("ST")
             y = np.arange(len(d))

@@ -338,7 +338,7 @@ def figure(case: Case, rows: pd.DataFrame, out_dir: Path) -> Path | None:
 
     numeric = rows[rows["kind"].isin(["ratio", "value", "at_most", "at_least"])]
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(max(4.0, 2.2 * max(1, len(rows))), 3.4))
+    fig, ax = plt.subplots(figsize=(max(5.5, 2.4 * max(1, len(rows))), 3.8))
     if len(numeric):
         x = np.arange(len(numeric))
         ax.bar(x - 0.18, numeric["published"], width=0.36, label="published", color="#555555")
@@ -348,12 +348,17 @@ def figure(case: Case, rows: pd.DataFrame, out_dir: Path) -> Path | None:
                color="#1f77b4")
         ax.set_xticks(x, [f"{c}\n({v})" for c, v in zip(numeric["check"], numeric["verdict"], strict=True)],
                       fontsize=7)
-        ax.set_ylabel(", ".join(sorted(set(numeric["metric"]))) + " (as published)")
+        kinds = set(numeric["kind"])
+        what = ", ".join(sorted(set(numeric["metric"])))
+        ax.set_ylabel(f"ratio of {what}" if kinds == {"ratio"} else f"{what} (ratio where a check compares two)",
+                      fontsize=8)
         ax.legend(fontsize=7)
     for i, r in enumerate(rows[~rows["kind"].isin(["ratio", "value", "at_most", "at_least"])].itertuples()):
         ax.text(0.02, 0.95 - 0.08 * i, f"{r.check}: {r.detail} ({r.verdict})", transform=ax.transAxes, fontsize=7,
                 va="top")
-    ax.set_title(case.title, fontsize=9)
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(case.title, 70)), fontsize=9)
     fig.tight_layout()
     path = out_dir / f"{case.name}.png"
     fig.savefig(path, dpi=110)

@@ -117,6 +117,7 @@ class VP(TimeAccount):
         "vsm",
         "vtl1_budget_us",
         "vtl1_end_us",
+        "vruntime_us",
         "woken",
         "arrivals",
         "collateral_entries",
@@ -124,6 +125,7 @@ class VP(TimeAccount):
         "deferred",
         "deferred_applied",
         "dispatch_event",
+        "dispatched_us",
         "exit_budget_us",
         "exit_gap_mean_us",
         "exit_index",
@@ -197,6 +199,8 @@ class VP(TimeAccount):
         self.woken = False  # goes to the head of the run queue when it next waits for an LP
         self.slice_end_us = 0.0
         self.dispatch_event = None
+        self.vruntime_us = 0.0  # LP time had (the host's fair queue order)
+        self.dispatched_us = 0.0
 
         # Spinning that yields (None: spin until acked or preempted).
         self.spin: SpinYield | None = part.spin_yield
