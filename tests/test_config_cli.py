@@ -82,7 +82,7 @@ def test_run_writes_tables_and_manifest(tmp_path, capsys):
          "workload.processor_mask"),
         (["run", str(DEFAULT), "--set", "costs.refill_us=-1"], "costs.refill_us"),
         (["run", str(DEFAULT), "--set", "nonsense"], "KEY=VALUE"),
-        (["run", str(DEFAULT), "--seed", "x"], "invalid int"),
+        (["run", str(DEFAULT), "--seed", "x"], "a seed is an integer"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):

@@ -29,6 +29,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def _seed(text: str) -> int:
+    """A root seed: an integer in 0..2^63-1 (numpy's SeedSequence takes no negative entropy)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed is an integer, not {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed is an integer in 0..2^63-1, not {value}")
+    return value
+
+
 def _load_config(path: str, sets: list[str]) -> Config:
     overrides = dict(parse_override(s) for s in sets or ())
     return Config.from_toml(path, overrides)
@@ -67,31 +78,108 @@ def format_summary(summary: pd.Series) -> str:
     return "\n".join(lines)
 
 
+RUN_CI_METRICS = ("latency_mean_us", "latency_p50_us", "latency_p99_us", "guest_work_fraction", "ops_per_s",
+                  "shootdowns_completed", "shootdowns_incomplete", "suspensions")
+
+
 def cmd_run(args) -> int:
+    import json
+
+    from tlbsim.results import writable_directory
     from tlbsim.runner import simulate
 
     config = _load_config(args.config, args.set)
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out} exists and is not a directory")
-    progress = None
-    if not args.no_progress and sys.stderr.isatty():
-        from tlbsim.sweep import Progress
-
-        bar = Progress(100, f"simulating {config.partition.duration_us:,.0f} us")
-
-        def progress(_fraction: float) -> None:  # called once per 1 % of simulated time
-            bar.update()
-    result = simulate(config, seed=args.seed, progress=progress)
-    print(f"tlbsim run {args.config} (seed {args.seed}, {config.partition.vps} VPs on "
-          f"{min(config.partition.lps, config.partition.vps)} LPs, {config.partition.duration_us:,.0f} us simulated)")
-    print(format_summary(result.summary))
-    if args.out:
+    if args.replications < 1 or args.replications > 1000:
+        raise UsageError("--replications must be in 1..1000")
+    out = Path(args.out) if args.out else None
+    if out is not None:  # before the run: an unwritable --out must not cost a whole simulation
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a directory")
+        manifest = out / "manifest.json"
+        if manifest.exists() and not args.force:
+            try:
+                kind = json.loads(manifest.read_text()).get("kind", "?")
+            except (OSError, ValueError, AttributeError):
+                kind = "unreadable"
+            raise UsageError(f"--out {out} already holds results ({kind}); use --force to overwrite them "
+                             "or choose another directory")
         try:
-            out = result.save(args.out)
+            writable_directory(out)
         except OSError as e:
-            raise UsageError(f"cannot write results to {args.out}: {e.strerror or e}") from None
-        print(f"results written to {out}/ (shootdowns, vps, exits .parquet + manifest.json)")
+            raise UsageError(f"cannot write results to {out}: {e.strerror or e}") from None
+    banner = (f"tlbsim run {args.config} (seed {args.seed}, {config.partition.vps} VPs on "
+              f"{config.partition.lps} LPs" + (f" shared with {config.host.cotenants} co-tenant partition(s) of "
+                                                f"{config.host.cotenant_vps} VPs" if config.host.cotenants else "")
+              + f", {config.partition.duration_us:,.0f} us simulated"
+              + (f", {args.replications} replications" if args.replications > 1 else "") + ")")
+    results = []
+    for r in range(args.replications):
+        seed = args.seed if args.replications == 1 else replication_seed(args.seed, r)
+        progress = None
+        if not args.no_progress:
+            from tlbsim.sweep import Progress
+
+            label = f"simulating {config.partition.duration_us:,.0f} us" + (
+                f" (replication {r + 1}/{args.replications})" if args.replications > 1 else "")
+            bar = Progress(100, label)
+
+            def progress(_fraction: float, bar=bar) -> None:  # called once per 1 % of simulated time
+                bar.update()
+        results.append(simulate(config, seed=seed, progress=progress))
+    print(banner)
+    result = results[0]
+    if args.replications == 1:
+        print(format_summary(result.summary))
+    else:
+        print(format_replications([r.summary for r in results]))
+    if out is not None:
+        try:
+            if args.replications == 1:
+                result.save(out)
+            else:
+                for r, res in enumerate(results):
+                    res.save(out / f"replication-{r}")
+                save_replications(out, [x.summary for x in results], config, args.seed)
+        except OSError as e:
+            raise UsageError(f"cannot write results to {out}: {e.strerror or e}") from None
+        print(f"results written to {out}/")
     return EXIT_OK
+
+
+def replication_seed(root: int, r: int) -> int:
+    """Replication r's seed: SeedSequence(root, spawn_key=(r,)), as sweeps and the gate use."""
+    import numpy as np
+
+    return int(np.random.SeedSequence(root, spawn_key=(r,)).generate_state(1, dtype=np.uint64)[0])
+
+
+def format_replications(summaries: list) -> str:
+    from tlbsim.stats import mean_ci
+
+    lines = [f"  {'metric':<28} {'mean':>14} {'95 % CI (Student t over replications)':>40}"]
+    for key in RUN_CI_METRICS:
+        values = [float(s[key]) for s in summaries if key in s]
+        if not values:
+            continue
+        m, lo, hi = mean_ci(values)
+        ci = "n/a" if lo != lo else f"[{lo:,.4g}, {hi:,.4g}]"
+        lines.append(f"  {key:<28} {m:>14,.4g} {ci:>40}")
+    return "\n".join(lines)
+
+
+def save_replications(out: Path, summaries: list, config: Config, seed: int) -> None:
+    import json
+
+    from tlbsim.results import atomic_write_parquet, atomic_write_text, git_revision
+
+    table = pd.DataFrame([{**{k: v for k, v in s.items() if not isinstance(v, dict)}, "replication": r}
+                          for r, s in enumerate(summaries)])
+    atomic_write_parquet(table, out / "replications.parquet")
+    manifest = {"kind": "tlbsim-run-replications", "root_seed": seed, "replications": len(summaries),
+                "config": config.to_dict(), "git_revision": git_revision(),
+                "tables": {"replications": "replications.parquet"},
+                "runs": [f"replication-{r}" for r in range(len(summaries))]}
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, default=str))
 
 
 def cmd_sweep(args) -> int:
@@ -215,6 +303,40 @@ def cmd_sensitivity(args) -> int:
     return EXIT_OK
 
 
+def cmd_config_show(args) -> int:
+    overrides = dict(parse_override(x) for x in args.set or ())
+    config = _load_config(args.config, args.set) if args.config else Config().with_overrides(overrides)
+    print(to_toml(config.to_dict()), end="")
+    return EXIT_OK
+
+
+def to_toml(data: dict, prefix: str = "") -> str:
+    """The merged config as TOML (tables of scalars and lists), readable back by Config.from_toml."""
+    import json
+
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines, tables = [], []
+    for k, v in data.items():
+        (tables if isinstance(v, dict) else lines).append((k, v))
+    out = "".join(f"{k} = {value(v)}\n" for k, v in lines)
+    for k, v in tables:
+        name = f"{prefix}{k}"
+        scalars = {a: b for a, b in v.items() if not isinstance(b, dict)}
+        out += f"\n[{name}]\n" + "".join(f"{a} = {value(b)}\n" for a, b in scalars.items())
+        for a, b in v.items():
+            if isinstance(b, dict):
+                out += to_toml({a: b}, name + ".")
+    return out
+
+
 def cmd_bench(args) -> int:
     from tlbsim.bench import main as bench_main
 
@@ -222,15 +344,22 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tlbsim import __version__
+
     p = _Parser(prog="tlbsim", description="Discrete-event simulator of TLB shootdowns in multi-VP VMs.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p.add_argument("--version", action="version", version=f"tlbsim {__version__}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     run = sub.add_parser("run", help="simulate one configuration and print its summary")
     run.add_argument("config", help="TOML configuration (see experiments/configs/default.toml)")
-    run.add_argument("--seed", type=int, default=0, help="root seed (default 0)")
+    run.add_argument("--seed", type=_seed, default=0, help="root seed (default 0)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set partition.vps=32")
     run.add_argument("--out", metavar="DIR", help="write Parquet tables and manifest.json here")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal)")
+    run.add_argument("--replications", type=int, default=1, metavar="N",
+                     help="run N replications (seeds SeedSequence(seed, spawn_key=(r,))) and print 95 %% intervals")
+    run.add_argument("--force", action="store_true", help="overwrite results already in --out")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress (a bar on a terminal, a line per 10 %% otherwise)")
     run.set_defaults(func=cmd_run)
 
     sw = sub.add_parser("sweep", help="run a parameter sweep (grid x replications) and save its tables")
@@ -257,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--update", action="store_true", help="rewrite the baselines deliberately and show what changed")
     ck.add_argument("--json", action="store_true", help="machine-readable output")
     ck.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every scenario")
-    ck.add_argument("--seed", type=int, help="root seed for the statistical tier (default: the baseline's)")
+    ck.add_argument("--seed", type=_seed, help="root seed for the statistical tier (default: the baseline's)")
     ck.add_argument("--scenario", action="append", help="check only this scenario (repeatable)")
     ck.set_defaults(func=cmd_check)
 
@@ -283,6 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--no-progress", action="store_true", help="no progress bar")
     se.set_defaults(func=cmd_sensitivity)
 
+    cf = sub.add_parser("config", help="show the merged configuration (defaults, a config file, --set)")
+    cf_sub = cf.add_subparsers(dest="config_command", parser_class=_Parser, metavar="show", required=True)
+    show = cf_sub.add_parser("show", help="print the merged configuration as TOML")
+    show.add_argument("config", nargs="?", help="TOML configuration (default: the built-in defaults)")
+    show.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set partition.vps=32")
+    show.set_defaults(func=cmd_config_show)
+
     bench = sub.add_parser("bench", help="measure simulator speed against raw SimPy")
     bench.add_argument("--quick", action="store_true", help="smaller workloads (a smoke test, not a measurement)")
     bench.set_defaults(func=cmd_bench)
@@ -290,10 +426,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from tlbsim.model.partition import EventBudgetExceeded
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):  # no command: list them
+        parser.print_help()
+        return EXIT_OK
     try:
         return args.func(args)
-    except (ConfigError, UsageError) as e:
+    except (ConfigError, UsageError, EventBudgetExceeded) as e:
         print(f"tlbsim: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except InvariantError as e:  # run.check_invariants = true and the model broke one
@@ -302,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tlbsim: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (| head): stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

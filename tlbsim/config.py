@@ -63,10 +63,17 @@ def read_text(path: str | Path, what: str, key: str = "") -> str:
 
 def read_toml(path: str | Path, what: str, key: str = "") -> dict[str, Any]:
     text = read_text(path, what, key)
+    if text.startswith("\ufeff"):  # a UTF-8 byte order mark (Windows editors) is not part of the TOML
+        text = text[1:]
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(key, f"{what} {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(key, f"{what} {path} nests arrays or tables too deeply") from None
+    if not isinstance(data, dict):  # pragma: no cover - tomllib always returns a table
+        raise ConfigError(key, f"{what} {path} is not a TOML table")
+    return data
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,11 @@ class PartitionConfig:
             raise ConfigError(f"{key}.lps", f"at most {MAX_COUNT:,} LPs")
         _one_of(self.semantics, SEMANTICS, f"{key}.semantics")
         _positive(self.slice_us, f"{key}.slice_us")
+        if self.slice_us < 10.0:
+            raise ConfigError(f"{key}.slice_us", "at least 10 us (host schedulers slice in milliseconds)")
         _positive(self.duration_us, f"{key}.duration_us")
+        if self.duration_us > 1e10:
+            raise ConfigError(f"{key}.duration_us", "at most 1e10 us (about 3 simulated hours)")
 
 
 @dataclass(frozen=True)
@@ -406,6 +417,10 @@ class VfConfig:
                 _non_negative(value, f"{key}.{f.name}")
                 if math.isinf(value):
                     raise ConfigError(f"{key}.{f.name}", "must be finite")
+                if f.name.endswith("_per_ms") and value > MAX_RATE_PER_MS:
+                    raise ConfigError(f"{key}.{f.name}", f"at most {MAX_RATE_PER_MS:,.0f} per ms")
+        if self.pf_burst_calls > 4096:
+            raise ConfigError(f"{key}.pf_burst_calls", "at most 4,096 calls per burst")
         if not 0 <= self.flush_blocks <= hv.U64_MAX:
             raise ConfigError(f"{key}.flush_blocks", "must be a 64-bit BlockMask")
         if self.flush_blocks >> self.blocks:
@@ -423,9 +438,13 @@ class RunConfig:
     # deferred to it: the invariant checks must catch it) or "deny_hypercalls" (every flush hypercall
     # returns HV_STATUS_ACCESS_DENIED: the guest's fallback path)
     inject_fault: str = ""
+    # the run stops with a clear error after scheduling this many SimPy events (a guard against a
+    # configuration that would run for hours; about 2 minutes of wall time per 100 M events)
+    max_events: int = 200_000_000
 
     def check(self, key: str) -> None:
         _one_of(self.inject_fault, FAULTS, f"{key}.inject_fault")
+        _positive(self.max_events, f"{key}.max_events")
 
 
 @dataclass(frozen=True)
@@ -503,7 +522,7 @@ def _fraction(value, key: str) -> None:
         raise ConfigError(key, f"must be in [0, 1], got {value!r}")
 
 
-MAX_RATE_PER_MS = 1e6  # one event per ns: anything faster is a typo
+MAX_RATE_PER_MS = 1000.0  # one per simulated microsecond: anything faster is a typo, and would not finish
 
 
 def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -534,6 +553,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:
+        raise ConfigError(key, "the value nests arrays too deeply") from None
     return key, value
 
 
@@ -551,6 +572,8 @@ def _coerce(value, tp, key: str):
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ConfigError(key, f"must be a list, got {type(value).__name__}")
+        if len(value) > 65536:
+            raise ConfigError(key, "at most 65,536 items")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(key, "union types are not supported in config")
@@ -563,10 +586,14 @@ def _coerce(value, tp, key: str):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise ConfigError(key, f"must be an integer, got {value!r}")
+        if abs(value) > 2**64:
+            raise ConfigError(key, f"integer out of range (at most 2^64), got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(key, f"must be a number, got {value!r}")
+        if isinstance(value, int) and abs(value) > 2**1000:
+            raise ConfigError(key, "number out of range")
         if math.isnan(value):
             raise ConfigError(key, "must be a number, got nan")
         return float(value)

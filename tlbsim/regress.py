@@ -284,14 +284,31 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _selected(directory: Path, overrides: dict | None, only: list[str] | None) -> list[Scenario]:
+    """The scenarios to check or update; an unknown name, or none at all, is an error (a gate that
+    checks nothing must not pass)."""
+    scenarios = load_scenarios(directory, overrides)
+    names = {s.name for s in scenarios}
+    unknown = [n for n in only or () if n not in names]
+    if unknown:
+        raise BaselineError(f"no scenario {unknown[0]!r} in {directory}/scenarios.toml "
+                            f"(have: {', '.join(sorted(names)) or 'none'})")
+    chosen = [s for s in scenarios if not only or s.name in only]
+    if not chosen:
+        raise BaselineError(f"{directory}/scenarios.toml defines no scenario: nothing to check")
+    return chosen
+
+
 def check(directory: Path, tiers: set[str], overrides: dict | None = None, root_seed: int | None = None,
           only: list[str] | None = None) -> list[Row]:
-    scenarios = [s for s in load_scenarios(directory, overrides) if not only or s.name in only]
+    scenarios = _selected(directory, overrides, only)
     baselines = {s.name: read_baseline(directory, s.name) for s in scenarios}  # all read before any work
     comparisons = sum(len(s.metrics) for s in scenarios) if "statistical" in tiers else 1
     rows = []
     for s in scenarios:
         rows += compare(s, baselines[s.name], measure(s, tiers, root_seed), comparisons)
+    if not rows:
+        raise BaselineError("the check compared no metric (empty baselines?): regenerate them with --update")
     return rows
 
 
@@ -299,9 +316,7 @@ def update(directory: Path, overrides: dict | None = None,
            only: list[str] | None = None) -> list[tuple[str, list[Row] | None]]:
     """Rewrite baselines; returns, per scenario, what changed against the old one (if it was readable)."""
     changes = []
-    for s in load_scenarios(directory, overrides):
-        if only and s.name not in only:
-            continue
+    for s in _selected(directory, overrides, only):
         new = measure(s, {"exact", "statistical"})
         try:
             old = read_baseline(directory, s.name)

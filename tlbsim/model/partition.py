@@ -29,16 +29,28 @@ from tlbsim.records import Records, ShootdownRecorder, vp_tables
 _schedule = simpy.Environment.schedule  # bound once: cheaper than super() on every event
 
 
+class EventBudgetExceeded(Exception):
+    """The run scheduled more events than run.max_events allows."""
+
+
 class CountingEnvironment(simpy.Environment):
     """A SimPy environment that counts the events it schedules (the bench's
-    and the summary's ``events``): every event passes through ``schedule``."""
+    and the summary's ``events``): every event passes through ``schedule``.
+    Past ``max_events`` it raises EventBudgetExceeded: no configuration can
+    make a run go on for hours unnoticed."""
 
-    def __init__(self, initial_time: float = 0):
+    def __init__(self, initial_time: float = 0, max_events: int = 1 << 62):
         super().__init__(initial_time)
         self.events_scheduled = 0
+        self.max_events = max_events
 
     def schedule(self, event, priority=simpy.core.NORMAL, delay=0) -> None:
         self.events_scheduled += 1
+        if self.events_scheduled > self.max_events:
+            raise EventBudgetExceeded(
+                f"the run scheduled more than run.max_events = {self.max_events:,} SimPy events at "
+                f"{self.now:,.1f} us of simulated time; shorten partition.duration_us, lower the rates, "
+                "or raise run.max_events")
         _schedule(self, event, priority, delay)
 
 
@@ -58,7 +70,7 @@ class Partition:
     def __init__(self, config: Config, seed: int = 0, trace: list[TraceEvent] | None = None,
                  vf_trace: dict[int, list[tuple[float, int]]] | None = None):
         self.config = config
-        self.env = CountingEnvironment()
+        self.env = CountingEnvironment(max_events=config.run.max_events)
         p = config.partition
         w = config.workload
         lk = config.locks
