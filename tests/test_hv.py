@@ -1,5 +1,5 @@
 """The Hyper-V flush ABI: layouts, statuses, and the TLFS/KVM differences
-(shared/reference/hyperv-flush.md)."""
+(the TLFS, arch/x86/hyperv/mmu.c, arch/x86/kvm/hyperv.c)."""
 
 import struct
 

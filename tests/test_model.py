@@ -1,5 +1,5 @@
 """The SimPy model against closed forms, statistics and the behaviours
-shared/reference/calibration.md says it must show. Invariant checks are on
+docs/calibration.md says it must show. Invariant checks are on
 in every run here (conftest.make_config)."""
 
 import math

@@ -1,7 +1,7 @@
 """Typed, validated configuration.
 
 Every cost is a named parameter in microseconds whose default traces to a row
-of shared/reference/calibration.md (the ``# src:`` comments and
+of docs/calibration.md (the ``# src:`` comments and
 experiments/configs/default.toml say which); defaults marked *estimate* are
 reasoned, not measured.
 
@@ -161,8 +161,8 @@ class TlbConfig:
     # non-global entry of the VP (INVVPID single-context); "exact": only the named address space
     # Fraction of a VP's TLB entries still there when it is dispatched again after something else ran
     # on the LPs meanwhile (VPID-tagged entries are not flushed on a switch but evicted by the other
-    # working set). estimate: reference/scheduling.md, "a 1,536-entry STLB is largely replaced within a
-    # few ms of another working set"; slices are 3-10 ms. 1.0: nothing is evicted (the old model).
+    # working set). estimate (docs/calibration.md): a 1,536-entry STLB is largely replaced within a few
+    # ms of another working set; slices are 3-10 ms. 1.0: nothing is evicted (the old model).
     retained_fraction: float = 0.2
 
     def check(self, key: str) -> None:
@@ -366,7 +366,7 @@ class HostConfig:
 
 @dataclass(frozen=True)
 class VfConfig:
-    """SR-IOV VF configuration-block invalidations (reference/vf-backchannel.md).
+    """SR-IOV VF configuration-block invalidations (the NdisMInvalidateConfigBlock chain).
 
     No public source gives a VMBus round trip, a block read or the guest's
     handling costs: every latency here is a *parameter* (an estimate of the

@@ -1,6 +1,6 @@
 """The Hyper-V virtual TLB flush ABI: pure data, no SimPy.
 
-Everything here follows shared/reference/hyperv-flush.md, which summarises the
+Everything here follows the
 Hyper-V TLFS (v6.0b and the markdown pages HvCallFlushVirtualAddressSpace /
 HvCallFlushVirtualAddressList / ...Ex), Linux's guest code
 (arch/x86/hyperv/mmu.c) and KVM's emulation (arch/x86/kvm/hyperv.c).
@@ -441,7 +441,7 @@ def validate(call: FlushCall, semantics: Semantics = "tlfs", n_vps: int = 64) ->
 
     ``semantics="tlfs"`` follows the TLFS; ``"kvm"`` follows KVM's emulation
     (arch/x86/kvm/hyperv.c) with the deviations listed in
-    shared/reference/hyperv-flush.md.
+    docs/model.md ("Hypervisor profiles").
     """
     if semantics not in ("tlfs", "kvm"):
         raise ValueError(f"semantics must be 'tlfs' or 'kvm', not {semantics!r}")

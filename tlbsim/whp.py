@@ -1,7 +1,7 @@
 """WHvRunVirtualProcessor exit reasons (x64, WinHvPlatformDefs.h).
 
-Values from shared/reference/whp-exits.md (seed page
-003_953a6c00de036227.txt plus the later SDK headers). Pure data, no SimPy.
+Values from the WHvRunVirtualProcessor documentation (the 19H2 page) plus
+the later Windows SDK headers (WinHvPlatformDefs.h). Pure data, no SimPy.
 """
 
 from __future__ import annotations

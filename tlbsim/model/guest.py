@@ -14,7 +14,7 @@ then reaches the other VPs that may cache the address space ("targets"):
   HvCallFlushVirtualAddressSpace(NON_GLOBAL_MAPPINGS_ONLY), as Windows and
   Linux do; ``"space"`` always uses the Space call.
 - ``all``: the same calls with HV_FLUSH_ALL_PROCESSORS.
-- ``linux``: arch/x86/hyperv/mmu.c's choices (see reference/hyperv-flush.md),
+- ``linux``: arch/x86/hyperv/mmu.c's choices (TLFS; arch/x86/hyperv/mmu.c),
   falling back to IPIs on any failure status.
 - ``kvm-pv``: KVM's PV flush: preempted targets are flagged to flush at
   their next entry, the others get IPIs (one PV send-IPI hypercall) and the

@@ -6,7 +6,7 @@ not?". One profile per ``partition.semantics``; the hypervisor model
 semantics string, so a new hypervisor is a new profile, not a set of ``if``s.
 
 The profiles differ in how a flush hypercall's input is validated
-(``tlbsim.hv.validate``: reference/hyperv-flush.md, "Two hypervisors, two
+(``tlbsim.hv.validate``: the TLFS and arch/x86/kvm/hyperv.c, "Two hypervisors, two
 behaviours"), how a caller waits for a locked TLB, what a flush removes on a
 target, and how a spinning VP yields its LP. Each field names its source.
 """

@@ -1,6 +1,6 @@
 """SR-IOV VF configuration-block invalidations as events.
 
-The chain of reference/vf-backchannel.md, per VF:
+The NdisMInvalidateConfigBlock chain (NDIS SR-IOV VF configuration blocks), per VF:
 
   PF miniport  NdisMInvalidateConfigBlock(BlockMask)            (PF process)
   stack        cache |= BlockMask; if the guest's IOCTL is at the host:
