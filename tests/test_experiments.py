@@ -88,3 +88,18 @@ def test_vf_experiment_writes_vf_rows_and_its_figures(tmp_path):
     assert ratio[40.0] > ratio[2.0]
     names = {p.name for p in plot_sweep(out, tmp_path / "fig")}
     assert {"vf_latency_vs_rate.png", "vf_coalescing_vs_rate.svg", "shootdown_latency_vs_vf_rate.png"} <= names
+
+
+def test_pooled_quantiles_pool_replications_and_bootstrap_them(small_sweep):
+    import numpy as np
+
+    from tlbsim.plots import pooled_quantiles
+
+    points, shootdowns, _ = load_sweep(small_sweep)
+    q = pooled_quantiles(points, shootdowns, "vps_per_lp", "workload.policy", boot=50)
+    row = q[(q["workload.policy"] == "mask") & (q["vps_per_lp"] == 1.0)].iloc[0]
+    keep = points[(points["workload.policy"] == "mask") & (points["vps_per_lp"] == 1.0)][["point", "replication"]]
+    lat = shootdowns.merge(keep, on=["point", "replication"])
+    lat = lat[lat.status == "SUCCESS"].latency_us  # no incomplete ones at 1:1 in this sweep
+    assert row["q0.99"] == pytest.approx(np.quantile(lat, 0.99))
+    assert row["q0.99_lo"] <= row["q0.99"] <= row["q0.99_hi"]

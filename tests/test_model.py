@@ -350,3 +350,21 @@ def test_progress_reporting_changes_nothing():
         for table in ("shootdowns", "vps", "exits", "vf"):
             assert getattr(a, table).equals(getattr(b, table)), table
         assert a.summary.equals(b.summary)
+
+
+def test_incomplete_shootdowns_are_censored_not_dropped():
+    # VP 1 in VTL1 far beyond the end: VP 0's shootdowns wait; their latency is at least what they waited
+    c = quiet_config(partition__vps=2, workload__initiators=[0], workload__rate_per_ms=1.0,
+                     locks__vsm_rate_per_ms=1.0, locks__vsm_hold_mean_us=1e12,
+                     locks__vsm_hold_distribution="fixed", locks__vsm_vps=[1], partition__duration_us=20_000.0)
+    res = simulate(c, seed=0)
+    sd, s = res.shootdowns, res.summary
+    inc = sd[sd.status == "INCOMPLETE"]
+    assert len(inc) >= 1
+    assert s["incomplete_fraction"] == pytest.approx(len(inc) / len(sd))
+    waited = 20_000.0 - inc.issue_us
+    done = sd[sd.status == "SUCCESS"].latency_us
+    pooled = np.concatenate([done, waited])
+    assert s["latency_p99_us"] == pytest.approx(np.percentile(pooled, 99))
+    assert s["latency_max_us"] <= pooled.max()
+    assert bool(s["latency_p99_is_lower_bound"]) == bool(waited.max() >= s["latency_p99_us"])

@@ -48,13 +48,16 @@ def _load_config(path: str, sets: list[str]) -> Config:
 SUMMARY_ROWS = (
     ("policy", "policy", "{}"),
     ("shootdowns_completed", "shootdowns completed", "{:,}"),
-    ("shootdowns_incomplete", "shootdowns incomplete", "{:,}"),
+    ("shootdowns_incomplete", "shootdowns incomplete (still in flight at the end)", "{:,}"),
+    ("incomplete_fraction", "  as a fraction of all shootdowns", "{:.2%}"),
     ("shootdowns_failed", "shootdowns failed (HV_STATUS != SUCCESS)", "{:,}"),
     ("latency_mean_us", "latency mean (us)", "{:.3f}"),
     ("latency_p50_us", "latency p50 (us)", "{:.3f}"),
     ("latency_p99_us", "latency p99 (us)", "{:.3f}"),
     ("suspensions", "suspensions (locked TLB)", "{:,}"),
-    ("guest_work_fraction", "guest work fraction", "{:.4f}"),
+    ("latency_p99_is_lower_bound", "p99 is a lower bound (censored at the end)", "{}"),
+    ("guest_work_fraction", "useful guest work, share of VP time", "{:.4f}"),
+    ("ops_per_s", "operations per second (closed loop)", "{:,.0f}"),
     ("refill_us", "refill time, all VPs (us)", "{:.1f}"),
     ("collateral_entries", "collateral TLB entries lost", "{:.0f}"),
     ("vf_calls", "VF: PF invalidate calls", "{:,}"),
@@ -74,12 +77,13 @@ def format_summary(summary: pd.Series) -> str:
         if value is None:
             continue
         text = "n/a" if isinstance(value, float) and value != value else fmt.format(value)
-        lines.append(f"  {label:<42} {text:>14}")
+        lines.append(f"  {label:<50} {text:>14}")
     return "\n".join(lines)
 
 
+INCOMPLETE_WARNING = 0.05  # warn when more than this fraction of shootdowns never completed
 RUN_CI_METRICS = ("latency_mean_us", "latency_p50_us", "latency_p99_us", "guest_work_fraction", "ops_per_s",
-                  "shootdowns_completed", "shootdowns_incomplete", "suspensions")
+                  "shootdowns_completed", "shootdowns_incomplete", "incomplete_fraction", "suspensions")
 
 
 def cmd_run(args) -> int:
@@ -128,6 +132,11 @@ def cmd_run(args) -> int:
         results.append(simulate(config, seed=seed, progress=progress))
     print(banner)
     result = results[0]
+    worst = max(float(r.summary["incomplete_fraction"]) for r in results)
+    if worst > INCOMPLETE_WARNING:
+        print(f"tlbsim: warning: {worst:.1%} of shootdowns were still in flight at the end; latency statistics "
+              "count them with the time they had waited (lower bounds): run longer or lighten the load",
+              file=sys.stderr)
     if args.replications == 1:
         print(format_summary(result.summary))
     else:

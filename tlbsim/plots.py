@@ -156,6 +156,66 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
+POLICY_ORDER = ("ipi", "kvm-pv", "linux", "mask", "all")
+#: one fixed colour per policy in every figure
+POLICY_COLOURS = {"ipi": "#d62728", "kvm-pv": "#2ca02c", "linux": "#9467bd", "mask": "#1f77b4", "all": "#ff7f0e"}
+
+
+def pooled_quantiles(points: pd.DataFrame, shootdowns: pd.DataFrame, x: str, hue: str | None,
+                     qs=(0.5, 0.99), boot: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Quantiles of every shootdown pooled over the replications of each (hue, x), with a 95 %
+    bootstrap interval that resamples whole replications (the unit of independence). Incomplete
+    shootdowns count with the time they had waited at the end (censored: lower bounds)."""
+    keys = [k for k in (hue, x) if k]
+    meta = points[points["status"] == "ok"][["point", "replication", "duration_us", *keys]]
+    sd = shootdowns[shootdowns["status"].isin(["SUCCESS", "INCOMPLETE"])][
+        ["point", "replication", "status", "latency_us", "issue_us"]].merge(meta, on=["point", "replication"])
+    lat = sd["latency_us"].to_numpy(dtype=float).copy()
+    inc = (sd["status"] == "INCOMPLETE").to_numpy()
+    lat[inc] = np.maximum(sd["duration_us"].to_numpy(dtype=float)[inc] - sd["issue_us"].to_numpy(dtype=float)[inc],
+                          0.0)
+    sd = sd.assign(lat=lat, incomplete=inc)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for key, g in sd.groupby(keys, observed=True):
+        key = key if isinstance(key, tuple) else (key,)
+        reps = [r["lat"].to_numpy() for _, r in g.groupby("replication")]
+        pooled = np.concatenate(reps)
+        row = dict(zip(keys, key, strict=True))
+        row["incomplete_fraction"] = float(g["incomplete"].mean())
+        draws = np.empty((boot, len(qs)))
+        for b in range(boot):
+            pick = rng.integers(0, len(reps), len(reps))
+            draws[b] = np.quantile(np.concatenate([reps[i] for i in pick]), qs)
+        for j, q in enumerate(qs):
+            row[f"q{q}"] = float(np.quantile(pooled, q))
+            row[f"q{q}_lo"], row[f"q{q}_hi"] = (float(v) for v in np.quantile(draws[:, j], [0.025, 0.975]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pooled_latency_figure(points, shootdowns, x, out_dir, name: str, title: str, logx: bool = False) -> list[Path]:
+    """p50 (solid) and p99 (dashed) of every shootdown pooled over replications, per policy; bands are
+    95 % bootstrap intervals over replications; the legend gives the largest incomplete fraction."""
+    hue = "workload.policy" if points["workload.policy"].nunique() > 1 else None
+    q = pooled_quantiles(points, shootdowns, x, hue)
+    fig, ax = plt.subplots(figsize=(7.8, 4.4))
+    groups = [(h, q[q[hue] == h]) for h in POLICY_ORDER if h in set(q[hue])] if hue else [("", q)]
+    for h, g in groups:
+        g = g.sort_values(x)
+        colour = POLICY_COLOURS.get(h)
+        inc = g["incomplete_fraction"].max()
+        tag = f" (up to {inc:.0%} incomplete)" if inc > 0.005 else ""
+        for qq, style in ((0.5, "-"), (0.99, "--")):
+            ax.plot(g[x], g[f"q{qq}"], style, marker="o", ms=3, color=colour,
+                    label=f"{h} p{int(qq * 100)}" + (tag if qq == 0.5 else ""))
+            ax.fill_between(g[x], g[f"q{qq}_lo"], g[f"q{qq}_hi"], color=colour, alpha=0.15, linewidth=0)
+    _finish(fig, ax, x, "shootdown latency (us), pooled p50 solid, p99 dashed",
+            f"{title}\nbands: 95 % bootstrap over replications; incomplete shootdowns counted as censored", True, logx)
+    ax.title.set_fontsize(9)
+    return _save(fig, out_dir, name)
+
+
 def p50_p99_figure(points, x, hue, prefix: str, out_dir, name: str, y_label: str, title: str,
                    logx: bool = False) -> list[Path]:
     """``{prefix}_p50_us`` solid and ``{prefix}_p99_us`` dashed, log y, one colour per hue."""
@@ -244,8 +304,8 @@ def plot_sweep(directory: str | Path, out_dir: str | Path | None = None) -> list
     kind = plot.get("kind", "generic")
     paths: list[Path] = []
     if kind == "overcommit":
-        paths += latency_figure(points, "vps_per_lp", out, "latency_vs_overcommit",
-                                title="Shootdown latency vs overcommit")
+        paths += pooled_latency_figure(points, shootdowns, "vps_per_lp", out, "latency_vs_overcommit",
+                                       title="Shootdown latency vs overcommit")
         paths += metric_figure(points, "vps_per_lp", "lp_work_fraction", out, "guest_work_vs_overcommit",
                                title="Useful guest work vs overcommit")
         worst = points["vps_per_lp"].max()
@@ -262,8 +322,8 @@ def plot_sweep(directory: str | Path, out_dir: str | Path | None = None) -> list
             paths += metric_figure(g, "fraction_targeted", "cost_per_shootdown_us", out,
                                    f"cost_vs_fraction_{vps}vps", title=f"Total cost per shootdown, {vps} VPs")
     elif kind == "scaling":
-        paths += latency_figure(points, "partition.vps", out, "latency_vs_vps", logx=True,
-                                title="Shootdown latency vs partition size")
+        paths += pooled_latency_figure(points, shootdowns, "partition.vps", out, "latency_vs_vps", logx=True,
+                                       title="Shootdown latency vs partition size")
         paths += metric_figure(points, "partition.vps", "guest_work_fraction", out, "guest_work_vs_vps", logx=True,
                                title="Guest work fraction vs partition size")
     elif kind == "vf":
