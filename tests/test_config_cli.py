@@ -60,7 +60,7 @@ def test_run_writes_tables_and_manifest(tmp_path, capsys):
     rc = main(["run", str(DEFAULT), "--seed", "4", "--set", "partition.duration_us=20000", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "latency p99 (us)" in text and "guest work fraction" in text
+    assert "latency p99 (us)" in text and "useful guest work, share of VP time" in text
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seed"] == 4 and manifest["config"]["partition"]["duration_us"] == 20000
     assert manifest["tlbsim_version"] and manifest["git_revision"]
