@@ -147,3 +147,81 @@ def test_local_processes_and_dask_give_identical_results(tmp_path):
     pd.testing.assert_frame_equal(serial.points[cols], dask.points[cols])
     a, b = load_results(tmp_path / "one")["shootdowns"], load_results(tmp_path / "dask")["shootdowns"]
     pd.testing.assert_frame_equal(a, b)
+
+
+# ---------------------------------------------------------------- interruption and worker death
+def _tiny_spec(tmp_path, reps=2):
+    text = (Path(__file__).resolve().parent.parent / "experiments" / "throughput.toml").read_text()
+    base = (Path(__file__).resolve().parent.parent / "experiments" / "configs" / "default.toml").as_posix()
+    text = text.replace('base = "configs/default.toml"', f'base = "{base}"')
+    text = text.replace('"partition.duration_us" = 60000.0', '"partition.duration_us" = 3000.0')
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    return SweepSpec.from_toml(path, replications=reps)
+
+
+def test_a_worker_that_dies_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    import os
+
+    from tlbsim import sweep
+
+    real = sweep.run_task
+
+    def dies_on_point_1(spec, point, rep):
+        if point == 1:
+            os._exit(9)  # as the out-of-memory killer would end it
+        return real(spec, point, rep)
+
+    monkeypatch.setattr(sweep, "run_task", dies_on_point_1)  # inherited by the forked workers
+    spec = _tiny_spec(tmp_path)
+    out = run_sweep(spec, tmp_path / "s", jobs=2, progress=False)
+    failed = {(p, r) for p, r, _ in out.failed}
+    assert failed == {(1, 0), (1, 1)}
+    assert all("worker process" in e for _, _, e in out.failed)
+    assert len(out.points) == len(spec.points) * 2
+    monkeypatch.setattr(sweep, "run_task", real)
+    again = run_sweep(spec, tmp_path / "s", jobs=2, resume=True, retry_failed=True, progress=False)
+    assert not again.failed and again.computed == 2
+
+
+def test_sigint_stops_a_parallel_sweep_at_once_and_resume_finishes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec_path = tmp_path / "tiny.toml"
+    _tiny_spec(tmp_path)  # writes tiny.toml
+    cmd = [sys.executable, "-m", "tlbsim", "sweep", str(spec_path), "--out", str(tmp_path / "s"), "--jobs", "2",
+           "--replications", "40", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.5)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 5
+    assert proc.returncode == 130, err
+    assert err.strip().count("\n") == 0 and "--resume" in err and "Traceback" not in err
+    kept = len(list((tmp_path / "s" / "parts").glob("*.json")))
+    assert 0 < kept < len(SweepSpec.from_toml(spec_path, replications=40).tasks())
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and f"{kept} resumed" in done.stdout
+
+
+def test_resume_removes_half_written_files(tmp_path):
+    spec = _tiny_spec(tmp_path, reps=1)
+    out = tmp_path / "s"
+    (out / "parts").mkdir(parents=True)
+    (out / "parts" / ".p0001-r0000.json.x.tmp").write_text("half")
+    run_sweep(spec, out, jobs=1, resume=True, progress=False)
+    assert not list((out / "parts").glob(".*.tmp"))
+
+
+def test_dask_local_needs_workers(tmp_path, capsys):
+    from tlbsim.cli import main
+
+    spec = _tiny_spec(tmp_path, reps=1)
+    assert spec.points
+    for n in ("0", "-1"):
+        assert main(["sweep", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "o"), "--dask-local", n]) == 2
+        assert "--dask-local" in capsys.readouterr().err

@@ -201,8 +201,18 @@ def cmd_sweep(args) -> int:
     n_tasks = len(spec.points) * spec.replications
     print(f"tlbsim sweep {spec.name}: {len(spec.points)} points x {spec.replications} replications "
           f"= {n_tasks} runs -> {out}/")
-    outcome = run_sweep(spec, out, jobs=args.jobs, resume=args.resume, dask_scheduler=args.dask_scheduler,
-                        dask_local=args.dask_local, progress=not args.no_progress)
+    if args.dask_local is not None and args.dask_local < 1:
+        raise UsageError("--dask-local needs a number of workers >= 1")
+    try:
+        outcome = run_sweep(spec, out, jobs=args.jobs, resume=args.resume or args.retry_failed,
+                            dask_scheduler=args.dask_scheduler, dask_local=args.dask_local,
+                            progress=not args.no_progress, retry_failed=args.retry_failed)
+    except KeyboardInterrupt:
+        print(f"tlbsim: interrupted; finished runs are kept in {out}/parts: "
+              f"`tlbsim sweep {args.spec} --out {out}"
+              + (f" --replications {args.replications}" if args.replications else "")
+              + " --resume` finishes the rest", file=sys.stderr)
+        return 130
     print(f"{outcome.computed} runs computed, {outcome.skipped} resumed, in {outcome.wall_s:.1f} s; "
           f"tables in {outcome.directory}/ (points.parquet, shootdowns.parquet, manifest.json)")
     if outcome.failed:
@@ -377,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--jobs", type=int, help="local worker processes (default: all cores)")
     sw.add_argument("--replications", type=int, help="override the spec's replications")
     sw.add_argument("--resume", action="store_true", help="finish an interrupted sweep in --out")
+    sw.add_argument("--retry-failed", action="store_true", help="with --resume: compute failed runs again")
     g = sw.add_mutually_exclusive_group()
     g.add_argument("--dask-scheduler", metavar="ADDR", help="run on a Dask cluster, e.g. tcp://host:8786")
     g.add_argument("--dask-local", type=int, metavar="N", help="start a Dask LocalCluster with N workers")

@@ -225,19 +225,82 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which stops them (no traceback from every worker)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+WORKER_DIED = ("the worker process running it died (killed, e.g. by the out-of-memory killer?); "
+               "rerun with --resume --retry-failed")
+
+
+def _failed_part(parts: Path, point: int, rep: int, error: str) -> None:
+    row = {"point": point, "replication": rep, "seed": "", "status": "error", "error": error, "traceback": "",
+           "wall_s": 0.0}
+    _write_part(parts, {"row": row, "shootdowns": None, "vf": None})
+
+
+def _stop(ex: ProcessPoolExecutor) -> None:
+    """Stop a pool now: cancel what has not started, terminate what runs."""
+    procs = list(getattr(ex, "_processes", {}).values())  # the executor keeps no public handle on them
+    ex.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(timeout=5)
+
+
 def _run_local(spec, todo, parts, jobs, progress):
+    """Run tasks on ``jobs`` local processes, at most 2 x jobs in flight (so an interrupt stops at once).
+    A worker that dies breaks the pool: the pool is restarted, the tasks that were in flight are rerun
+    one at a time, and one that kills its worker again is recorded as failed; the sweep goes on."""
+    from concurrent.futures.process import BrokenProcessPool
+
     if jobs <= 1:
         for p, r in todo:
             _write_part(parts, run_task(spec, p, r))
             progress.update()
         return
-    with ProcessPoolExecutor(jobs) as ex:
-        pending = {ex.submit(_task_in_process, (spec, p, r, parts)) for p, r in todo}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                fut.result()
+    queue = list(todo)
+    queue.reverse()  # pop() from the end: keep the order
+    suspects: list[tuple[int, int]] = []
+    while queue or suspects:
+        isolate = bool(suspects)
+        ex = ProcessPoolExecutor(1 if isolate else jobs, initializer=_ignore_sigint)
+        try:
+            if isolate:  # one at a time: a task that kills its worker again is the culprit
+                task = suspects.pop()
+                try:
+                    ex.submit(_task_in_process, (spec, *task, parts)).result()
+                except BrokenProcessPool:
+                    _failed_part(parts, *task, WORKER_DIED)
                 progress.update()
+                continue
+            inflight: dict = {}
+            broken = False
+            while (queue or inflight) and not broken:
+                while queue and len(inflight) < 2 * jobs:
+                    task = queue.pop()
+                    inflight[ex.submit(_task_in_process, (spec, *task, parts))] = task
+                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    task = inflight.pop(fut)
+                    try:
+                        fut.result()
+                        progress.update()
+                    except BrokenProcessPool:
+                        broken = True
+                        suspects.append(task)
+            if broken:
+                suspects.extend(inflight.values())
+        except BaseException:  # KeyboardInterrupt above all: stop the workers, keep the finished parts
+            _stop(ex)
+            raise
+        finally:
+            ex.shutdown(wait=False, cancel_futures=True)
 
 
 def _run_dask(spec, todo, parts, progress, scheduler: str | None, local_workers: int | None):
@@ -245,22 +308,45 @@ def _run_dask(spec, todo, parts, progress, scheduler: str | None, local_workers:
         from dask.distributed import Client, LocalCluster, as_completed
     except ImportError:
         raise ConfigError("--dask", "Dask is not installed: pip install 'tlbsim[dask]'") from None
+    import logging
+
     cluster = None
     if scheduler:
-        client = Client(scheduler, timeout="10s")
+        client = Client(scheduler, timeout="10s", security=_dask_security())
     else:
-        cluster = LocalCluster(n_workers=local_workers or 1, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+        # no HTTP dashboard: scheduler_kwargs turns it off (dashboard_address=None alone did not)
+        cluster = LocalCluster(n_workers=local_workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, scheduler_kwargs={"dashboard": False},
+                               host="127.0.0.1")
         client = Client(cluster)
+    futures = []
     try:
         futures = [client.submit(run_task, spec, p, r, pure=False) for p, r in todo]
         for fut in as_completed(futures):
             _write_part(parts, fut.result())
             progress.update()
+    except KeyboardInterrupt:  # stop quietly: the finished parts are kept; --resume finishes the rest
+        for name in ("distributed", "tornado", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        client.cancel(futures)
+        raise
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _dask_security():
+    """TLS for a remote Dask scheduler when TLBSIM_DASK_TLS_CA/_CERT/_KEY name the files (a Dask
+    scheduler is an unauthenticated pickle channel otherwise: see the README)."""
+    ca, cert, key = (os.environ.get(f"TLBSIM_DASK_TLS_{n}") for n in ("CA", "CERT", "KEY"))
+    if not (ca or cert or key):
+        return None
+    if not (ca and cert and key):
+        raise ConfigError("--dask-scheduler", "set all of TLBSIM_DASK_TLS_CA, _CERT and _KEY, or none")
+    from distributed.security import Security
+
+    return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, require_encryption=True)
 
 
 # ---------------------------------------------------------------- driver
@@ -276,7 +362,7 @@ class SweepOutcome:
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, jobs: int | None = None, resume: bool = False,
               dask_scheduler: str | None = None, dask_local: int | None = None,
-              progress: bool = True) -> SweepOutcome:
+              progress: bool = True, retry_failed: bool = False) -> SweepOutcome:
     out = Path(out)
     parts = out / "parts"
     if out.exists() and not out.is_dir():
@@ -292,15 +378,21 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, jobs: int | None = None, resu
         if old is not None and old != _jsonable(spec.source):
             raise ConfigError("--resume", f"{out} holds a different sweep spec; refusing to mix results "
                               "(move it away or choose another --out)")
+    if dask_local is not None and dask_local < 1:
+        raise ConfigError("--dask-local", "needs a number of workers >= 1")
     parts.mkdir(parents=True, exist_ok=True)
+    for stale in parts.glob(".*.tmp"):  # half-written files of an interrupted or killed run
+        stale.unlink(missing_ok=True)
     atomic_write_text(out / "spec.json", json.dumps(_jsonable(spec.source), indent=2))
 
     done = set()
     for f in parts.glob("*.json"):
         try:
             row = json.loads(f.read_text())
+            if retry_failed and row.get("status") != "ok":
+                continue  # --retry-failed: compute it again
             done.add((row["point"], row["replication"]))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # unreadable part (written by hand?): recompute it; the atomic rewrite replaces it
     todo = [t for t in spec.tasks() if t not in done]
     bar = Progress(len(todo), f"sweep {spec.name}", enabled=progress)
