@@ -161,7 +161,11 @@ def test_update_round_trips(baseline_dir, tmp_path, capsys):
     assert "small_mask: baseline rewritten; what changed" in out and "latency_mean_us" in out
     assert main(["check", "--baseline", str(d), "--scenario", "small_mask",
                  "--set", "costs.flush_per_running_target_us=1.2"]) == 0
-    assert main(["check", "--baseline", str(d), "--scenario", "small_mask"]) == 1
+    # that baseline was made with a different configuration: checking it as the scenario stands is refused
+    # (exit 2, one line) rather than reported as a regression of the model
+    capsys.readouterr()
+    assert main(["check", "--baseline", str(d), "--scenario", "small_mask"]) == 2
+    assert "another configuration" in capsys.readouterr().err
 
 
 def test_committed_scenarios_load_and_every_one_has_a_baseline():
@@ -203,3 +207,28 @@ def test_committed_vf_scenario_flags_a_slower_vmbus(capsys):
     assert rc == 1
     changed = {r["metric"] for r in out["rows"] if r["verdict"] == "CHANGED"}
     assert "vf_latency_mean_us" in changed and changed <= set(regress.VF_METRICS)
+
+
+def test_scenario_file_errors_and_stale_baselines(tmp_path, capsys):
+    import shutil
+
+    from tlbsim.cli import main
+
+    d = tmp_path / "b"
+    shutil.copytree(REPO / "results" / "baselines", d)
+    text = (d / "scenarios.toml").read_text()
+    text = text.replace('config = "../../experiments', f'config = "{(REPO / "experiments").as_posix()}', )
+    text = text.replace('../../experiments', '')  # every config path is now absolute
+    (d / "scenarios.toml").write_text(text)
+    # a stale baseline: the scenario's config changed since it was written
+    edited = text.replace('"workload.policy" = "mask" }', '"workload.policy" = "mask", "partition.vps" = 12 }', 1)
+    (d / "scenarios.toml").write_text(edited)
+    assert main(["check", "--baseline", str(d), "--scenario", "dedicated_mask", "--tier", "exact"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+    for bad in ("replications = 0", "replications = 1", 'set = 5', "seed = -3", 'thresholds = { latency_p99_us = "x" }'):
+        (d / "scenarios.toml").write_text(text + f"\n[scenario.bad]\n{bad}\n")
+        assert main(["check", "--baseline", str(d), "--scenario", "bad"]) == 2
+        err = capsys.readouterr().err
+        assert "scenario bad" in err and "Traceback" not in err, (bad, err)
+    (d / "scenarios.toml").write_text(text)
+    assert main(["check", "--update", "--baseline", str(d), "--scenario", "nonexistent"]) == 2

@@ -225,3 +225,22 @@ def test_dask_local_needs_workers(tmp_path, capsys):
     for n in ("0", "-1"):
         assert main(["sweep", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "o"), "--dask-local", n]) == 2
         assert "--dask-local" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,message", [
+    ('name = "../../x"\n', "sweep name"), ('name = "/abs"\n', "sweep name"), ("fixed = 5\n", "[fixed] must be a table"),
+    ('grid = "abc"\n', "[grid] must be a table"), ("base = 5\n", "base"),
+])
+def test_malformed_specs_are_one_line_errors(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_load_results_refuses_tables_outside_the_directory(tmp_path):
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "manifest.json").write_text(json.dumps({"kind": "tlbsim-run", "tables": {"x": "../../etc/passwd"}}))
+    with pytest.raises(ValueError, match="outside"):
+        load_results(d)

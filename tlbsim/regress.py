@@ -75,7 +75,26 @@ def load_scenarios(directory: Path, overrides: dict[str, Any] | None = None) -> 
     except ConfigError as e:
         raise BaselineError(str(e).removeprefix(": ")) from None
     out = []
-    for name, s in data.get("scenario", {}).items():
+    scenarios = data.get("scenario", {})
+    if not isinstance(scenarios, dict):
+        raise BaselineError(f"{path}: 'scenario' must hold [scenario.NAME] tables")
+    for name, s in scenarios.items():
+        if not isinstance(s, dict):
+            raise BaselineError(f"{path}: scenario.{name} must be a table")
+        bad = set(s) - {"config", "set", "seed", "replications", "thresholds", "description"}
+        if bad:
+            raise BaselineError(f"scenario {name}: unknown key {sorted(bad)[0]!r}")
+        for key, tp in (("config", str), ("set", dict), ("thresholds", dict), ("description", str)):
+            if key in s and not isinstance(s[key], tp):
+                raise BaselineError(f"scenario {name}: {key} must be a {'table' if tp is dict else 'string'}")
+        for key, low in (("seed", 0), ("replications", 2)):
+            v = s.get(key, low)
+            if not isinstance(v, int) or isinstance(v, bool) or not low <= v < 2**63:
+                raise BaselineError(f"scenario {name}: {key} must be an integer >= {low}"
+                                    + (" (a statistical tier needs two replications)" if key == "replications" else ""))
+        for metric, thr in s.get("thresholds", {}).items():
+            if not isinstance(thr, int | float) or isinstance(thr, bool) or not 0 < thr < 10:
+                raise BaselineError(f"scenario {name}: threshold of {metric} must be a fraction in (0, 10)")
         base: dict[str, Any] = {}
         if "config" in s:
             try:
@@ -299,10 +318,33 @@ def _selected(directory: Path, overrides: dict | None, only: list[str] | None) -
     return chosen
 
 
+def _config_differences(old: dict | None, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between a baseline's config and the scenario's now (keys the
+    baseline does not have are new options at their defaults: not a difference)."""
+    if old is None:
+        return ["config (the baseline has none)"]
+    out = []
+    for key, value in new.items():
+        if key not in old:
+            continue
+        if isinstance(value, dict) and isinstance(old[key], dict):
+            out += _config_differences(old[key], value, f"{prefix}{key}.")
+        elif old[key] != value:
+            out.append(f"{prefix}{key}")
+    return out
+
+
 def check(directory: Path, tiers: set[str], overrides: dict | None = None, root_seed: int | None = None,
           only: list[str] | None = None) -> list[Row]:
     scenarios = _selected(directory, overrides, only)
     baselines = {s.name: read_baseline(directory, s.name) for s in scenarios}  # all read before any work
+    if not overrides:  # with --set the difference is the point; without, a baseline must match its scenario
+        for s in scenarios:
+            stale = _config_differences(baselines[s.name].get("config"), s.config.to_dict())
+            if stale:
+                raise BaselineError(f"baseline of scenario {s.name} was made for another configuration "
+                                    f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''} differ): "
+                                    "regenerate it with --update if the change is deliberate")
     comparisons = sum(len(s.metrics) for s in scenarios) if "statistical" in tiers else 1
     rows = []
     for s in scenarios:

@@ -78,6 +78,11 @@ class SweepSpec:
         unknown = set(data) - SPEC_KEYS
         if unknown:
             raise ConfigError(sorted(unknown)[0], "unknown sweep spec key")
+        for key in ("fixed", "grid", "zip", "plot"):
+            if key in data and not isinstance(data[key], dict):
+                raise ConfigError(key, f"[{key}] must be a table")
+        if "base" in data and not isinstance(data["base"], str):
+            raise ConfigError("base", "must be the path of a config TOML")
         base: dict[str, Any] = {}
         if "base" in data:
             base = read_toml((here / data["base"]).resolve(), "base config", "base")
@@ -104,7 +109,12 @@ class SweepSpec:
             for z in zip_rows:
                 overrides = {**fixed, **g, **z}
                 points.append(Point(len(points), overrides))
-        spec = cls(str(data.get("name", "sweep")), base, tuple(points), reps, seed,
+        name = data.get("name", "sweep")
+        if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name) \
+                or name.startswith("."):
+            raise ConfigError("name", f"a sweep name is letters, digits, '-', '_' and '.', not {name!r} "
+                              "(it names the output directory under results/)")
+        spec = cls(name, base, tuple(points), reps, seed,
                    tuple([*grid, *zipped]), source=data)
         for p in spec.points:  # validate every point up front: a typo fails before any work
             try:
@@ -314,10 +324,14 @@ def _run_dask(spec, todo, parts, progress, scheduler: str | None, local_workers:
     if scheduler:
         client = Client(scheduler, timeout="10s", security=_dask_security())
     else:
-        # no HTTP dashboard: scheduler_kwargs turns it off (dashboard_address=None alone did not)
-        cluster = LocalCluster(n_workers=local_workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, scheduler_kwargs={"dashboard": False},
-                               host="127.0.0.1")
+        # No dashboard and no fixed port: the scheduler always starts an HTTP server (health and metrics
+        # routes), on 8787 unless told otherwise; here it serves no route, on a random loopback port.
+        import dask
+
+        with dask.config.set({"distributed.scheduler.http.routes": [], "distributed.worker.http.routes": []}):
+            cluster = LocalCluster(n_workers=local_workers, threads_per_worker=1, processes=True,
+                                   dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False},
+                                   host="127.0.0.1")
         client = Client(cluster)
     futures = []
     try:
@@ -458,5 +472,16 @@ def load_results(directory: str | Path) -> dict[str, pd.DataFrame]:
     manifest_path = directory / "manifest.json"
     if not manifest_path.exists():
         raise FileNotFoundError(f"{directory} holds no tlbsim results (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
-    return {name: pd.read_parquet(directory / fname) for name, fname in manifest["tables"].items()}
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        tables = dict(manifest["tables"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{manifest_path} is not a tlbsim manifest ({type(e).__name__}: {e})") from None
+    root = directory.resolve()
+    out = {}
+    for name, fname in tables.items():
+        path = (directory / str(fname)).resolve()
+        if root not in path.parents:  # a manifest names only files inside its own directory
+            raise ValueError(f"{manifest_path}: table {name!r} points outside {directory} ({fname!r})")
+        out[name] = pd.read_parquet(path)
+    return out
