@@ -225,7 +225,8 @@ def test_scenario_file_errors_and_stale_baselines(tmp_path, capsys):
     (d / "scenarios.toml").write_text(edited)
     assert main(["check", "--baseline", str(d), "--scenario", "dedicated_mask", "--tier", "exact"]) == 2
     assert "another configuration" in capsys.readouterr().err
-    for bad in ("replications = 0", "replications = 1", 'set = 5', "seed = -3", 'thresholds = { latency_p99_us = "x" }'):
+    bads = ("replications = 0", "replications = 1", "set = 5", "seed = -3", 'thresholds = { latency_p99_us = "x" }')
+    for bad in bads:
         (d / "scenarios.toml").write_text(text + f"\n[scenario.bad]\n{bad}\n")
         assert main(["check", "--baseline", str(d), "--scenario", "bad"]) == 2
         err = capsys.readouterr().err
