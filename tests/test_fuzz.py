@@ -98,3 +98,28 @@ def test_a_runaway_configuration_stops_with_a_clear_error(capsys):
 def test_extreme_values_found_by_fuzzing_are_bounded(capsys, key, value):
     assert main(["run", DEFAULT, *SAFE, "--set", f"{key}={value}"]) == 2
     assert key in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body,message", [
+    ("100,0,0,1\nnan,1,0,1\n", "finite"),
+    ("100,0,0,1\ninf,1,0,1\n", "finite"),
+    ("100,0,3,1\n", "runs address space 0"),
+    (f"100,0,0,{2**63}\n", "pages at most"),
+    (f"100,0,{2**63},1\n", "address_space at most"),
+    ("100,0,0,99999999999999999999999999\n", "pages at most"),
+])
+def test_bad_trace_rows_are_one_line_errors(tmp_path, capsys, body, message):
+    trace = tmp_path / "t.csv"
+    trace.write_text("time_us,vp,address_space,pages\n" + body)
+    rc = main(["run", DEFAULT, *SAFE, "--set", f'workload.trace="{trace.as_posix()}"'])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_a_byte_order_mark_is_not_a_column_name(tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    trace.write_bytes("\ufefftime_us,vp,address_space,pages\n100,0,0,1\n".encode())
+    assert main(["run", DEFAULT, *SAFE, "--set", f'workload.trace="{trace.as_posix()}"']) == 0
+    config = tmp_path / "c.toml"
+    config.write_bytes("\ufeff[partition]\nvps = 4\n".encode())
+    assert main(["run", str(config), "--no-progress", "--set", "partition.duration_us=1000"]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 from tlbsim.config import Config, ConfigError, read_text
@@ -16,7 +17,7 @@ def load_trace(path: str | Path, n_vps: int) -> list[TraceEvent]:
     """Read a CSV trace with columns time_us, vp, address_space, pages
     (pages 0 = the whole address space). Errors name the line."""
     path = Path(path)
-    text = read_text(path, "trace", "workload.trace")
+    text = read_text(path, "trace", "workload.trace").removeprefix("\ufeff")  # a BOM is not a column name
     rows = list(csv.DictReader(text.splitlines()))
     need = {"time_us", "vp", "address_space", "pages"}
     if not rows or not need <= set(rows[0]):
@@ -25,12 +26,32 @@ def load_trace(path: str | Path, n_vps: int) -> list[TraceEvent]:
     for line, row in enumerate(rows, start=2):
         try:
             e = TraceEvent(float(row["time_us"]), int(row["vp"]), int(row["address_space"]), int(row["pages"]))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError("workload.trace", f"{path}:{line}: not a number in {dict(row)}") from None
-        if e.time_us < 0 or e.pages < 0 or e.address_space < 0 or not 0 <= e.vp < n_vps:
+        if not math.isfinite(e.time_us) or e.time_us < 0:
+            raise ConfigError("workload.trace", f"{path}:{line}: time_us must be a finite number >= 0")
+        if e.pages < 0 or e.address_space < 0 or not 0 <= e.vp < n_vps:
             raise ConfigError("workload.trace", f"{path}:{line}: negative value or VP outside 0..{n_vps - 1}")
+        if e.pages > MAX_TRACE_PAGES or e.address_space > n_vps:
+            raise ConfigError("workload.trace", f"{path}:{line}: pages at most {MAX_TRACE_PAGES:,} and "
+                              f"address_space at most {n_vps} (an address-space index of the sharing pattern)")
         events.append(e)
     return events
+
+
+MAX_TRACE_PAGES = 4096 * 4096  # the most a flush can name (GVA ranges of 4,096 pages, one page of them)
+
+
+def check_trace_address_spaces(events: list[TraceEvent], config: Config) -> None:
+    """Each trace row names an address space its VP runs (a flush of an address space nobody runs
+    would be a 0-target, 0-latency row: silent nonsense)."""
+    from tlbsim.model.partition import address_space_index
+
+    for i, e in enumerate(events):
+        own = address_space_index(config, e.vp)
+        if e.address_space != own:
+            raise ConfigError("workload.trace", f"row {i + 2}: VP {e.vp} runs address space {own} under "
+                              f"workload.sharing = {config.workload.sharing!r}, not {e.address_space}")
 
 
 def simulate(config: Config, seed: int = 0, progress=None) -> Result:
@@ -39,6 +60,8 @@ def simulate(config: Config, seed: int = 0, progress=None) -> Result:
     if not isinstance(config, Config):
         raise TypeError("simulate() takes a tlbsim.Config")
     trace = load_trace(config.workload.trace, config.partition.vps) if config.workload.trace else None
+    if trace:
+        check_trace_address_spaces(trace, config)
     vf_trace = load_vf_trace(config.vf.trace, config.vf.count, config.vf.blocks) \
         if config.vf.count and config.vf.trace else None
     rec = simulate_records(config, seed, trace, vf_trace, progress)
@@ -55,7 +78,7 @@ def load_vf_trace(path: str | Path, n_vfs: int, n_blocks: int) -> dict[int, list
     """Read a CSV of PF calls with columns time_us, vf, block_mask (decimal
     or 0x hex). Errors name the line."""
     path = Path(path)
-    text = read_text(path, "VF trace", "vf.trace")
+    text = read_text(path, "VF trace", "vf.trace").removeprefix("\ufeff")
     rows = list(csv.DictReader(text.splitlines()))
     need = {"time_us", "vf", "block_mask"}
     if not rows or not need <= set(rows[0]):
@@ -64,7 +87,7 @@ def load_vf_trace(path: str | Path, n_vfs: int, n_blocks: int) -> dict[int, list
     for line, row in enumerate(rows, start=2):
         try:
             t, vf, mask = float(row["time_us"]), int(row["vf"]), int(row["block_mask"].strip(), 0)
-        except (TypeError, ValueError, AttributeError):
+        except (TypeError, ValueError, AttributeError, OverflowError):
             raise ConfigError("vf.trace", f"{path}:{line}: expected numbers, got {dict(row)}") from None
         if not (t >= 0 and t != float("inf")) or not 0 <= vf < n_vfs:
             raise ConfigError("vf.trace", f"{path}:{line}: time must be >= 0 and vf in 0..{n_vfs - 1}")

@@ -61,6 +61,16 @@ class _LosingList(list):
         pass
 
 
+def address_space_index(config: Config, vp: int) -> int:
+    """The address space (index of the sharing pattern) VP ``vp`` runs."""
+    w = config.workload
+    if w.sharing == "all":
+        return 0
+    if w.sharing == "groups":
+        return vp // w.group_size
+    return vp
+
+
 def cr3_of(as_index: int) -> int:
     """The CR3 value that names address space ``as_index``."""
     return (as_index + 1) << 12
@@ -169,12 +179,7 @@ class Partition:
         return SpinYield("notify", window, 1.0, window, cost, sp.ipi_aware)
 
     def _as_index(self, vp: int) -> int:
-        w = self.config.workload
-        if w.sharing == "all":
-            return 0
-        if w.sharing == "groups":
-            return vp // w.group_size
-        return vp
+        return address_space_index(self.config, vp)
 
     # ------------------------------------------------------------ policy API
     def targets_of(self, vp: VP, address_space: int) -> tuple[list[VP], tuple[int, ...]]:
