@@ -368,3 +368,34 @@ def test_incomplete_shootdowns_are_censored_not_dropped():
     assert s["latency_p99_us"] == pytest.approx(np.percentile(pooled, 99))
     assert s["latency_max_us"] <= pooled.max()
     assert bool(s["latency_p99_is_lower_bound"]) == bool(waited.max() >= s["latency_p99_us"])
+
+
+def test_a_timeline_changes_nothing_and_is_valid_chrome_trace(tmp_path):
+    from tlbsim.model.timeline import Timeline, TracingVP
+    from tlbsim.model.vp import VP
+
+    cfg = make_config(partition__vps=6, partition__lps=3, workload__policy="ipi", partition__duration_us=20_000.0,
+                      locks__vsm_rate_per_ms=1.0, vf__count=1)
+    plain = simulate(cfg, seed=2)
+    timeline = Timeline(1000.0, 6000.0)
+    traced = simulate(cfg, seed=2, timeline=timeline)
+    for table in ("shootdowns", "vps", "exits", "vf"):
+        pd.testing.assert_frame_equal(getattr(plain, table), getattr(traced, table))
+    assert timeline.segments and timeline.instants and timeline.shootdowns
+    trace = timeline.chrome_trace(6, traced.vf.to_dict("records"))
+    for e in trace["traceEvents"]:
+        assert e["ph"] in {"M", "X", "i", "b", "e"}
+        if e["ph"] == "X":
+            assert e["dur"] >= 0 and e["ts"] + e["dur"] >= 1000.0 and e["ts"] <= 6000.0
+    names = {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"}
+    assert {"guest", "descheduled"} <= names and any(n.isupper() for n in names)  # exit reasons by name
+    # per VP, the state segments inside the window tile it without overlap
+    seg = sorted((s for s in timeline.segments if s[0] == 0), key=lambda s: s[2])
+    for a, b in zip(seg, seg[1:], strict=False):
+        assert b[2] >= a[3] - 1e-9
+    timeline.figure(tmp_path / "t.png", 6)
+    assert (tmp_path / "t.png").stat().st_size > 5000
+    # off by default: the plain VP class, no per-event hook
+    from tlbsim.model.partition import Partition
+
+    assert type(Partition(cfg, 0).vps[0]) is VP and TracingVP is not VP

@@ -116,6 +116,18 @@ def cmd_run(args) -> int:
                                                 f"{config.host.cotenant_vps} VPs" if config.host.cotenants else "")
               + f", {config.partition.duration_us:,.0f} us simulated"
               + (f", {args.replications} replications" if args.replications > 1 else "") + ")")
+    timeline = None
+    if args.trace or args.timeline:
+        from tlbsim.model.timeline import Timeline
+
+        start, end = _window(args.window, config.partition.duration_us)
+        timeline = Timeline(start, end)
+        for target in (args.trace, args.timeline):
+            if target:
+                try:
+                    writable_directory(Path(target).resolve().parent)
+                except OSError as e:
+                    raise UsageError(f"cannot write {target}: {e.strerror or e}") from None
     results = []
     for r in range(args.replications):
         seed = args.seed if args.replications == 1 else replication_seed(args.seed, r)
@@ -129,7 +141,7 @@ def cmd_run(args) -> int:
 
             def progress(_fraction: float, bar=bar) -> None:  # called once per 1 % of simulated time
                 bar.update()
-        results.append(simulate(config, seed=seed, progress=progress))
+        results.append(simulate(config, seed=seed, progress=progress, timeline=timeline if r == 0 else None))
     print(banner)
     result = results[0]
     worst = max(float(r.summary["incomplete_fraction"]) for r in results)
@@ -141,6 +153,16 @@ def cmd_run(args) -> int:
         print(format_summary(result.summary))
     else:
         print(format_replications([r.summary for r in results]))
+    if timeline is not None:
+        vf_rows = result.vf.to_dict("records") if len(result.vf) else None
+        if args.trace:
+            timeline.write_json(args.trace, config.partition.vps, vf_rows)
+            print(f"timeline ({timeline.start_us:,.0f}-{timeline.end_us:,.0f} us) written to {args.trace}: "
+                  "open it in Perfetto (ui.perfetto.dev) or chrome://tracing")
+        if args.timeline:
+            timeline.figure(args.timeline, config.partition.vps,
+                            f"{config.workload.policy}: VP states, {timeline.start_us:,.0f}-{timeline.end_us:,.0f} us")
+            print(f"timeline figure written to {args.timeline}")
     if out is not None:
         try:
             if args.replications == 1:
@@ -153,6 +175,19 @@ def cmd_run(args) -> int:
             raise UsageError(f"cannot write results to {out}: {e.strerror or e}") from None
         print(f"results written to {out}/")
     return EXIT_OK
+
+
+def _window(text: str | None, duration_us: float) -> tuple[float, float]:
+    """--window START:END in us (default: the first 2 ms, or the whole run if shorter)."""
+    if not text:
+        return 0.0, min(duration_us, 2000.0)
+    try:
+        a, b = (float(x) for x in text.split(":", 1))
+    except ValueError:
+        raise UsageError(f"--window is START:END in microseconds, not {text!r}") from None
+    if not (0 <= a < b) or b != b or a != a:
+        raise UsageError(f"--window needs 0 <= START < END, got {text!r}")
+    return a, min(b, duration_us)
 
 
 def replication_seed(root: int, r: int) -> int:
@@ -377,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--replications", type=int, default=1, metavar="N",
                      help="run N replications (seeds SeedSequence(seed, spawn_key=(r,))) and print 95 %% intervals")
     run.add_argument("--force", action="store_true", help="overwrite results already in --out")
+    run.add_argument("--trace", metavar="FILE.json",
+                     help="write a timeline (Chrome trace events: Perfetto, chrome://tracing) of --window")
+    run.add_argument("--timeline", metavar="FILE.png", help="draw the VPs' states over --window")
+    run.add_argument("--window", metavar="START:END", help="timeline window in us (default 0:2000)")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress (a bar on a terminal, a line per 10 %% otherwise)")
     run.set_defaults(func=cmd_run)

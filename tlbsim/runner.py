@@ -54,9 +54,11 @@ def check_trace_address_spaces(events: list[TraceEvent], config: Config) -> None
                               f"workload.sharing = {config.workload.sharing!r}, not {e.address_space}")
 
 
-def simulate(config: Config, seed: int = 0, progress=None) -> Result:
+def simulate(config: Config, seed: int = 0, progress=None, timeline=None) -> Result:
     """Run one simulation of ``config`` with ``seed``; same inputs, same Result.
-    ``progress(fraction)`` is called as simulated time advances (optional)."""
+    ``progress(fraction)`` is called as simulated time advances (optional); ``timeline``
+    (model.timeline.Timeline) collects a per-VP timeline of a window (optional; the records are the
+    same with or without it)."""
     if not isinstance(config, Config):
         raise TypeError("simulate() takes a tlbsim.Config")
     trace = load_trace(config.workload.trace, config.partition.vps) if config.workload.trace else None
@@ -64,7 +66,7 @@ def simulate(config: Config, seed: int = 0, progress=None) -> Result:
         check_trace_address_spaces(trace, config)
     vf_trace = load_vf_trace(config.vf.trace, config.vf.count, config.vf.blocks) \
         if config.vf.count and config.vf.trace else None
-    rec = simulate_records(config, seed, trace, vf_trace, progress)
+    rec = simulate_records(config, seed, trace, vf_trace, progress, timeline)
     shootdowns, vps, exits, vf = shootdowns_frame(rec), vps_frame(rec), exits_frame(rec), vf_frame(rec)
     extra = {"events": rec.events, "requests_waiting": rec.requests_waiting, **rec.host}
     if config.vf.count:

@@ -78,8 +78,9 @@ def cr3_of(as_index: int) -> int:
 
 class Partition:
     def __init__(self, config: Config, seed: int = 0, trace: list[TraceEvent] | None = None,
-                 vf_trace: dict[int, list[tuple[float, int]]] | None = None):
+                 vf_trace: dict[int, list[tuple[float, int]]] | None = None, timeline=None):
         self.config = config
+        self.timeline = timeline  # model.timeline.Timeline, or None (no tracing: the plain VP class)
         self.env = CountingEnvironment(max_events=config.run.max_events)
         p = config.partition
         w = config.workload
@@ -121,6 +122,12 @@ class Partition:
         for e in trace or ():
             per_vp_trace.setdefault(e.vp, []).append(e)
         self.vps: list[VP] = []
+        vp_class = VP
+        if timeline is not None:
+            from tlbsim.model.timeline import TracingVP, trace_recorder
+
+            vp_class = TracingVP
+            trace_recorder(self.recorder, timeline)
         for i in range(p.vps):
             if trace is not None:
                 arrivals = TraceArrivals(per_vp_trace.get(i, []), cr3_of)
@@ -133,7 +140,7 @@ class Partition:
                 rate = w.rate_per_ms if i in initiators else 0.0
                 arrivals = PoissonArrivals(streams[i]["workload"], rate, w.burst_size, w.pages,
                                            w.full_flush_fraction)
-            vp = VP(self, i, cr3_of(as_index[i]), streams[i], arrivals)
+            vp = vp_class(self, i, cr3_of(as_index[i]), streams[i], arrivals)
             self.vps.append(vp)
             self.sharers.setdefault(vp.address_space, []).append(vp)
             if vp.vsm is not None:
@@ -240,6 +247,9 @@ class Partition:
             progress(1.0)
         for vp in self.vps:
             vp.settle()
+        if self.timeline is not None:
+            for vp in self.vps:
+                vp.close(duration)
         if self.config.run.check_invariants:
             self._check_end(duration)
         return self._records(duration, self.env.events_scheduled - reporting_events)
@@ -278,5 +288,6 @@ class Partition:
 
 
 def simulate_records(config: Config, seed: int = 0, trace: list[TraceEvent] | None = None,
-                     vf_trace: dict[int, list[tuple[float, int]]] | None = None, progress=None) -> Records:
-    return Partition(config, seed, trace, vf_trace).run(progress)
+                     vf_trace: dict[int, list[tuple[float, int]]] | None = None, progress=None,
+                     timeline=None) -> Records:
+    return Partition(config, seed, trace, vf_trace, timeline).run(progress)
