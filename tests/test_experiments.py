@@ -46,6 +46,45 @@ def test_plots_render_png_and_svg(small_sweep, tmp_path):
     assert set(points.vps_per_lp) == {1.0, 2.0, 4.0}
 
 
+def _shrunk(path, out_root):
+    """A shipped spec, shrunk to run in seconds: 2 replications, short runs, at most 3 values per axis."""
+    spec = SweepSpec.from_toml(path, replications=2)
+    source = dict(spec.source)
+    source["fixed"] = {**source.get("fixed", {}), "partition.duration_us": 8000.0}
+    source["grid"] = {k: v[:3] for k, v in source.get("grid", {}).items()}
+    source["zip"] = {k: v[:3] for k, v in source.get("zip", {}).items()}
+    source["replications"] = 2
+    source["base"] = str(ROOT / "experiments" / "configs" / "default.toml")
+    out = out_root / spec.name
+    run_sweep(SweepSpec.from_dict(source), out, jobs=2, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_notebook_reads_every_shipped_sweep(path, tmp_path):
+    """The notebook runs on each shipped experiment (shrunk) and its key table has a row per
+    (policy, varied parameters) combination."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    out = _shrunk(path, tmp_path)
+    nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
+    os.environ["TLBSIM_RESULTS"] = str(out)
+    try:
+        client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                         resources={"metadata": {"path": str(ROOT / "notebooks")}})
+        client.execute()
+    finally:
+        del os.environ["TLBSIM_RESULTS"]
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
+    assert not errors
+    points, _, manifest = load_sweep(out)
+    combos = points.groupby([k for k in ("workload.policy",) if k in points]
+                            + [k for k in [*manifest["spec"].get("grid", {}), *manifest["spec"].get("zip", {})]
+                               if k != "workload.policy"]).ngroups
+    key_table = nb.cells[5].outputs[-1]["data"]["text/plain"]
+    assert len([line for line in key_table.splitlines()[2:] if line.strip()]) >= combos
+
+
 def test_notebook_executes_end_to_end(small_sweep):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

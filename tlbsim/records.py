@@ -436,11 +436,8 @@ def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, e
         "hv_flush_us": float(vps["hv_flush_us"].sum()),
         "spinning_us": float(vps["spinning_us"].sum()),
         "vtl1_us": float(vps["vtl1_us"].sum()),
-        # share of VP time a shootdown takes from the guest: sending IPIs, spinning for acks, flush
-        # handlers, flush hypercalls, suspended on a locked TLB, hypervisor interruptions, refills
-        "shootdown_time_fraction": float((vps["ipi_send_us"].sum() + vps["spinning_us"].sum() + vps["flush_us"].sum()
-                                          + vps["hypercall_us"].sum() + vps["suspended_us"].sum()
-                                          + vps["hv_flush_us"].sum() + vps["refill_us"].sum()) / total_us),
+        "ipi_send_us": float(vps["ipi_send_us"].sum()),
+        "flush_us": float(vps["flush_us"].sum()),
         "collateral_entries": float(vps["collateral_entries"].sum()),
         "evicted_entries": float(vps["evicted_entries"].sum()),
         "spin_exits": int(vps["spin_exits"].sum()),
@@ -450,4 +447,14 @@ def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, e
         "vps": n_vps,
     }
     out.update(extra)
+    # Everything shootdowns cost the guest, all VPs together: sending IPIs, the targets' Canceled exits
+    # and flush handlers (and the initiator's own flush), spinning for acks, flush hypercalls, time
+    # suspended on locked TLBs, hypervisor interruptions, and refilling what the flushes removed
+    # (not what co-tenants evicted). The cost per shootdown and its share of VP time derive from it.
+    cost = (out["ipi_send_us"] + out.get("canceled_exit_us", 0.0) + out["flush_us"] + out["spinning_us"]
+            + out["hypercall_us"] + out["suspended_us"] + out["hv_flush_us"]
+            + out.get("shootdown_refill_us", out["refill_us"]))
+    out["shootdown_cost_us"] = float(cost)
+    out["shootdown_time_fraction"] = float(cost / total_us) if total_us else np.nan
+    out["cost_per_shootdown_us"] = float(cost / len(shootdowns)) if len(shootdowns) else np.nan
     return pd.Series(out, dtype=object)

@@ -68,7 +68,12 @@ def simulate(config: Config, seed: int = 0, progress=None, timeline=None) -> Res
         if config.vf.count and config.vf.trace else None
     rec = simulate_records(config, seed, trace, vf_trace, progress, timeline)
     shootdowns, vps, exits, vf = shootdowns_frame(rec), vps_frame(rec), exits_frame(rec), vf_frame(rec)
-    extra = {"events": rec.events, "requests_waiting": rec.requests_waiting, **rec.host}
+    canceled_exit_us = float(exits.loc[exits["reason"] == "CANCELED", "time_us"].sum()) if len(exits) else 0.0
+    extra = {"events": rec.events, "requests_waiting": rec.requests_waiting, **rec.host,
+             # costs a shootdown causes that the VP time columns do not name apart
+             "canceled_exit_us": canceled_exit_us,
+             "shootdown_refill_us": float((vps["refill_entries"] + vps["collateral_entries"]).sum()
+                                          * config.costs.refill_us)}
     if config.vf.count:
         extra.update(vf_summary(vf, vps, rec.vf_stats))
     summary = summarize(shootdowns, vps, rec.duration_us, extra)
