@@ -142,3 +142,34 @@ def test_pooled_quantiles_pool_replications_and_bootstrap_them(small_sweep):
     lat = lat[lat.status == "SUCCESS"].latency_us  # no incomplete ones at 1:1 in this sweep
     assert row["q0.99"] == pytest.approx(np.quantile(lat, 0.99))
     assert row["q0.99_lo"] <= row["q0.99"] <= row["q0.99_hi"]
+
+
+def test_cdf_figure_has_a_tail_view_fixed_policy_order_and_counts_incomplete(monkeypatch, tmp_path):
+    """Synthetic data: 'mask' has 4 shootdowns of which 1 never completed, 'ipi' 2; policies appear in
+    the fixed order with their fixed colours whatever order the data has; the CDF of 'mask' stops at 3/4
+    (the incomplete one is censored, not dropped) and its tail view ends at 2/4 (the slowest completed
+    one and the incomplete one are both at least 30 us)."""
+    import matplotlib.colors as mcolors
+    import pandas as pd
+
+    import tlbsim.plots as plots
+
+    captured = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, out, name: captured.setdefault("fig", fig) and [])
+    points = pd.DataFrame({"point": [0, 1], "replication": [0, 0], "status": ["ok", "ok"],
+                           "workload.policy": ["mask", "ipi"]})
+    shootdowns = pd.DataFrame({
+        "point": [0, 0, 0, 0, 1, 1], "replication": [0] * 6,
+        "status": ["SUCCESS", "SUCCESS", "INCOMPLETE", "SUCCESS", "SUCCESS", "SUCCESS"],
+        "latency_us": [10.0, 30.0, float("nan"), 20.0, 5.0, 50.0]})
+    plots.cdf_figure(points, shootdowns, tmp_path)
+    cdf, tail = captured["fig"].axes
+    labels = [t.get_text() for t in cdf.get_legend().get_texts()]
+    assert labels == ["ipi (n=2)", "mask (n=4, 1 incomplete)"]
+    ipi_line, mask_line = cdf.get_lines()
+    assert mcolors.to_hex(mask_line.get_color()) == plots.POLICY_COLOURS["mask"]
+    assert list(mask_line.get_xdata()) == [10.0, 20.0, 30.0]
+    assert mask_line.get_ydata()[-1] == pytest.approx(0.75)
+    assert tail.get_yscale() == "log" and tail.get_xscale() == "log"
+    mask_tail = tail.get_lines()[1]
+    assert list(mask_tail.get_ydata()) == pytest.approx([1.0, 0.75, 0.5])

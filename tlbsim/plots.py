@@ -242,22 +242,50 @@ def metric_figure(points, x, metric, out_dir, name, logy=False, logx=False, titl
 
 
 def cdf_figure(points, shootdowns, out_dir, where: dict | None = None, name="latency_cdf", title=None):
-    """Empirical CDF of shootdown latency per policy (all replications pooled)."""
-    sel = points
+    """Empirical distribution of shootdown latency per policy, all replications pooled: the CDF (left)
+    and its tail 1 - F on log-log axes (right), where p99 and beyond are read. Shootdowns still
+    incomplete at the end of a run are in the denominator but never reach the curve (their latency is
+    only known to exceed the time they waited), so a curve that stops below 1 shows how many are
+    missing; the legend gives the count. Policies in a fixed order, one colour each."""
+    sel = points[points["status"] == "ok"] if "status" in points else points
     for k, v in (where or {}).items():
         sel = sel[sel[k] == v]
     keep = sel[["point", "replication", "workload.policy"]]
-    sd = shootdowns[shootdowns["status"] == "SUCCESS"].merge(keep, on=["point", "replication"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for policy, g in sd.groupby("workload.policy"):
-        lat = np.sort(g["latency_us"].to_numpy())
-        ax.step(lat, np.arange(1, lat.size + 1) / lat.size, where="post", label=f"{policy} (n={lat.size:,})")
+    sd = shootdowns[shootdowns["status"].isin(["SUCCESS", "INCOMPLETE"])].merge(keep, on=["point", "replication"])
+    fig, (ax, tail) = plt.subplots(1, 2, figsize=(10.4, 4.2))
+    present = set(sd["workload.policy"])
+    order = [p for p in POLICY_ORDER if p in present] + sorted(present - set(POLICY_ORDER))
+    for policy in order:
+        g = sd[sd["workload.policy"] == policy]
+        n = len(g)
+        lat = np.sort(g.loc[g["status"] == "SUCCESS", "latency_us"].to_numpy(dtype=float))
+        if not lat.size:
+            continue
+        f = np.arange(1, lat.size + 1) / n
+        inc = n - lat.size
+        label = f"{policy} (n={n:,}" + (f", {inc:,} incomplete)" if inc else ")")
+        colour = POLICY_COLOURS.get(policy)
+        ax.step(lat, f, where="post", label=label, color=colour)
+        # 1 - F just before each sample, so the last completed shootdown still shows (at 1/n or above)
+        survive = 1.0 - np.concatenate([[0.0], f[:-1]])
+        tail.step(lat, survive, where="post", color=colour)
     ax.set_xscale("log")
     ax.set_xlabel("shootdown latency (us)")
     ax.set_ylabel("fraction of shootdowns <= latency")
+    tail.set_xscale("log")
+    tail.set_yscale("log")
+    tail.set_xlabel("shootdown latency (us)")
+    tail.set_ylabel("fraction of shootdowns >= latency (1 - F)")
+    for q in (0.01, 0.001):
+        tail.axhline(q, color="grey", lw=0.6, ls=":")
+        tail.annotate(f"p{100 * (1 - q):g}", (1.0, q), xycoords=("axes fraction", "data"), ha="right",
+                      va="bottom", fontsize=7, color="grey")
     cond = ", ".join(f"{LABELS.get(k, k)} = {v}" for k, v in (where or {}).items())
-    ax.set_title(title or f"Latency CDF{': ' + cond if cond else ''}")
-    ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title or f"Latency distribution{': ' + cond if cond else ''}", fontsize=10)
+    ax.set_title("CDF", fontsize=9)
+    tail.set_title("tail, log scale", fontsize=9)
+    for a in (ax, tail):
+        a.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, frameon=False, loc="lower right")
     fig.tight_layout()
     return _save(fig, out_dir, name)
