@@ -118,6 +118,57 @@ def test_tlb_fast_path_agrees_with_flush():
         assert (a.nonglobal, a.global_entries) == (b.nonglobal, b.global_entries)
 
 
+def test_tlb_page_fast_path_agrees_with_flush():
+    """Tlb.flush_pages is the documented fast path of Tlb.flush for a page scope (List calls, INVLPG):
+    same (required, removed) and same TLB after, whatever the scope's other fields."""
+    from tlbsim.model.tlb import FlushScope, Tlb
+
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        own = 0x1000 * int(rng.integers(1, 4))
+        working_set, global_pages = int(rng.integers(0, 2000)), int(rng.integers(0, 400))
+        a, b = (Tlb(own, 1536, working_set, global_pages, 20.0, True) for _ in "ab")
+        a.nonglobal = b.nonglobal = a.nonglobal_cap * float(rng.uniform(0, 1))
+        named = [None, own, own + 0x1000][int(rng.integers(0, 3))]
+        pages = int(rng.integers(0, 3000))
+        scope = FlushScope(named, bool(rng.integers(0, 2)), pages)
+        assert a.flush(scope, bool(rng.integers(0, 2))) == b.flush_pages(named, pages)
+        assert (a.nonglobal, a.global_entries) == (b.nonglobal, b.global_entries)
+
+
+def test_lock_holders_agree_with_asking_every_target():
+    """TlbLocks.holders asks each source for the VPs it locks; the answer (and its order) is the one
+    asking lock_on of every target gives, on random lock states of two sources."""
+    from types import SimpleNamespace
+
+    from tlbsim.model.accounting import GUEST, VTL1
+    from tlbsim.model.locks import InterceptInhibit, TlbLocks, VsmTlbLocks
+
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        n = int(rng.integers(1, 40))
+        needs = rng.integers(0, 4, size=n) > 0  # whether each VP's TLB requires the flush
+
+        def requires_of(i, needs=needs):
+            return lambda scope: bool(needs[i])
+
+        vps = [SimpleNamespace(index=i, state=int(rng.choice([GUEST, VTL1])), vtl1_end_us=float(rng.uniform(0, 50)),
+                               requires=requires_of(i)) for i in range(n)]
+        inhibit = InterceptInhibit()
+        for i in rng.choice(n, size=int(rng.integers(0, n + 1)), replace=False):
+            inhibit.begin(int(i), float(rng.uniform(0, 50)))
+        vsm = VsmTlbLocks({vp.index: vp for vp in vps if rng.integers(0, 2)})
+        locks = TlbLocks([inhibit, vsm])
+        targets = [vps[int(i)] for i in rng.permutation(n)[: int(rng.integers(0, n + 1))]]
+        expected = []
+        for t in targets:
+            lock = locks.lock_on(t.index, 0.0)
+            if lock is not None and t.requires(None):
+                expected.append((lock[0], lock[1], t))
+        position = {t.index: i for i, t in enumerate(targets)}
+        assert locks.holders(targets, None, 0.0, position) == expected
+
+
 def test_call_codes_and_flags_per_policy():
     LIST, SPACE = HvCallCode.FLUSH_VIRTUAL_ADDRESS_LIST, HvCallCode.FLUSH_VIRTUAL_ADDRESS_SPACE
     # a 1-page range: the List call (NON_GLOBAL is invalid there), as Windows and Linux flush small ranges

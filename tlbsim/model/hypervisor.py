@@ -49,7 +49,7 @@ class CallPlan:
     number of running targets. Guests issue the same few calls again and
     again; a plan is built once and reused, so the hot path hashes no call."""
 
-    __slots__ = ("call", "scope", "validation", "ok", "call_code", "flags", "targets", "cost_us")
+    __slots__ = ("call", "scope", "validation", "ok", "call_code", "flags", "targets", "position", "cost_us")
 
     def __init__(self, call: FlushCall, scope: FlushScope, validation: hv.Validation, targets: list):
         self.call = call
@@ -59,6 +59,7 @@ class CallPlan:
         self.call_code = call.call_code
         self.flags = call.flags
         self.targets = targets
+        self.position = {t.index: i for i, t in enumerate(targets)}  # VP index -> place in targets
         self.cost_us: list[float | None] = [None] * (len(targets) + 1)  # by running targets
 
 
@@ -129,7 +130,7 @@ class Hypervisor:
         locks = self.locks if self.lock_wait != "none" else None
         while locks is not None and locks.any_active():
             now = env.now
-            holders = locks.holders(targets, scope, now)
+            holders = locks.holders(targets, scope, now, plan.position)
             if not holders:
                 break
             yield from self._in_hypercall(vp, sd, c.vmexit_roundtrip_us + c.hypercall_decode_us)

@@ -60,6 +60,10 @@ class VsmTlbLocks:
         vp = self.by_vp.get(vp_index)
         return vp.vtl1_end_us if vp is not None and vp.state == VTL1 else None
 
+    def locked(self, now: float):
+        """(VP index, lock end) of every VP holding the lock now."""
+        return [(index, vp.vtl1_end_us) for index, vp in self.by_vp.items() if vp.state == VTL1]
+
 
 class InterceptInhibit:
     """TlbFlushInhibit while a MemoryAccess exit is being emulated."""
@@ -82,6 +86,10 @@ class InterceptInhibit:
     def locked_until(self, vp_index: int, now: float) -> float | None:
         return self.emulating.get(vp_index)
 
+    def locked(self, now: float):
+        """(VP index, lock end) of every VP holding the lock now."""
+        return self.emulating.items()
+
 
 class TlbLocks:
     """The lock sources of one partition, queried by the hypervisor."""
@@ -102,14 +110,33 @@ class TlbLocks:
                 return True
         return False
 
-    def holders(self, targets, scope, now: float) -> list[tuple[float, str, object]]:
+    def holders(self, targets, scope, now: float, position: dict[int, int]) -> list[tuple[float, str, object]]:
         """(lock end, source, VP) for every target whose TLB is locked now
-        and requires the flush (``scope``): the lock holders a call waits for."""
+        and requires the flush (``scope``): the lock holders a call waits for,
+        in target order. ``position`` maps a VP index to its place in
+        ``targets`` (CallPlan.position).
+
+        Asks each source for the few VPs it locks now rather than each target
+        whether it is locked: a call to 4,095 targets with one MemoryAccess
+        emulation in flight looks at one VP, not 4,095 (the per-target query
+        ``lock_on`` took 42 % of a 1,024-VP run's profile). Same answer as
+        asking ``lock_on`` of every target (tests/test_model.py checks it)."""
+        found: dict[int, tuple[float, str]] = {}
+        for source in self.sources:
+            name = source.name
+            for index, end in source.locked(now):
+                if index in position:
+                    prev = found.get(index)
+                    if prev is None or end > prev[0]:
+                        found[index] = (end, name)
+        if not found:
+            return []
         out = []
-        for t in targets:
-            lock = self.lock_on(t.index, now)
-            if lock is not None and t.requires(scope):
-                out.append((lock[0], lock[1], t))
+        for index in sorted(found, key=position.__getitem__):
+            target = targets[position[index]]
+            if target.requires(scope):
+                end, name = found[index]
+                out.append((end, name, target))
         return out
 
     def lock_on(self, vp_index: int, now: float) -> tuple[float, str] | None:

@@ -121,3 +121,16 @@ class Tlb:
             removed = required
         self.nonglobal -= removed
         return required, removed
+
+    def flush_pages(self, address_space: int | None, pages: int) -> tuple[float, float]:
+        """Fast path of ``flush`` for a page scope (``FlushScope(address_space, _, pages)``: every List
+        call and INVLPG; page flushes are exact, so ``whole_context`` and ``non_global_only`` do not
+        matter). Same result as ``flush`` (tests/test_model.py checks it on random TLBs)."""
+        if (address_space is not None and address_space != self.address_space) or not self.working_set:
+            return 0.0, 0.0
+        nonglobal = self.nonglobal
+        required = pages * nonglobal / self.working_set
+        if required > nonglobal:
+            required = nonglobal
+        self.nonglobal = nonglobal - required
+        return required, required

@@ -256,14 +256,18 @@ class VP(TimeAccount):
         running targets).
 
         The hot path of every hypercall shootdown (once per running target):
-        a Space call's scope takes the TLB's fast path, and ``_book``'s VP
+        a List call's scope takes the TLB's page fast path, a Space call's its
+        address-space fast path, and ``_book``'s VP
         half is done in place (with ``recorder.flushed`` per target, this
         path measured 0.61 instead of 0.51 us per target)."""
         if self.state == GUEST and now > self.since:
             self.account_guest(now - self.since)
             self.since = now
         self.hv_debt_us += self._target_interrupt_us
-        if scope.pages is None and scope.non_global_only:
+        pages = scope.pages
+        if pages is not None:
+            flushed = self.tlb.flush_pages(scope.address_space, pages)
+        elif scope.non_global_only:
             flushed = self.tlb.flush_space_nonglobal(scope.address_space, whole_context)
         else:
             flushed = self.tlb.flush(scope, whole_context)
