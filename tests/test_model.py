@@ -159,14 +159,15 @@ def test_lock_holders_agree_with_asking_every_target():
             inhibit.begin(int(i), float(rng.uniform(0, 50)))
         vsm = VsmTlbLocks({vp.index: vp for vp in vps if rng.integers(0, 2)})
         locks = TlbLocks([inhibit, vsm])
-        targets = [vps[int(i)] for i in rng.permutation(n)[: int(rng.integers(0, n + 1))]]
+        targets = sorted((vps[int(i)] for i in rng.permutation(n)[: int(rng.integers(0, n + 1))]),
+                         key=lambda t: t.index)  # a plan's targets: ascending VP index
         expected = []
         for t in targets:
             lock = locks.lock_on(t.index, 0.0)
             if lock is not None and t.requires(None):
                 expected.append((lock[0], lock[1], t))
-        position = {t.index: i for i, t in enumerate(targets)}
-        assert locks.holders(targets, None, 0.0, position) == expected
+        member = sum(1 << t.index for t in targets)
+        assert locks.holders(vps, member, None, 0.0) == expected
 
 
 def test_call_codes_and_flags_per_policy():

@@ -43,7 +43,9 @@ class Host:
         self._queue: list = []  # (virtual runtime, arrival number, VP), sorted
         self._arrivals = 0
         self.min_vruntime_us = 0.0  # never decreases (CFS's min_vruntime)
-        self.running: list = []  # VPs (of any partition) holding an LP
+        # VPs (of any partition) holding an LP, in dispatch order: a dict as an ordered set, so that
+        # releasing one is O(1) (list.remove took a third of a 4,096-LP run)
+        self.running: dict = {}
         self._timer_armed = False
         self.entities = 0  # VPs of every partition on this host
         self.dispatches = 0
@@ -90,7 +92,7 @@ class Host:
 
     def release(self, vp) -> None:
         """``vp`` gives up its LP (halt, suspension, preemption)."""
-        self.running.remove(vp)
+        del self.running[vp]
         vp.on_lp = False
         vp.preempt_pending = False
         vp.vruntime_us += self.env.now - vp.dispatched_us
@@ -106,7 +108,7 @@ class Host:
         vp.on_lp = True
         vp.dispatched_us = self.env.now
         vp.slice_end_us = self.env.now + self.slice_us
-        self.running.append(vp)
+        self.running[vp] = None
         self.dispatches += 1
 
     # ------------------------------------------------------------ directed yield
@@ -136,7 +138,7 @@ class Host:
         yielder must ``acquire`` again (it queues by its virtual runtime)."""
         self._queue = [e for e in self._queue if e[2] is not target]
         target.part.last_boosted = target.index
-        self.running.remove(yielder)
+        del self.running[yielder]
         yielder.vruntime_us += self.env.now - yielder.dispatched_us
         yielder.on_lp = False
         preempt = yielder.preempt_pending

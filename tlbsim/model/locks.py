@@ -110,11 +110,12 @@ class TlbLocks:
                 return True
         return False
 
-    def holders(self, targets, scope, now: float, position: dict[int, int]) -> list[tuple[float, str, object]]:
+    def holders(self, vps, member: int, scope, now: float) -> list[tuple[float, str, object]]:
         """(lock end, source, VP) for every target whose TLB is locked now
         and requires the flush (``scope``): the lock holders a call waits for,
-        in target order. ``position`` maps a VP index to its place in
-        ``targets`` (CallPlan.position).
+        in ascending VP index (a plan's target order). ``vps`` is the
+        partition's VPs by index, ``member`` the targets as a bitmask
+        (CallPlan.member).
 
         Asks each source for the few VPs it locks now rather than each target
         whether it is locked: a call to 4,095 targets with one MemoryAccess
@@ -125,15 +126,15 @@ class TlbLocks:
         for source in self.sources:
             name = source.name
             for index, end in source.locked(now):
-                if index in position:
+                if member >> index & 1:
                     prev = found.get(index)
                     if prev is None or end > prev[0]:
                         found[index] = (end, name)
         if not found:
             return []
         out = []
-        for index in sorted(found, key=position.__getitem__):
-            target = targets[position[index]]
+        for index in sorted(found):
+            target = vps[index]
             if target.requires(scope):
                 end, name = found[index]
                 out.append((end, name, target))

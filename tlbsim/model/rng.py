@@ -9,6 +9,8 @@ common random numbers.
 
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 
 PURPOSES = ("exits", "workload", "halt", "vsm")
@@ -21,21 +23,23 @@ _BLOCK = 512
 
 class Stream:
     """Exponential and uniform draws from one Generator, refilled in blocks
-    (a numpy call per block instead of per draw)."""
+    (a numpy call per block instead of per draw). A block is a typed array
+    (8 bytes a draw; a list of floats took 32): a 4,096-VP partition holds
+    about 16,000 blocks, 128 instead of 512 MB."""
 
     __slots__ = ("_gen", "_exp", "_ei", "_uni", "_ui")
 
     def __init__(self, seed_seq: np.random.SeedSequence):
         self._gen = np.random.Generator(np.random.PCG64(seed_seq))
-        self._exp: list[float] = []
+        self._exp = array("d")
         self._ei = _BLOCK  # empty: the first draw fills a block
-        self._uni: list[float] = []
+        self._uni = array("d")
         self._ui = _BLOCK
 
     def exp(self, mean: float) -> float:
         """An exponential draw with the given mean (inf for mean inf)."""
         if self._ei == _BLOCK:
-            self._exp = self._gen.standard_exponential(_BLOCK).tolist()
+            self._exp = array("d", self._gen.standard_exponential(_BLOCK).tobytes())
             self._ei = 0
         x = self._exp[self._ei]
         self._ei += 1
@@ -43,7 +47,7 @@ class Stream:
 
     def uniform(self) -> float:
         if self._ui == _BLOCK:
-            self._uni = self._gen.random(_BLOCK).tolist()
+            self._uni = array("d", self._gen.random(_BLOCK).tobytes())
             self._ui = 0
         x = self._uni[self._ui]
         self._ui += 1
