@@ -51,7 +51,7 @@ sensitivity: $(STAMP)
 	$(BIN)/tlbsim sensitivity experiments/sensitivity/policy_choice.toml --resume
 
 bench: $(STAMP)
-	$(BIN)/tlbsim bench
+	$(BIN)/tlbsim bench --compare benchmarks/reference.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

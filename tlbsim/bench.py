@@ -1,33 +1,49 @@
-"""Speed of the simulator, measured against raw SimPy in the same process.
+"""Speed of the simulator, each figure beside its floor, measured in one run.
 
-Prints, in one run:
- 1. raw SimPy: a bare ``yield env.timeout(1)`` loop, timeouts per wall second (the reference);
- 2. the model's SimPy events per wall second on the standard scenario (16 VPs, default exits,
-    ``mask``, no overcommit) and its ratio to (1);
- 3. per policy: SimPy events and wall microseconds per shootdown, both in total and marginal
-    (minus a run of the same scenario with no shootdowns: what a shootdown itself costs);
- 4. marginal wall cost per shootdown at 8..64 VPs (and 256, through the Ex calls) with a fixed
-    number of targets (address spaces shared by groups of 8 VPs);
- 5. peak memory of a process that records 1,000,000 shootdowns;
- 6. a sweep of 32 points on 1 process vs on all cores: the speed-up.
+A floor is what the same work costs with nothing but the unavoidable parts: the
+run's SimPy events as bare ``yield env.timeout()`` steps (raw SimPy, timed in
+the same run) plus, for every running target a hypervisor flushed, the flush
+arithmetic alone (``target_flush_us``, no SimPy). The machine is noisy, so the
+ratios (wall / floor) mean more than the absolute times, and they are what
+``--compare`` checks against a reference run.
 
-The machine is noisy: ratios to the raw SimPy figure of the same run mean more than absolute times.
+Figures:
+ 1. raw SimPy timeouts per second (the reference of every floor);
+ 2. three scenarios, wall / floor: the standard one (16 VPs, default exits, ``mask``), a co-tenant
+    overcommit (``ipi``, 3 co-tenant partitions of 16 VPs on 16 LPs, open loop) and a closed loop
+    (KVM profile, 300 us of work per operation, ``mask``);
+ 3. per shootdown and policy: SimPy events and wall us, total and marginal (net of the same run with
+    no shootdowns); ``mask`` with 15 running targets against its floor; SimPy events per running
+    target of an ``ipi`` shootdown;
+ 4. marginal wall us per shootdown vs VP count at a fixed number of targets;
+ 5. a naive SimPy model of the standard scenario (one process per target flush, as a user would write
+    it) against tlbsim on the same scenario;
+ 6. a large partition: 4,096 VPs, 10 ms simulated, default config (``--quick``: 1,024 VPs, 2 ms), in a
+    child process: wall, peak RSS, and the floor;
+ 7. peak memory of a process that records 1,000,000 shootdowns, beside the size of its table;
+ 8. a sweep of 32 points on 1 process vs on all cores.
+
+``--json FILE`` writes every figure; ``--compare FILE`` prints each figure's ratio to a reference run
+(``benchmarks/reference.json`` is the committed one).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 import simpy
 
 from tlbsim.config import Config
-from tlbsim.model.partition import simulate_records
+from tlbsim.model.partition import CountingEnvironment, simulate_records
 
 
 def raw_simpy_rate(n: int = 300_000, repeats: int = 3) -> float:
@@ -57,11 +73,12 @@ def timed(config: Config, seed: int = 0, repeats: int = 1):
     return best, rec
 
 
-def target_flush_us(n: int = 100_000, repeats: int = 3) -> float:
-    """Wall us of the arithmetic one running target of a Space call costs
-    (VP.flush_by_hypervisor on a VP in guest code with a TLB that refilled
-    since the last flush, reported to the recorder): what every mask /
-    ALL_PROCESSORS shootdown pays per running target, with no SimPy at all.
+def target_flush_us(n: int = 100_000, repeats: int = 3, pages: int | None = 1) -> float:
+    """Wall us of the arithmetic one running target of a flush hypercall costs
+    (VP.flush_by_hypervisor on a VP in guest code that ran 50 us since its last
+    flush, reported to the recorder), with no SimPy at all: what every mask /
+    ALL_PROCESSORS shootdown pays per running target. ``pages``: the scope of
+    the default guest's call (a 1-page List call); None for a Space call.
     Best of ``repeats``."""
     from tlbsim.model.partition import Partition
     from tlbsim.model.tlb import FlushScope
@@ -71,8 +88,8 @@ def target_flush_us(n: int = 100_000, repeats: int = 3) -> float:
     part = Partition(standard(1000.0), 0)
     vp = part.vps[1]
     vp.state, vp.on_lp = GUEST, True
-    row = part.recorder.started(0, "mask", Request(0.0, vp.address_space, None), 0.0, (1,))
-    scope = FlushScope(vp.address_space, True, None)
+    row = part.recorder.started(0, "mask", Request(0.0, vp.address_space, pages), 0.0, (1,))
+    scope = FlushScope(vp.address_space, True, pages)
     best = float("inf")
     for r in range(repeats):
         base = r * n * 50.0
@@ -95,10 +112,13 @@ def _n_shootdowns(rec) -> int:
 def marginal(config: Config, repeats: int):
     """Per-shootdown events and wall us, total and net of the same run without shootdowns.
     The two runs alternate, ``repeats`` times each, and the best of each is kept, so a burst of
-    noise on this shared machine is unlikely to hit all runs of one side only."""
+    noise on this shared machine is unlikely to hit all runs of one side only. Between them the
+    floor's parts are measured again (``Floor``), so the floor is of the same moments."""
     idle_config = config.with_overrides({"workload.rate_per_ms": 0.0})
     wall = idle_wall = float("inf")
+    floor = Floor()
     for _ in range(repeats):
+        floor.sample()
         w, rec = timed(config)
         wall = min(wall, w)
         w, idle = timed(idle_config)
@@ -110,7 +130,25 @@ def marginal(config: Config, repeats: int):
         "marginal_events_per_sd": (rec.events - idle.events) / n,
         "wall_us_per_sd": wall / n * 1e6,
         "marginal_wall_us_per_sd": max(0.0, wall - idle_wall) / n * 1e6,
+        "raw_us": floor.raw_us,
+        "target_flush_us": floor.target_flush_us,
     }
+
+
+class Floor:
+    """The two parts of every floor, measured again beside each measured run (the machine's speed
+    drifts by tens of percent within minutes): one raw SimPy timeout, and one running target's
+    flush arithmetic. Keeps the best (fastest) of its samples, as the runs keep their best wall."""
+
+    def __init__(self):
+        self.raw_us = self.target_flush_us = float("inf")
+
+    def sample(self) -> None:
+        self.raw_us = min(self.raw_us, 1e6 / raw_simpy_rate(50_000, 1))
+        self.target_flush_us = min(self.target_flush_us, target_flush_us(10_000, 1))
+
+    def seconds(self, events: int, target_flushes: int) -> float:
+        return (events * self.raw_us + target_flushes * self.target_flush_us) / 1e6
 
 
 def sweep_speedup(points: int, duration_us: float, repeats: int) -> tuple[float, float, int]:
@@ -163,42 +201,165 @@ def memory_for(n: int) -> tuple[int, float, float]:
     return int(rows), int(before_kb) / 1024, int(after_kb) / 1024
 
 
-def main(quick: bool = False) -> int:
+
+def naive_simpy_us_per_ms(vps: int, duration_us: float, seed: int = 0) -> tuple[float, int]:
+    """The peer a user would otherwise write: the standard scenario (default config, ``mask``, one VP
+    per LP) in plain SimPy. Each VP is a process that runs guest code until its next exit (the default
+    exit mix: a timeout for its cost) or its next shootdown (exponential arrivals). A shootdown's
+    initiator spends the hypercall's cost while every other VP gets its own flush process (its
+    interruption and the TLB arithmetic), and waits for them all. No scheduler, locks, VTL1, lazy
+    accounting or records: it does less than tlbsim, so the ratio understates what tlbsim saves.
+    Returns (wall us per simulated ms, SimPy events processed)."""
+    import numpy as np
+
+    cfg = Config()
+    c = cfg.costs
+    specs = [s for s in cfg.exits.specs().values() if s.rate_per_ms > 0]
+    exit_rate = sum(s.rate_per_ms for s in specs)
+    exit_p = np.array([s.rate_per_ms for s in specs]) / exit_rate
+    exit_cost = [s.cost_us for s in specs]
+    rng = np.random.default_rng(seed)
+    env = CountingEnvironment()
+    tlb = [float(cfg.tlb.working_set_pages)] * vps  # non-global entries cached per VP
+    working_set = float(cfg.tlb.working_set_pages)
+    call_us = c.vmexit_roundtrip_us + c.hypercall_decode_us + c.mask_per_vp_us * (vps - 1)
+
+    def target_flush(i):
+        yield env.timeout(c.target_interrupt_us)
+        tlb[i] -= tlb[i] / working_set
+
+    def vp(i):
+        next_exit = rng.exponential(1000.0 / exit_rate)
+        next_shootdown = rng.exponential(1000.0 / cfg.workload.rate_per_ms)
+        while True:
+            if next_exit < next_shootdown:
+                yield env.timeout(next_exit)
+                next_shootdown -= next_exit
+                yield env.timeout(exit_cost[rng.choice(len(exit_cost), p=exit_p)])
+                next_exit = rng.exponential(1000.0 / exit_rate)
+            else:
+                yield env.timeout(next_shootdown)
+                next_exit -= next_shootdown
+                flushes = [env.process(target_flush(t)) for t in range(vps) if t != i]
+                yield env.timeout(call_us + c.flush_per_running_target_us * (vps - 1))
+                yield env.all_of(flushes)
+                next_shootdown = rng.exponential(1000.0 / cfg.workload.rate_per_ms)
+
+    for i in range(vps):
+        env.process(vp(i))
+    t = time.perf_counter()
+    env.run(until=duration_us)
+    wall = time.perf_counter() - t
+    return wall / (duration_us / 1000.0) * 1e6, env.events_scheduled
+
+
+_LARGE_SCRIPT = """
+import json, sys, time
+from tlbsim.config import Config
+from tlbsim.model.partition import CountingEnvironment, simulate_records
+vps, dur = int(sys.argv[1]), float(sys.argv[2])
+cfg = Config().with_overrides({"partition.vps": vps, "partition.lps": vps, "partition.duration_us": dur})
+t = time.perf_counter()
+rec = simulate_records(cfg, 0)
+wall = time.perf_counter() - t
+peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 1024
+print(json.dumps({"wall_s": wall, "peak_mb": peak, "events": rec.events, "shootdowns": len(rec.shootdowns["id"]),
+                  "running_targets": int(sum(rec.shootdowns["running_targets"]))}))
+"""
+
+
+def large_partition(vps: int, duration_us: float) -> dict:
+    """Simulate a large partition (default config) in a child process: wall, peak RSS, counts."""
+    out = subprocess.run([sys.executable, "-c", _LARGE_SCRIPT, str(vps), str(duration_us)], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def _figure(figures: dict, name: str, value: float, unit: str, *, floor: float | None = None,
+            target: str = "", better: str = "lower") -> dict:
+    fig = {"value": float(value), "unit": unit, "better": better}
+    if floor is not None:
+        fig["floor"] = float(floor)
+        fig["over_floor"] = float(value / floor) if floor else float("nan")
+    if target:
+        fig["target"] = target
+    figures[name] = fig
+    return fig
+
+
+def scenario_over_floor(figures: dict, key: str, label: str, config: Config, repeats: int, target: str = "") -> None:
+    """Wall of ``config`` (best of ``repeats``) against its floor, sampled between the runs."""
+    floor, wall = Floor(), float("inf")
+    for _ in range(repeats):
+        floor.sample()
+        w, rec = timed(config)
+        wall = min(wall, w)
+    flushed = sum(rec.shootdowns["running_targets"])
+    floor_s = floor.seconds(rec.events, flushed)
+    f = _figure(figures, key, wall, "s", floor=floor_s, target=target)
+    print(f"   {label:44s} {rec.events:9,} events {flushed:9,} target flushes  {wall:6.2f} s, floor {floor_s:6.3f} s:"
+          f" {f['over_floor']:5.2f} x floor" + (f" (target {target})" if target else ""))
+
+
+def main(quick: bool = False, json_out: str | None = None, compare: str | None = None) -> int:
     dur = 100_000.0 if quick else 1_000_000.0
     reps = 1 if quick else 3
-    print(f"tlbsim bench ({'quick' if quick else 'full'}), Python {sys.version.split()[0]}, "
-          f"SimPy {simpy.__version__}, {os.cpu_count()} cores")
+    figures: dict[str, dict] = {}
+    meta = {"quick": quick, "python": sys.version.split()[0], "simpy": simpy.__version__, "cores": os.cpu_count(),
+            "machine": platform.machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    print(f"tlbsim bench ({'quick' if quick else 'full'}), Python {meta['python']}, SimPy {meta['simpy']}, "
+          f"{meta['cores']} cores")
 
     raw = raw_simpy_rate(100_000 if quick else 300_000)
     raw_us = 1e6 / raw
-    print(f"\n1. raw SimPy: {raw:,.0f} timeouts/s ({raw_us:.3f} us per timeout)")
-
-    wall, rec = timed(standard(dur), repeats=reps)
-    rate = rec.events / wall
-    print(f"2. model, standard scenario (16 VPs, default exits, mask, {dur / 1000:,.0f} ms simulated): "
-          f"{rec.events:,} events in {wall:.2f} s = {rate:,.0f} events/s, ratio to raw {rate / raw:.2f} "
-          f"(target >= 0.5)")
+    _figure(figures, "raw_simpy_timeout_us", raw_us, "us", better="lower")
     per_target = target_flush_us(20_000 if quick else 100_000)
-    flushed = sum(rec.shootdowns["running_targets"])
-    floor_s = rec.events * raw_us / 1e6 + flushed * per_target / 1e6
-    print(f"   bound: its {rec.events:,} events as raw SimPy timeouts plus its {flushed:,} target flushes at "
-          f"{per_target:.2f} us each (the arithmetic alone, no SimPy) take {floor_s:.3f} s: even a model with no "
-          f"other work would reach {rec.events / floor_s / raw:.2f} x raw")
+    _figure(figures, "target_flush_us", per_target, "us")
+    space_target = target_flush_us(20_000 if quick else 100_000, pages=None)
+    _figure(figures, "target_flush_space_us", space_target, "us")
+    print(f"\n1. raw SimPy: {raw:,.0f} timeouts/s ({raw_us:.3f} us per timeout); one running target's flush "
+          f"arithmetic alone (no SimPy): {per_target:.3f} us for the default 1-page List call, {space_target:.3f} us "
+          "for a Space call (the whole address space refills between flushes)")
+
+    print(f"\n2. scenarios ({dur / 1000:,.0f} ms simulated), wall against floor (events as raw SimPy timeouts + "
+          "target flushes as arithmetic alone)")
+    reps_floor = max(reps, 2)
+    scenario_over_floor(figures, "standard_wall_s", "standard (16 VPs, mask)", standard(dur), reps_floor, "<= 1.5")
+    scenario_over_floor(figures, "cotenant_wall_s", "co-tenants (16 VPs + 3 x 16 on 16 LPs, ipi)",
+                        standard(dur / 2, **{"workload.policy": "ipi", "host.cotenants": 3, "host.cotenant_vps": 16,
+                                             "partition.slice_us": 3000.0}), reps_floor)
+    scenario_over_floor(figures, "closed_loop_wall_s", "closed loop (KVM, 300 us work, mask)",
+                        standard(dur, **{"partition.semantics": "kvm", "workload.mode": "closed",
+                                         "workload.closed_work_us": 300.0}), reps_floor)
 
     print("\n3. per shootdown, standard scenario   total: events  wall us (x raw)   marginal: events  wall us (x raw)")
+    per_policy = {}
     for policy in ("ipi", "mask", "all", "linux", "kvm-pv"):
-        m = marginal(standard(dur, **{"workload.policy": policy}), reps)
+        m = per_policy[policy] = marginal(standard(dur, **{"workload.policy": policy}), reps)
+        _figure(figures, f"marginal_wall_us_per_sd.{policy}", m["marginal_wall_us_per_sd"], "us")
         print(f"   {policy:8s} ({m['shootdowns']:6,} shootdowns)    {m['events_per_sd']:6.1f} "
-              f"{m['wall_us_per_sd']:8.1f} ({m['wall_us_per_sd'] / raw_us:5.1f})"
+              f"{m['wall_us_per_sd']:8.1f} ({m['wall_us_per_sd'] / m['raw_us']:5.1f})"
               f"             {m['marginal_events_per_sd']:6.1f} {m['marginal_wall_us_per_sd']:8.1f} "
-              f"({m['marginal_wall_us_per_sd'] / raw_us:5.1f})")
-    print("   target: mask <= 15 x one raw timeout per shootdown")
-    floor = 3 * raw_us + 15 * per_target
-    print(f"   floor for mask with 15 running targets: its 3 events as raw SimPy timeouts + 15 x {per_target:.2f} us "
-          f"(the per-target flush arithmetic alone, no SimPy) = {floor:.1f} us ({floor / raw_us:.1f} x raw)")
+              f"({m['marginal_wall_us_per_sd'] / m['raw_us']:5.1f})")
+    mask = per_policy["mask"]
+    floor = mask["marginal_events_per_sd"] * mask["raw_us"] + 15 * mask["target_flush_us"]
+    f = _figure(figures, "mask_15_targets_us", mask["marginal_wall_us_per_sd"], "us", floor=floor, target="<= 1.5")
+    print(f"   mask, 15 running targets: {f['value']:.1f} us against a floor of {floor:.1f} us (its "
+          f"{mask['marginal_events_per_sd']:.1f} marginal events as raw timeouts + 15 x {mask['target_flush_us']:.2f} "
+          "us, both measured between its runs): "
+          f"{f['over_floor']:.2f} x floor (target <= 1.5)")
+    ipi = per_policy["ipi"]
+    ipi_cfg = standard(dur, **{"workload.policy": "ipi"})
+    _, ipi_rec = timed(ipi_cfg)
+    n_sd = max(1, len(ipi_rec.shootdowns["id"]))
+    ipis_per_sd = sum(ipi_rec.shootdowns["ipis"]) / n_sd
+    per_target_events = ipi["marginal_events_per_sd"] / ipis_per_sd if ipis_per_sd else float("nan")
+    _figure(figures, "ipi_events_per_target", per_target_events, "events", target="<= 3")
+    print(f"   ipi: {ipi['marginal_events_per_sd']:.1f} marginal events per shootdown over {ipis_per_sd:.1f} IPIs: "
+          f"{per_target_events:.2f} SimPy events per target (target <= 3; the floor is 2: the target's "
+          "interruption and its ack)")
 
     print("\n4. marginal wall us per shootdown vs VP count (groups of 8 VPs share an address space: 7 targets)")
-    base8 = None
     sizes = (8, 16, 32, 64, 256)
     for policy in ("mask", "all", "ipi", "kvm-pv", "linux"):
         cells = []
@@ -206,26 +367,106 @@ def main(quick: bool = False) -> int:
             d = max(20_000.0, dur * 8 / n / (4 if quick else 1))
             cfg = standard(d, **{"partition.vps": n, "partition.lps": n, "workload.policy": policy,
                                  "workload.sharing": "groups", "workload.group_size": 8})
-            m = marginal(cfg, reps)
-            cells.append(m["marginal_wall_us_per_sd"])
+            cells.append(marginal(cfg, reps)["marginal_wall_us_per_sd"])
         base8 = cells[0] or float("nan")
+        _figure(figures, f"growth_64_over_8.{policy}", cells[3] / base8, "ratio")
         print(f"   {policy:8s} " + "  ".join(f"{n:>3} VPs {c:7.1f}" for n, c in zip(sizes, cells, strict=True))
               + f"   64/8 = {cells[3] / base8:4.2f}")
     print("   target: mask 64/8 <= 1.5; no policy faster than linear in VP count")
 
+    naive_dur = 50_000.0 if quick else 200_000.0
+    print("\n5. a naive SimPy model (a process per target flush, exits as timeouts, no scheduler or records) against "
+          "tlbsim, same scenario, wall us per simulated ms")
+    for n in (16, 64):  # tlbsim's wall includes building the partition; the naive model's does not
+        naive_us, naive_events = naive_simpy_us_per_ms(n, naive_dur)
+        wall, rec = timed(standard(naive_dur, **{"partition.vps": n, "partition.lps": n}), repeats=reps)
+        ours_us = wall / (naive_dur / 1000.0) * 1e6
+        f = _figure(figures, f"naive_over_tlbsim.{n}", naive_us / ours_us, "ratio", target=">= 5" if n == 16 else "",
+                    better="higher")
+        print(f"   {n} VPs (mask): naive {naive_us:8,.0f} ({naive_events:,} events), tlbsim {ours_us:8,.0f} "
+              f"({rec.events:,} events): tlbsim is {f['value']:.2f} x faster" + (" (target >= 5)" if n == 16 else ""))
+
+    big_vps, big_dur = (1024, 2_000.0) if quick else (4096, 10_000.0)
+    big_floor = Floor()
+    big_floor.sample()
+    big = large_partition(big_vps, big_dur)
+    big_floor.sample()
+    floor = big_floor.seconds(big["events"], big["running_targets"])
+    f = _figure(figures, "large_partition_wall_s", big["wall_s"], "s", floor=floor,
+                target="<= 20 s" if not quick else "")
+    _figure(figures, "large_partition_peak_mb", big["peak_mb"], "MB", target="<= 500" if not quick else "")
+    print(f"\n6. {big_vps:,} VPs, {big_dur / 1000:g} ms simulated, default config: {big['wall_s']:.1f} s, "
+          f"peak RSS {big['peak_mb']:,.0f} MB; {big['shootdowns']:,} shootdowns flushed {big['running_targets']:,} "
+          f"running targets: floor {floor:.1f} s, {f['over_floor']:.2f} x floor")
+
     n_rows = 100_000 if quick else 1_000_000
     rows, before, after = memory_for(n_rows)
-    print(f"\n5. peak memory recording {rows:,} shootdowns: {after:,.0f} MB peak RSS of the process "
-          f"({before:,.0f} MB after imports, +{after - before:,.0f} MB for the run and its DataFrames); "
-          "target <= 300 MB")
+    table_mb = rows * _ROW_BYTES / 2**20
+    _figure(figures, "memory_per_shootdown_bytes", (after - before) * 2**20 / max(rows, 1), "B",
+            floor=_ROW_BYTES)
+    _figure(figures, "memory_peak_mb", after, "MB", floor=before + table_mb, target="<= 200" if not quick else "")
+    print(f"\n7. peak memory recording {rows:,} shootdowns: {after:,.0f} MB peak RSS ({before:,.0f} MB after "
+          f"imports, +{after - before:,.0f} MB for the run and its tables; the shootdown table alone is "
+          f"{table_mb:,.0f} MB at {_ROW_BYTES} B a row): floor {before + table_mb:,.0f} MB")
 
     points = 8 if quick else 32
     one, many, jobs = sweep_speedup(points, 50_000.0 if quick else 200_000.0, 1 if quick else 3)
-    print(f"\n6. sweep of {points} points: {one:.2f} s on 1 process, {many:.2f} s on {jobs}: "
+    _figure(figures, "sweep_speedup", one / many, "ratio", target=">= 1.7", better="higher")
+    print(f"\n8. sweep of {points} points: {one:.2f} s on 1 process, {many:.2f} s on {jobs}: "
           f"speed-up {one / many:.2f}x (target >= 1.7x on 2 cores)")
     print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
+
+    report = {"meta": meta, "figures": figures}
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        print(f"figures written to {json_out}")
+    if compare:
+        print_comparison(report, load_report(compare), compare)
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main(quick="--quick" in sys.argv))
+#: bytes of one shootdown row: 12 int64 + 9 float64 columns + 5 one-byte string codes
+_ROW_BYTES = 12 * 8 + 9 * 8 + 5
+
+
+def load_report(path: str | Path) -> dict:
+    """A bench JSON written by ``--json`` (ValueError with the reason if it is not one)."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read bench figures {path}: {e}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("figures"), dict):
+        raise ValueError(f"{path} is not a tlbsim bench --json file (no 'figures')")
+    return report
+
+
+def compare_reports(new: dict, ref: dict) -> list[dict]:
+    """Per figure present in both: the new and reference values, and new / reference of the figure
+    that travels between machines (its ratio to its floor where it has one, else its value)."""
+    rows = []
+    for name, fig in new["figures"].items():
+        old = ref["figures"].get(name)
+        if not isinstance(old, dict):
+            continue
+        key = "over_floor" if "over_floor" in fig and "over_floor" in old else "value"
+        a, b = fig[key], old.get(key)
+        if not isinstance(b, (int, float)) or not b:
+            continue
+        ratio = a / b
+        worse = ratio > 1.0 if fig.get("better", "lower") == "lower" else ratio < 1.0
+        rows.append({"figure": name, "measure": key, "new": a, "reference": b, "ratio": ratio,
+                     "regressed": worse and abs(ratio - 1.0) > 0.10})
+    return rows
+
+
+def print_comparison(new: dict, ref: dict, path) -> None:
+    rows = compare_reports(new, ref)
+    print(f"\ncompared with {path} ({ref.get('meta', {}).get('when', '?')}, "
+          f"{'quick' if ref.get('meta', {}).get('quick') else 'full'}): new / reference; "
+          "wall figures as their ratio to their floor")
+    for r in rows:
+        flag = "  <- slower by more than 10 %" if r["regressed"] else ""
+        print(f"   {r['figure']:34s} {r['measure']:10s} {r['new']:10.3f} {r['reference']:10.3f}  "
+              f"{r['ratio']:5.2f}{flag}")
+    if new.get("meta", {}).get("quick") != ref.get("meta", {}).get("quick"):
+        print("   note: one run is --quick and the other is not; their scenarios differ in size")

@@ -392,9 +392,24 @@ def to_toml(data: dict, prefix: str = "") -> str:
 
 
 def cmd_bench(args) -> int:
+    from tlbsim.bench import load_report
     from tlbsim.bench import main as bench_main
+    from tlbsim.results import writable_directory
 
-    return bench_main(quick=args.quick)
+    if args.compare:
+        try:
+            load_report(args.compare)  # a bad reference is an error before the minutes of measuring
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.json:
+        target = Path(args.json)
+        if target.is_dir():
+            raise UsageError(f"--json {target} is a directory")
+        try:
+            writable_directory(target.resolve().parent)
+        except OSError as e:
+            raise UsageError(f"cannot write {target}: {e.strerror or e}") from None
+    return bench_main(quick=args.quick, json_out=args.json, compare=args.compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measure simulator speed against raw SimPy")
     bench.add_argument("--quick", action="store_true", help="smaller workloads (a smoke test, not a measurement)")
+    bench.add_argument("--json", metavar="FILE", help="write every figure (value, floor, target) as JSON")
+    bench.add_argument("--compare", metavar="FILE",
+                       help="print each figure's ratio to a reference --json run (e.g. benchmarks/reference.json)")
     bench.set_defaults(func=cmd_bench)
     return p
 
