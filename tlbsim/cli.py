@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 
@@ -141,7 +142,16 @@ def cmd_run(args) -> int:
 
             def progress(_fraction: float, bar=bar) -> None:  # called once per 1 % of simulated time
                 bar.update()
-        results.append(simulate(config, seed=seed, progress=progress, timeline=timeline if r == 0 else None))
+        res = simulate(config, seed=seed, progress=progress, timeline=timeline if r == 0 else None)
+        if out is not None and args.replications > 1:
+            # saved as soon as it is made: N replications need the memory of one, not N
+            try:
+                res.save(out / f"replication-{r}")
+            except OSError as e:
+                raise UsageError(f"cannot write results to {out}: {e.strerror or e}") from None
+        if r > 0:
+            res = SimpleNamespace(summary=res.summary)  # its tables are on disk or not wanted
+        results.append(res)
     print(banner)
     result = results[0]
     worst = max(float(r.summary["incomplete_fraction"]) for r in results)
@@ -167,9 +177,7 @@ def cmd_run(args) -> int:
         try:
             if args.replications == 1:
                 result.save(out)
-            else:
-                for r, res in enumerate(results):
-                    res.save(out / f"replication-{r}")
+            else:  # each replication was saved when it was made; the index goes last
                 save_replications(out, [x.summary for x in results], config, args.seed)
         except OSError as e:
             raise UsageError(f"cannot write results to {out}: {e.strerror or e}") from None
