@@ -142,7 +142,10 @@ def cmd_run(args) -> int:
 
             def progress(_fraction: float, bar=bar) -> None:  # called once per 1 % of simulated time
                 bar.update()
-        res = simulate(config, seed=seed, progress=progress, timeline=timeline if r == 0 else None)
+        # with --out the shootdown table goes to disk as the run makes it (memory: 24 bytes a row, not 173)
+        spill_dir = None if out is None else (out if args.replications == 1 else out / f"replication-{r}")
+        res = simulate(config, seed=seed, progress=progress, timeline=timeline if r == 0 else None,
+                       spill_dir=spill_dir)
         if out is not None and args.replications > 1:
             # saved as soon as it is made: N replications need the memory of one, not N
             try:

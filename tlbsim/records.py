@@ -16,6 +16,11 @@ Rows live in typed arrays (8 bytes a value; strings become small-int codes),
 so a run can record millions of shootdowns; ``Records`` holds what one run
 produced as plain columns, and the ``*_frame`` functions make the tidy
 DataFrames once, at the end.
+
+With a ``spill`` callback the recorder hands its rows over in chunks as the
+run goes (the caller writes them to Parquet: results.ShootdownSpill) and keeps
+in memory only the two columns a late deferred flush can still change and
+the ids (24 bytes a row instead of 173). The model itself does no I/O.
 """
 
 from __future__ import annotations
@@ -122,7 +127,13 @@ class ShootdownRecorder:
     by column (C-level loops: much cheaper than two dozen appends per row).
     The refill columns are written at once and stay open for late flushes."""
 
-    def __init__(self):
+    def __init__(self, spill=None, spill_rows: int = 1 << 16):
+        """``spill(first_row, columns)``, if given, receives every ``spill_rows`` recorded rows (all
+        columns but the patched ones, as ``columns()`` gives them) and owns them from then on."""
+        self._spill = spill
+        self._spill_rows = spill_rows
+        self.spilled_rows = 0
+        self._spilled_ids = array("q") if spill is not None else None
         self.ints = {c: array("q") for c in _INT_COLUMNS}
         self.floats = {c: array("d") for c in _FLOAT_COLUMNS}
         self.strings = {c: _Codes() for c in _STR_COLUMNS}
@@ -130,7 +141,12 @@ class ShootdownRecorder:
         self.issued = 0
         self._chunk: list[_Shootdown] = []
         self._rows = 0
-        self._moves = []  # (sink, getter) of every column filled from the kept handles
+        self._moves: list = []
+        self._bind_moves()
+
+    def _bind_moves(self) -> None:
+        """(sink, getter) of every column filled from the kept handles, for the current arrays."""
+        self._moves = []
         for columns, sinks in ((_INT_COLUMNS, self.ints), (_FLOAT_COLUMNS, self.floats), (_STR_COLUMNS, self.strings)):
             for c in columns:
                 if c not in ("pages", "flags", "latency_us", "queue_us", *_PATCHED):
@@ -245,14 +261,39 @@ class ShootdownRecorder:
         self.floats["latency_us"].extend(map(sub, map(_COMPLETE, chunk), map(_ISSUE, chunk)))
         self.floats["queue_us"].extend(map(sub, map(_ISSUE, chunk), map(_ARRIVAL, chunk)))
         self._chunk = []
+        if self._spill is not None and len(self.ints["id"]) >= self._spill_rows:
+            self._spill_out()
+
+    def _spill_out(self) -> None:
+        """Hand the rows kept since the last spill to ``spill`` and start new arrays (the patched
+        columns stay: a late deferred flush may still add to any row)."""
+        ids = self.ints["id"]
+        columns = {c: v for c, v in self._columns().items() if c not in _PATCHED}
+        self._spill(self.spilled_rows, columns)
+        self._spilled_ids.extend(ids)
+        self.spilled_rows += len(ids)
+        self.ints = {c: array("q") for c in _INT_COLUMNS}
+        self.floats = {c: (v if c in _PATCHED else array("d")) for c, v in self.floats.items()}
+        for codes in self.strings.values():
+            codes.codes = array("b")
+        self._bind_moves()
 
     def ids(self) -> list[int]:
-        """Ids of every recorded row and of every shootdown still in flight."""
+        """Ids of every recorded row (spilled ones included) and of every shootdown still in flight."""
         self._move_rows()
-        return list(self.ints["id"]) + list(self.in_flight)
+        spilled = list(self._spilled_ids) if self._spilled_ids is not None else []
+        return spilled + list(self.ints["id"]) + list(self.in_flight)
 
     def columns(self) -> dict:
+        """Every column of every recorded row; when spilling, the rest is spilled now and only the
+        patched columns (for all rows) are returned."""
         self._move_rows()
+        if self._spill is not None:
+            self._spill_out()
+            return {c: self.floats[c] for c in _PATCHED}
+        return self._columns()
+
+    def _columns(self) -> dict:
         out = {}
         for c in SHOOTDOWN_COLUMNS:
             if c in self.ints:
@@ -269,7 +310,8 @@ class ShootdownRecorder:
 class Records:
     """What one run produced, as plain columns; results.Result makes DataFrames of it."""
 
-    shootdowns: dict[str, list] = field(default_factory=dict)
+    shootdowns: dict[str, list] = field(default_factory=dict)  # spilled: only the patched columns, all rows
+    spilled_rows: int = 0  # rows handed to the recorder's spill (0: all are in ``shootdowns``)
     vps: dict[str, list] = field(default_factory=dict)
     exits: dict[str, list] = field(default_factory=dict)
     duration_us: float = 0.0
@@ -396,6 +438,11 @@ def censored_latencies(shootdowns: pd.DataFrame, duration_us: float) -> tuple[np
     lat = shootdowns.loc[done, "latency_us"].to_numpy(dtype=float)
     waited = duration_us - shootdowns.loc[incomplete, "issue_us"].to_numpy(dtype=float)
     return lat, np.maximum(waited, 0.0)
+
+
+#: the shootdown columns ``summarize`` reads (a spilled run reads only these back)
+SUMMARY_COLUMNS = ("status", "origin", "latency_us", "issue_us", "queue_us", "suspensions", "reissues",
+                   "suspended_us", "hypercall_us")
 
 
 def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, extra: dict) -> pd.Series:

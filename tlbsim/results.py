@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -35,6 +36,10 @@ def git_revision(cwd: str | Path | None = None) -> str:
 
 @dataclass
 class Result:
+    """One run's tables and summary. A run simulated with ``spill_dir`` (runner.simulate) has its
+    shootdown table on disk only: ``shootdowns`` holds just the columns the summary needed and
+    ``shootdowns_file`` the whole table, which ``save`` moves into place."""
+
     shootdowns: pd.DataFrame
     vps: pd.DataFrame
     exits: pd.DataFrame
@@ -42,6 +47,7 @@ class Result:
     config: dict = field(default_factory=dict)
     seed: int = 0
     vf: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per PF call (empty: VF model off)
+    shootdowns_file: Path | None = None  # the whole shootdown table, when it was spilled
 
     def manifest(self) -> dict:
         return {
@@ -60,6 +66,24 @@ class Result:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name in TABLES:
+            if name == "shootdowns" and self.shootdowns_file is not None:
+                target = directory / "shootdowns.parquet"
+                source = Path(self.shootdowns_file)
+                if source.resolve() == target.resolve():
+                    continue
+                if source.parent.resolve() == directory.resolve():  # its own directory: moved into place
+                    os.replace(source, target)
+                    self.shootdowns_file = target
+                else:  # elsewhere: copied (the spilled file stays the Result's own)
+                    copy = target.with_name(f".{target.name}.copy.tmp")
+                    try:
+                        shutil.copyfile(source, copy)
+                        os.chmod(copy, FILE_MODE)
+                        os.replace(copy, target)
+                    except BaseException:
+                        copy.unlink(missing_ok=True)
+                        raise
+                continue
             atomic_write_parquet(getattr(self, name), directory / f"{name}.parquet")
         atomic_write_text(directory / MANIFEST, json.dumps(self.manifest(), indent=2, default=_json_default))
         return directory
@@ -124,3 +148,105 @@ def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class ShootdownSpill:
+    """The I/O half of a spilled run (records.ShootdownRecorder's ``spill``): each chunk of rows the
+    recorder hands over becomes a row group of a hidden Parquet file in ``directory``; ``finish``
+    adds the columns a late deferred flush could still change and writes the table, row group by
+    row group, under a temporary name (``path``), so memory holds one row group at a time.
+    ``discard`` removes what it wrote (a run that failed)."""
+
+    def __init__(self, directory: str | Path, rows_per_group: int = 1 << 16):
+        self.rows_per_group = rows_per_group  # rows the recorder hands over at a time (one row group each)
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=directory, prefix=".shootdowns.partial.", suffix=".tmp")
+        os.close(fd)
+        fd, final = tempfile.mkstemp(dir=directory, prefix=".shootdowns.parquet.", suffix=".tmp")
+        os.close(fd)
+        self.partial, self.path = Path(partial), Path(final)
+        self._writer = None
+        self.rows = 0
+
+    def __call__(self, first_row: int, columns: dict) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from tlbsim.records import _column
+
+        if self._writer is not None and not len(columns["id"]):
+            return  # the last, empty remainder
+        table = pa.Table.from_pandas(pd.DataFrame({c: _column(v) for c, v in columns.items()}, copy=False),
+                                     preserve_index=False)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.partial, table.schema)
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+
+    def finish(self, patched: dict, column_order, summary_columns) -> tuple[Path, pd.DataFrame]:
+        """Write the whole table (columns in ``column_order``; ``patched``: name -> array of every
+        row) to ``self.path``, one row group at a time, and return it with a frame of the
+        ``summary_columns`` of every row (gathered on the way: the table is not read twice)."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self._writer is not None:
+            self._writer.close()
+        source = pq.ParquetFile(self.partial)
+        patched = {c: np.frombuffer(v, dtype=np.float64) for c, v in patched.items()}
+        total = source.metadata.num_rows
+        gathered: dict[str, np.ndarray] = {}  # summary column -> its values (or codes) for every row
+        categories: dict[str, dict[str, int]] = {}  # categorical summary column -> value -> code
+        writer, start = None, 0
+        try:
+            for i in range(source.num_row_groups):
+                table = source.read_row_group(i).replace_schema_metadata(None)
+                n = table.num_rows
+                for c, values in patched.items():
+                    table = table.append_column(c, pa.array(values[start:start + n]))
+                table = table.select(list(column_order))
+                if writer is None:
+                    writer = pq.ParquetWriter(self.path, table.schema)
+                writer.write_table(table)
+                for c in summary_columns:
+                    _gather(table.column(c).to_pandas(), c, gathered, categories, start, total)
+                start += n
+        finally:
+            if writer is not None:
+                writer.close()
+            source.close()
+        self.partial.unlink(missing_ok=True)
+        os.chmod(self.path, FILE_MODE)
+        columns = {c: (pd.Categorical.from_codes(gathered[c], categories=list(categories[c])) if c in categories
+                       else gathered[c]) if c in gathered else np.array([]) for c in summary_columns}
+        pa.default_memory_pool().release_unused()
+        return self.path, pd.DataFrame(columns, copy=False)
+
+    def discard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self.partial.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
+
+
+def _gather(values: pd.Series, name: str, gathered: dict, categories: dict, start: int, total: int) -> None:
+    """Put one row group's ``values`` of a column at rows ``start``.. of a preallocated array (one
+    copy of the column in memory, not a list of chunks and their concatenation); a categorical's
+    codes are renumbered into one category list kept in first-seen order."""
+    import numpy as np
+
+    n = len(values)
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        table = categories.setdefault(name, {})
+        remap = np.array([table.setdefault(v, len(table)) for v in values.cat.categories], dtype=np.int8)
+        codes = values.cat.codes.to_numpy()
+        if name not in gathered:
+            gathered[name] = np.empty(total, dtype=np.int8)
+        gathered[name][start:start + n] = np.where(codes < 0, -1, remap[codes]) if len(remap) else codes
+        return
+    array_ = values.to_numpy()
+    if name not in gathered:
+        gathered[name] = np.empty(total, dtype=array_.dtype)
+    gathered[name][start:start + n] = array_

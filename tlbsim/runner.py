@@ -9,8 +9,17 @@ from pathlib import Path
 from tlbsim.config import Config, ConfigError, read_text
 from tlbsim.model.partition import simulate_records
 from tlbsim.model.workload import TraceEvent
-from tlbsim.records import exits_frame, shootdowns_frame, summarize, vf_frame, vf_summary, vps_frame
-from tlbsim.results import Result
+from tlbsim.records import (
+    SHOOTDOWN_COLUMNS,
+    SUMMARY_COLUMNS,
+    exits_frame,
+    shootdowns_frame,
+    summarize,
+    vf_frame,
+    vf_summary,
+    vps_frame,
+)
+from tlbsim.results import Result, ShootdownSpill
 
 
 def load_trace(path: str | Path, n_vps: int) -> list[TraceEvent]:
@@ -54,11 +63,15 @@ def check_trace_address_spaces(events: list[TraceEvent], config: Config) -> None
                               f"workload.sharing = {config.workload.sharing!r}, not {e.address_space}")
 
 
-def simulate(config: Config, seed: int = 0, progress=None, timeline=None) -> Result:
+def simulate(config: Config, seed: int = 0, progress=None, timeline=None,
+             spill_dir: str | Path | None = None, spill_rows: int = 1 << 16) -> Result:
     """Run one simulation of ``config`` with ``seed``; same inputs, same Result.
     ``progress(fraction)`` is called as simulated time advances (optional); ``timeline``
     (model.timeline.Timeline) collects a per-VP timeline of a window (optional; the records are the
-    same with or without it)."""
+    same with or without it). ``spill_dir``: write the shootdown table there as the run goes
+    instead of holding it (Result.shootdowns_file; ``save`` to that directory moves it into place),
+    for runs of millions of shootdowns, ``spill_rows`` rows at a time; the table and the summary
+    are the same."""
     if not isinstance(config, Config):
         raise TypeError("simulate() takes a tlbsim.Config")
     trace = load_trace(config.workload.trace, config.partition.vps) if config.workload.trace else None
@@ -66,8 +79,19 @@ def simulate(config: Config, seed: int = 0, progress=None, timeline=None) -> Res
         check_trace_address_spaces(trace, config)
     vf_trace = load_vf_trace(config.vf.trace, config.vf.count, config.vf.blocks) \
         if config.vf.count and config.vf.trace else None
-    rec = simulate_records(config, seed, trace, vf_trace, progress, timeline)
-    shootdowns, vps, exits, vf = shootdowns_frame(rec), vps_frame(rec), exits_frame(rec), vf_frame(rec)
+    spill = ShootdownSpill(spill_dir, spill_rows) if spill_dir is not None else None
+    try:
+        rec = simulate_records(config, seed, trace, vf_trace, progress, timeline, spill)
+        shootdowns_file = None
+        if spill is not None:  # the table is on disk; read back only what the summary needs
+            shootdowns_file, shootdowns = spill.finish(rec.shootdowns, SHOOTDOWN_COLUMNS, SUMMARY_COLUMNS)
+        else:
+            shootdowns = shootdowns_frame(rec)
+    except BaseException:
+        if spill is not None:
+            spill.discard()
+        raise
+    vps, exits, vf = vps_frame(rec), exits_frame(rec), vf_frame(rec)
     canceled_exit_us = float(exits.loc[exits["reason"] == "CANCELED", "time_us"].sum()) if len(exits) else 0.0
     extra = {"events": rec.events, "requests_waiting": rec.requests_waiting, **rec.host,
              # costs a shootdown causes that the VP time columns do not name apart
@@ -78,7 +102,8 @@ def simulate(config: Config, seed: int = 0, progress=None, timeline=None) -> Res
         extra.update(vf_summary(vf, vps, rec.vf_stats))
     summary = summarize(shootdowns, vps, rec.duration_us, extra)
     summary["policy"] = config.workload.policy
-    return Result(shootdowns, vps, exits, summary, config=config.to_dict(), seed=seed, vf=vf)
+    return Result(shootdowns, vps, exits, summary, config=config.to_dict(), seed=seed, vf=vf,
+                  shootdowns_file=shootdowns_file)
 
 
 def load_vf_trace(path: str | Path, n_vfs: int, n_blocks: int) -> dict[int, list[tuple[float, int]]]:

@@ -78,7 +78,7 @@ def cr3_of(as_index: int) -> int:
 
 class Partition:
     def __init__(self, config: Config, seed: int = 0, trace: list[TraceEvent] | None = None,
-                 vf_trace: dict[int, list[tuple[float, int]]] | None = None, timeline=None):
+                 vf_trace: dict[int, list[tuple[float, int]]] | None = None, timeline=None, spill=None):
         self.config = config
         self.timeline = timeline  # model.timeline.Timeline, or None (no tracing: the plain VP class)
         self.env = CountingEnvironment(max_events=config.run.max_events)
@@ -87,7 +87,8 @@ class Partition:
         lk = config.locks
         self.check = config.run.check_invariants
         self.profile = profile_for(p.semantics)
-        self.recorder = ShootdownRecorder()
+        # spill: a sink for recorded rows (results.ShootdownSpill) or None: all rows stay in memory
+        self.recorder = ShootdownRecorder(spill, spill.rows_per_group) if spill is not None else ShootdownRecorder()
         self.host = Host(self.env, p.lps, p.slice_us)
         streams = rng.vp_streams(seed, p.vps)
         self.spin_yield = self._spin_yield(config)
@@ -277,7 +278,7 @@ class Partition:
             }
         return Records(
             vf=vf_rows, vf_stats=vf_stats,
-            shootdowns=cols, vps=vps, exits=exits, duration_us=duration,
+            shootdowns=cols, spilled_rows=self.recorder.spilled_rows, vps=vps, exits=exits, duration_us=duration,
             events=events,
             requests_waiting=sum(len(vp.requests) for vp in self.vps),
             host={"dispatches": self.host.dispatches, "preemptions": self.host.preemptions,
@@ -289,5 +290,5 @@ class Partition:
 
 def simulate_records(config: Config, seed: int = 0, trace: list[TraceEvent] | None = None,
                      vf_trace: dict[int, list[tuple[float, int]]] | None = None, progress=None,
-                     timeline=None) -> Records:
-    return Partition(config, seed, trace, vf_trace, timeline).run(progress)
+                     timeline=None, spill=None) -> Records:
+    return Partition(config, seed, trace, vf_trace, timeline, spill).run(progress)
