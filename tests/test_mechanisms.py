@@ -282,7 +282,7 @@ def test_linux_ex_gva_limit_is_508_minus_the_banks():
                                   costs__flush_ceiling_pages=units * 600, workload__sharing="groups",
                                   workload__group_size=129), 0)
     vp = part.vps[0]
-    targets, _ = part.targets_of(vp, vp.address_space)
+    targets = part.targets_of(vp, vp.address_space)
     banks = 3  # VP 128 is in bank 2: Linux sends banks 0..2
     fits = part.policy.build(vp, None, FlushScope(vp.address_space, True, (508 - banks) * units), targets)[0]
     over = part.policy.build(vp, None, FlushScope(vp.address_space, True, (508 - banks + 1) * units), targets)[0]

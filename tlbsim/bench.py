@@ -88,7 +88,7 @@ def target_flush_us(n: int = 100_000, repeats: int = 3, pages: int | None = 1) -
     part = Partition(standard(1000.0), 0)
     vp = part.vps[1]
     vp.state, vp.on_lp = GUEST, True
-    row = part.recorder.started(0, "mask", Request(0.0, vp.address_space, pages), 0.0, (1,))
+    row = part.recorder.started(0, "mask", Request(0.0, vp.address_space, pages), 0.0, [vp])
     scope = FlushScope(vp.address_space, True, pages)
     best = float("inf")
     for r in range(repeats):

@@ -82,7 +82,7 @@ class _Shootdown:
     stuck_on = ""
     row = -1  # its row once recorded
 
-    def __init__(self, sid: int, initiator: int, policy: str, request, now: float, targets: tuple[int, ...]):
+    def __init__(self, sid: int, initiator: int, policy: str, request, now: float, targets):
         self.id = sid
         self.initiator = initiator
         self.policy = policy
@@ -153,8 +153,9 @@ class ShootdownRecorder:
                     self._moves.append((sinks[c], attrgetter(_SOURCE.get(c, c))))
 
     # ------------------------------------------------------------ entry points
-    def started(self, initiator: int, policy: str, request, now: float, targets: tuple[int, ...]) -> _Shootdown:
-        """A VP starts a shootdown of ``request`` whose targets are the VPs ``targets``."""
+    def started(self, initiator: int, policy: str, request, now: float, targets) -> _Shootdown:
+        """A VP starts a shootdown of ``request`` whose targets are the VPs ``targets`` (VP objects,
+        kept by reference for the invariant checks; the recorder reads nothing of them)."""
         sd = _Shootdown(self.issued, initiator, policy, request, now, targets)
         self.issued += 1
         self.in_flight[sd.id] = sd

@@ -78,8 +78,8 @@ class Policy:
     def shootdown(self, vp, request):
         """One shootdown by ``vp`` (a generator): its own flush, then the remote part."""
         part = self.part
-        targets, target_indices = part.targets_of(vp, request.address_space)
-        sd = self.recorder.started(vp.index, self.name, request, self.env.now, target_indices)
+        targets = part.targets_of(vp, request.address_space)
+        sd = self.recorder.started(vp.index, self.name, request, self.env.now, targets)
         local = self._local.get((request.address_space, request.pages))
         if local is None:
             local = self._local[(request.address_space, request.pages)] = (
@@ -192,7 +192,7 @@ class HypercallPolicy(Policy):
             plan = self._plans[key]
         except KeyError:  # a plan per (initiator, address space, pages[, targets])
             built = self.build(vp, sd, scope, targets)
-            plan = self._plans[key] = None if built is None else self.part.hypervisor.plan(vp, *built)
+            plan = self._plans[key] = None if built is None else self.part.hypervisor.plan(vp, *built, targets)
         if plan is None:
             return _no_call()
         return self.part.hypervisor.flush(vp, plan, sd)

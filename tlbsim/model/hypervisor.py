@@ -93,15 +93,20 @@ class Hypervisor:
             self.lock_wait = "none"  # the hypervisor has no TLB locks to wait for (KVM)
         self.wait_spin_us = locks.wait_spin_us
 
-    def plan(self, vp, call: FlushCall, scope: FlushScope) -> CallPlan:
+    def plan(self, vp, call: FlushCall, scope: FlushScope, named: list | None = None) -> CallPlan:
         """The plan of ``call`` issued by ``vp``, flushing ``scope`` on its
         targets: validated (under the partition's profile) once, when the
-        policy first needs it."""
+        policy first needs it. ``named``: the VPs the guest built the call
+        from; when the validated targets are exactly these, the plan shares
+        the list instead of holding a copy."""
         validation = self.profile.validate(call, self.n_vps)
         if self.part.config.run.inject_fault == "deny_hypercalls":
             validation = hv.Validation(HvStatus.ACCESS_DENIED, reason="run.inject_fault = deny_hypercalls")
         vps = self.part.vps
         targets = [vps[i] for i in validation.targets if i != vp.index] if validation.ok else []
+        if named is not None and len(named) == len(targets) and all(
+                a is b for a, b in zip(named, targets, strict=True)):
+            targets = named
         if self.profile.flush_whole_tlb:
             reps = call.control.rep_count if call.gva_ranges else 0
             limit = self.profile.flush_queue_ranges - 1  # one slot is kept for "flush everything"

@@ -190,17 +190,19 @@ class Partition:
         return address_space_index(self.config, vp)
 
     # ------------------------------------------------------------ policy API
-    def targets_of(self, vp: VP, address_space: int) -> tuple[list[VP], tuple[int, ...]]:
-        """The other VPs that may cache ``address_space`` (Linux's mm_cpumask),
-        and their indices. Fixed for a run: computed once per (VP, address space)."""
+    def targets_of(self, vp: VP, address_space: int) -> list[VP]:
+        """The other VPs that may cache ``address_space`` (Linux's mm_cpumask), in
+        VP index order. Fixed for a run: computed once per (VP, address space), and
+        the same list is the targets of the flush calls built from it (a partition
+        of n VPs sharing one address space holds n of these lists, not 3n)."""
         key = (vp.index, address_space)
         found = self._targets.get(key)
         if found is None:
             if self._mask_targets is not None:
-                vps = [self.vps[i] for i in self._mask_targets if i != vp.index]
+                found = [self.vps[i] for i in self._mask_targets if i != vp.index]
             else:
-                vps = [t for t in self.sharers.get(address_space, ()) if t is not vp]
-            found = self._targets[key] = (vps, tuple(t.index for t in vps))
+                found = [t for t in self.sharers.get(address_space, ()) if t is not vp]
+            self._targets[key] = found
         return found
 
     # ------------------------------------------------------------ invariants
@@ -210,8 +212,8 @@ class Partition:
         run.check_invariants; a no-op otherwise)."""
         if not self.check or sd.status != "SUCCESS":
             return
-        for i in sd.targets:
-            t = self.vps[i]
+        for t in sd.targets:
+            i = t.index
             if sd.id in t.applied_ids:
                 continue
             pending = any(d[0] is sd for d in t.deferred)
