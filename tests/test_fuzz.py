@@ -1,4 +1,5 @@
-"""Fuzz the edges a user types into (config keys, --set values, seeds): every input ends in exit 0, or
+"""Fuzz the edges a user types into (config keys, --set values, seeds, workload and VF traces, sweep specs):
+every input ends in exit 0, or
 exit 2 with one line naming the problem; never a traceback, never a hang (run.max_events bounds every
 run; a small budget here keeps each example fast)."""
 
@@ -124,3 +125,100 @@ def test_a_byte_order_mark_is_not_a_column_name(tmp_path, capsys):
     config = tmp_path / "c.toml"
     config.write_bytes("\ufeff[partition]\nvps = 4\n".encode())
     assert main(["run", str(config), "--no-progress", "--set", "partition.duration_us=1000"]) == 0
+
+
+# ------------------------------------------------------------------ traces
+TOKENS = st.one_of(st.sampled_from(["0", "1", "-1", "nan", "inf", "-inf", "1e308", "1e-300", "0x10", "3.5", "",
+                                    "18446744073709551616", "abc", '"', "\ufeff"]),
+                   st.integers(-(2**70), 2**70).map(str), st.floats(allow_nan=True).map(repr))
+HEADERS = st.sampled_from(["time_us,vp,address_space,pages", "\ufefftime_us,vp,address_space,pages",
+                           "time_us,vp,pages", "vp,time_us,pages,address_space", ""])
+
+
+def _own_space(vp: int) -> int:
+    from tlbsim.model.partition import address_space_index
+
+    return address_space_index(Config().with_overrides({"partition.vps": 8}), vp)
+
+
+VALID_ROW = st.tuples(st.floats(0, 1500, allow_nan=False), st.integers(0, 7), st.integers(0, 64)).map(
+    lambda r: [repr(r[0]), str(r[1]), str(_own_space(r[1])), str(r[2])])
+ROWS = st.lists(st.one_of(VALID_ROW, VALID_ROW, VALID_ROW, st.lists(TOKENS, min_size=0, max_size=5)), max_size=6)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.one_of(st.just("time_us,vp,address_space,pages"), HEADERS), rows=ROWS)
+def test_any_workload_trace_is_run_or_rejected_in_one_line(tmp_path_factory, capsys, header, rows):
+    trace = tmp_path_factory.mktemp("trace") / "t.csv"
+    trace.write_text("\n".join([header, *(",".join(r) for r in rows)]) + "\n")
+    args = ["run", DEFAULT, *SAFE, "--set", f'workload.trace="{trace}"']
+    rc = main_exits(args)
+    err = capsys.readouterr().err
+    assert rc in (0, 2) and "Traceback" not in err, (rows, err)
+    if rc == 2:
+        assert err.count("\n") <= 2, err
+
+
+VF_HEADERS = st.sampled_from(["time_us,vf,block_mask", "time_us,vf", "vf,block_mask,time_us", ""])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=VF_HEADERS, rows=st.lists(st.lists(TOKENS, min_size=0, max_size=4), max_size=6))
+def test_any_vf_trace_is_run_or_rejected_in_one_line(tmp_path_factory, capsys, header, rows):
+    trace = tmp_path_factory.mktemp("vftrace") / "v.csv"
+    trace.write_text("\n".join([header, *(",".join(r) for r in rows)]) + "\n")
+    args = ["run", DEFAULT, *SAFE, "--set", "vf.count=1", "--set", f'vf.trace="{trace}"']
+    rc = main_exits(args)
+    err = capsys.readouterr().err
+    assert rc in (0, 2) and "Traceback" not in err, (rows, err)
+
+
+# ------------------------------------------------------------------ sweep specs
+SPEC_VALUES = st.one_of(values, st.lists(values, max_size=3))
+SAFE_FIXED = {"partition.duration_us": 1000.0, "run.max_events": 100000, "partition.vps": 4, "partition.lps": 4}
+
+
+def spec_toml(spec: dict) -> str:
+    lines, tables = [], []
+    for k, v in spec.items():
+        if isinstance(v, dict):
+            tables.append(f"[{k}]\n" + "".join(f'"{a}" = {toml_literal(b)}\n' for a, b in v.items()))
+        else:
+            lines.append(f"{k} = {toml_literal(v)}")
+    return "\n".join(lines) + "\n" + "\n".join(tables)
+
+
+VALID_GRIDS = st.sampled_from([{}, {"workload.policy": ["mask", "ipi"]}, {"partition.slice_us": [1000.0, 3000.0]},
+                                {"host.cotenants": [0, 1]}, {"workload.pages": [1, 64]}])
+WEIRD = {
+    "name": st.text(max_size=12),
+    "replications": st.one_of(st.integers(-2, 2), st.floats(allow_nan=True), st.text(max_size=3)),
+    "seed": st.one_of(st.integers(-5, 2**65), st.text(max_size=3)),
+    "grid": st.dictionaries(st.sampled_from([*KEYS[:40], "no.such_key", "partition"]), SPEC_VALUES, max_size=2),
+    "zip": st.dictionaries(st.sampled_from(["workload.policy", "partition.slice_us", "x"]),
+                           st.lists(values, max_size=3), max_size=2),
+    "extra": st.dictionaries(st.sampled_from(["fixed", "base", "plot", "unknown"]), values, max_size=1),
+}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(grid=VALID_GRIDS, broken=st.sampled_from([None, *WEIRD]), data=st.data())
+def test_any_sweep_spec_is_run_or_rejected_in_one_line(tmp_path_factory, capsys, grid, broken, data):
+    """A valid small spec with at most one field made strange: it runs (0), runs with failed points
+    recorded (1) or is refused in one line (2); never a traceback; nothing written outside --out."""
+    fields = {"name": "fuzz", "replications": 1, "seed": 7, "grid": grid, "zip": {}, "extra": {}}
+    if broken is not None:
+        fields[broken] = data.draw(WEIRD[broken])
+    name, replications, seed, grid, zipped, extra = (fields[k] for k in ("name", "replications", "seed", "grid",
+                                                                        "zip", "extra"))
+    d = tmp_path_factory.mktemp("spec")
+    spec = {"name": name, "replications": replications, "seed": seed, "base": str(Path(DEFAULT)),
+            "fixed": dict(SAFE_FIXED), "grid": grid, "zip": zipped, **extra}
+    (d / "s.toml").write_text(spec_toml(spec))
+    rc = main_exits(["sweep", str(d / "s.toml"), "--out", str(d / "out"), "--jobs", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    # 0: ran; 1: ran, some runs failed (recorded per run, named on stderr); 2: the spec was refused
+    assert rc in (0, 1, 2) and "Traceback" not in err, (spec, err)
+    if rc == 2:
+        assert err.count("\n") <= 2, err
+    assert sorted(p.name for p in d.iterdir()) in (["s.toml"], ["out", "s.toml"])  # nothing written outside --out
