@@ -34,6 +34,19 @@ def test_compare_uses_the_ratio_to_the_floor_and_flags_only_real_regressions():
     assert not within[0]["regressed"]  # 3 % is noise on this machine
 
 
+def test_compare_takes_times_without_a_floor_in_units_of_the_runs_raw_timeout():
+    """A machine twice as slow doubles every time: that is not a regression, and the raw timeout
+    itself is shown but never flagged."""
+    ref = report(raw_simpy_timeout_us={"value": 0.75, "unit": "us"},
+                 **{"marginal_wall_us_per_sd.mask": {"value": 39.0, "unit": "us", "better": "lower"}})
+    slow = report(raw_simpy_timeout_us={"value": 1.5, "unit": "us"},
+                  **{"marginal_wall_us_per_sd.mask": {"value": 78.0, "unit": "us", "better": "lower"}})
+    rows = {r["figure"]: r for r in compare_reports(slow, ref)}
+    assert rows["raw_simpy_timeout_us"]["measure"] == "machine" and not rows["raw_simpy_timeout_us"]["regressed"]
+    mask = rows["marginal_wall_us_per_sd.mask"]
+    assert mask["measure"] == "x_raw" and mask["ratio"] == pytest.approx(1.0) and not mask["regressed"]
+
+
 def test_bad_reference_and_unwritable_json_fail_before_measuring(tmp_path, capsys):
     assert main(["bench", "--compare", str(tmp_path / "missing.json")]) == 2
     (tmp_path / "other.json").write_text(json.dumps({"not": "a bench run"}))
