@@ -451,3 +451,21 @@ def test_a_timeline_changes_nothing_and_is_valid_chrome_trace(tmp_path):
     from tlbsim.model.partition import Partition
 
     assert type(Partition(cfg, 0).vps[0]) is VP and TracingVP is not VP
+
+
+@pytest.mark.parametrize("sharing", ["all", "groups", "private"])
+def test_targets_of_are_the_other_sharers_in_order(sharing):
+    """Partition.targets_of gives every other VP that runs the address space, in VP order, whether as a
+    view of the shared list (OtherVPs) or a list; a view is not a copy and repeats no VP."""
+    from tlbsim.model.partition import OtherVPs, Partition
+
+    part = Partition(Config().with_overrides({"partition.vps": 12, "partition.lps": 12, "workload.sharing": sharing,
+                                              "workload.group_size": 4}), 0)
+    for vp in part.vps:
+        targets = part.targets_of(vp, vp.address_space)
+        expected = [t for t in part.vps if t is not vp and t.address_space == vp.address_space]
+        assert list(targets) == expected and len(targets) == len(expected)
+        assert bool(targets) == bool(expected)
+        assert part.targets_of(vp, vp.address_space) is targets  # computed once
+    view = OtherVPs(["a", "b", "c"], 0)
+    assert (list(view), len(view)) == (["b", "c"], 2) and list(OtherVPs(["a"], 0)) == []

@@ -32,6 +32,7 @@ through the recorder (records.py).
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from tlbsim import hv
@@ -67,7 +68,7 @@ class CallPlan:
         self.n_named = len(validation.targets) + len(validation.ignored_vps)  # VPs the call names or walks
         self.call_code = call.call_code
         self.flags = call.flags
-        if any(a.index >= b.index for a, b in zip(targets, targets[1:], strict=False)):
+        if any(a.index >= b.index for a, b in pairwise(targets)):
             targets = sorted(targets, key=lambda t: t.index)  # ascending VP index: the lock-holder order
         self.targets = targets
         member = 0
