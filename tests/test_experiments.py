@@ -2,7 +2,6 @@
 notebook executes end to end against a small sweep this test runs."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -64,17 +63,8 @@ def _shrunk(path, out_root):
 def test_notebook_reads_every_shipped_sweep(path, tmp_path):
     """The notebook runs on each shipped experiment (shrunk) and its key table has a row per
     (policy, varied parameters) combination."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
     out = _shrunk(path, tmp_path)
-    nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
-    os.environ["TLBSIM_RESULTS"] = str(out)
-    try:
-        client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                         resources={"metadata": {"path": str(ROOT / "notebooks")}})
-        client.execute()
-    finally:
-        del os.environ["TLBSIM_RESULTS"]
+    nb = _execute_notebook(out)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
     assert not errors
     points, _, manifest = load_sweep(out)
@@ -85,18 +75,22 @@ def test_notebook_reads_every_shipped_sweep(path, tmp_path):
     assert len([line for line in key_table.splitlines()[2:] if line.strip()]) >= combos
 
 
-def test_notebook_executes_end_to_end(small_sweep):
+def _execute_notebook(results: Path):
+    """notebooks/analysis.ipynb run from notebooks/ with TLBSIM_RESULTS = ``results``; the executed notebook
+    (skips the test when nbformat / nbclient are missing). The shipped notebook must hold no outputs."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "store the notebook without outputs"
-    os.environ["TLBSIM_RESULTS"] = str(small_sweep)
-    try:
-        client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                         resources={"metadata": {"path": str(ROOT / "notebooks")}})
-        client.execute()
-    finally:
-        del os.environ["TLBSIM_RESULTS"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TLBSIM_RESULTS", str(results))
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    return nb
+
+
+def test_notebook_executes_end_to_end(small_sweep):
+    nb = _execute_notebook(small_sweep)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = json.dumps([o.get("text", "") for o in outputs])

@@ -256,7 +256,7 @@ def naive_simpy_us_per_ms(vps: int, duration_us: float, seed: int = 0) -> tuple[
 _LARGE_SCRIPT = """
 import json, sys, time
 from tlbsim.config import Config
-from tlbsim.model.partition import CountingEnvironment, simulate_records
+from tlbsim.model.partition import simulate_records
 vps, dur = int(sys.argv[1]), float(sys.argv[2])
 cfg = Config().with_overrides({"partition.vps": vps, "partition.lps": vps, "partition.duration_us": dur})
 t = time.perf_counter()

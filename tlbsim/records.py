@@ -128,7 +128,7 @@ class ShootdownRecorder:
     The refill columns are written at once and stay open for late flushes."""
 
     def __init__(self, spill=None, spill_rows: int = 1 << 16):
-        """``spill(first_row, columns)``, if given, receives every ``spill_rows`` recorded rows (all
+        """``spill(columns)``, if given, receives every ``spill_rows`` recorded rows in order (all
         columns but the patched ones, as ``columns()`` gives them) and owns them from then on."""
         self._spill = spill
         self._spill_rows = spill_rows
@@ -270,7 +270,7 @@ class ShootdownRecorder:
         columns stay: a late deferred flush may still add to any row)."""
         ids = self.ints["id"]
         columns = {c: v for c, v in self._columns().items() if c not in _PATCHED}
-        self._spill(self.spilled_rows, columns)
+        self._spill(columns)
         self._spilled_ids.extend(ids)
         self.spilled_rows += len(ids)
         self.ints = {c: array("q") for c in _INT_COLUMNS}
@@ -312,7 +312,6 @@ class Records:
     """What one run produced, as plain columns; results.Result makes DataFrames of it."""
 
     shootdowns: dict[str, list] = field(default_factory=dict)  # spilled: only the patched columns, all rows
-    spilled_rows: int = 0  # rows handed to the recorder's spill (0: all are in ``shootdowns``)
     vps: dict[str, list] = field(default_factory=dict)
     exits: dict[str, list] = field(default_factory=dict)
     duration_us: float = 0.0

@@ -167,9 +167,8 @@ class ShootdownSpill:
         os.close(fd)
         self.partial, self.path = Path(partial), Path(final)
         self._writer = None
-        self.rows = 0
 
-    def __call__(self, first_row: int, columns: dict) -> None:
+    def __call__(self, columns: dict) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -182,7 +181,6 @@ class ShootdownSpill:
         if self._writer is None:
             self._writer = pq.ParquetWriter(self.partial, table.schema)
         self._writer.write_table(table)
-        self.rows += table.num_rows
 
     def finish(self, patched: dict, column_order, summary_columns) -> tuple[Path, pd.DataFrame]:
         """Write the whole table (columns in ``column_order``; ``patched``: name -> array of every

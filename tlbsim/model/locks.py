@@ -1,8 +1,9 @@
 """What can lock a VP's TLB, until when, and by what (no SimPy events per lock).
 
-Owns one question for the hypervisor: "is this target's TLB locked now, until
-when, by which source?" (``TlbLocks.lock_on``). Sources register per
-partition; a VP that no source can lock costs the flush path nothing.
+Owns one question for the hypervisor: "which of a call's targets have their
+TLB locked now, until when, by which source?" (``TlbLocks.holders``). Sources
+register per partition and each says which VPs it locks now (``locked``); a
+VP that no source locks costs the flush path nothing.
 
 - ``VsmTlbLocks`` (VSM TlbLocked, bit 1 of HV_REGISTER_VSM_VP_SECURE_VTL_CONFIG):
   held while the VP runs VTL1. A VTL1 entry is a state of the VP (vp.VP._vtl1:
@@ -56,10 +57,6 @@ class VsmTlbLocks:
     def active(self) -> bool:
         return bool(self.by_vp)
 
-    def locked_until(self, vp_index: int, now: float) -> float | None:
-        vp = self.by_vp.get(vp_index)
-        return vp.vtl1_end_us if vp is not None and vp.state == VTL1 else None
-
     def locked(self, now: float):
         """(VP index, lock end) of every VP holding the lock now."""
         return [(index, vp.vtl1_end_us) for index, vp in self.by_vp.items() if vp.state == VTL1]
@@ -82,9 +79,6 @@ class InterceptInhibit:
 
     def active(self) -> bool:
         return bool(self.emulating)
-
-    def locked_until(self, vp_index: int, now: float) -> float | None:
-        return self.emulating.get(vp_index)
 
     def locked(self, now: float):
         """(VP index, lock end) of every VP holding the lock now."""
@@ -120,8 +114,9 @@ class TlbLocks:
         Asks each source for the few VPs it locks now rather than each target
         whether it is locked: a call to 4,095 targets with one MemoryAccess
         emulation in flight looks at one VP, not 4,095 (the per-target query
-        ``lock_on`` took 42 % of a 1,024-VP run's profile). Same answer as
-        asking ``lock_on`` of every target (tests/test_model.py checks it)."""
+        lock took 42 % of a 1,024-VP run's profile). Where sources overlap, the
+        lock that lifts last counts (the first source on a tie); tests/test_model.py
+        checks the answer against asking every target."""
         found: dict[int, tuple[float, str]] = {}
         for source in self.sources:
             name = source.name
@@ -139,13 +134,3 @@ class TlbLocks:
                 end, name = found[index]
                 out.append((end, name, target))
         return out
-
-    def lock_on(self, vp_index: int, now: float) -> tuple[float, str] | None:
-        """(when the last lock on this VP's TLB lifts, the source holding it
-        longest), or None if no source locks it at ``now``."""
-        found = None
-        for source in self.sources:
-            end = source.locked_until(vp_index, now)
-            if end is not None and (found is None or end > found[0]):
-                found = (end, source.name)
-        return found

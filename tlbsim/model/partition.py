@@ -222,7 +222,10 @@ class Partition:
                 found = [self.vps[i] for i in self._mask_targets if i != vp.index]
             else:
                 sharers = self.sharers.get(address_space, [])
-                found = OtherVPs(sharers, sharers.index(vp)) if vp in sharers else sharers
+                try:
+                    found = OtherVPs(sharers, sharers.index(vp))
+                except ValueError:  # not a sharer (its own address space is another): every sharer
+                    found = sharers
             self._targets[key] = found
         return found
 
@@ -301,7 +304,7 @@ class Partition:
             }
         return Records(
             vf=vf_rows, vf_stats=vf_stats,
-            shootdowns=cols, spilled_rows=self.recorder.spilled_rows, vps=vps, exits=exits, duration_us=duration,
+            shootdowns=cols, vps=vps, exits=exits, duration_us=duration,
             events=events,
             requests_waiting=sum(len(vp.requests) for vp in self.vps),
             host={"dispatches": self.host.dispatches, "preemptions": self.host.preemptions,
