@@ -212,6 +212,32 @@ def test_vp_set_round_trip(vps):
     assert VpSet.unpack(vs.pack()) == vs
 
 
+@given(st.lists(st.integers(0, hv.MAX_VP_INDEX), max_size=5000))
+def test_bits_of_and_set_bits_against_the_plain_loop(indices):
+    """The numpy path (more than 64 indices or bits) and the loop agree with the definition."""
+    plain = 0
+    for i in indices:
+        plain |= 1 << i
+    assert hv.bits_of(indices, hv.MAX_VP_INDEX) == plain
+    assert hv.bits_of(iter(indices), hv.MAX_VP_INDEX) == plain
+    assert hv.set_bits(plain) == sorted(set(indices))
+
+
+@pytest.mark.parametrize("bad", [True, -1, 4096, 1.0, "3"])
+@pytest.mark.parametrize("n", [3, 100])
+def test_bits_of_names_a_bad_index_in_short_and_long_lists(bad, n):
+    indices = [*range(n), bad]
+    with pytest.raises(ValueError, match="VP index"):
+        hv.bits_of(indices, hv.MAX_VP_INDEX)
+    with pytest.raises(ValueError, match="VP index"):
+        hv.vps_to_vp_set(indices)
+
+
+def test_vp_set_to_vps_rejects_a_bank_word_beyond_64_bits():
+    with pytest.raises(ValueError, match="64-bit"):
+        hv.vp_set_to_vps(VpSet(0, 0x1, (1 << 64,)))
+
+
 @given(u64, st.integers(0, 63), st.lists(u64, max_size=64, unique=True))
 def test_vp_set_unpack_rejects_a_wrong_length(valid, extra, banks):
     valid_mask = hv.vps_to_mask(range(min(len(banks), 64)))

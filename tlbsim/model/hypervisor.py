@@ -32,7 +32,6 @@ through the recorder (records.py).
 from __future__ import annotations
 
 import math
-from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from tlbsim import hv
@@ -59,7 +58,7 @@ class CallPlan:
     __slots__ = ("call", "scope", "status", "ok", "all_processors", "n_named", "call_code", "flags", "targets",
                  "member", "cost_us")
 
-    def __init__(self, call: FlushCall, scope: FlushScope, validation: hv.Validation, targets: list):
+    def __init__(self, call: FlushCall, scope: FlushScope, validation: hv.Validation, targets: list, member: int):
         self.call = call
         self.scope = scope
         self.status = validation.status
@@ -68,12 +67,7 @@ class CallPlan:
         self.n_named = len(validation.targets) + len(validation.ignored_vps)  # VPs the call names or walks
         self.call_code = call.call_code
         self.flags = call.flags
-        if any(a.index >= b.index for a, b in pairwise(targets)):
-            targets = sorted(targets, key=lambda t: t.index)  # ascending VP index: the lock-holder order
-        self.targets = targets
-        member = 0
-        for t in targets:
-            member |= 1 << t.index
+        self.targets = targets  # ascending VP index: the lock-holder order
         self.member = member  # bit i set: VP i is a target
         self.cost_us: dict[int, float] = {}  # by running targets
 
@@ -104,16 +98,20 @@ class Hypervisor:
         if self.part.config.run.inject_fault == "deny_hypercalls":
             validation = hv.Validation(HvStatus.ACCESS_DENIED, reason="run.inject_fault = deny_hypercalls")
         vps = self.part.vps
-        targets = [vps[i] for i in validation.targets if i != vp.index] if validation.ok else []
-        if named is not None and len(named) == len(targets) and all(
-                a is b for a, b in zip(named, targets, strict=True)):
-            targets = named
+        member = hv.bits_of(validation.targets, hv.MAX_VP_INDEX) & ~(1 << vp.index) if validation.ok else 0
+        targets = None
+        if named is not None and len(named) == member.bit_count():
+            indices = [t.index for t in named]
+            if indices == sorted(indices) and hv.bits_of(indices, hv.MAX_VP_INDEX) == member:
+                targets = named  # the same VPs in the same (ascending) order: share the list
+        if targets is None:
+            targets = [vps[i] for i in hv.set_bits(member)]
         if self.profile.flush_whole_tlb:
             reps = call.control.rep_count if call.gva_ranges else 0
             limit = self.profile.flush_queue_ranges - 1  # one slot is kept for "flush everything"
             if call.gva_ranges is None or reps > limit:
                 scope = EVERYTHING  # KVM: the whole guest TLB, NON_GLOBAL and AddressSpace ignored
-        return CallPlan(call, scope, validation, targets)
+        return CallPlan(call, scope, validation, targets, member)
 
     def call_cost_us(self, plan: CallPlan, k_running: int) -> float:
         """What the call costs its caller with ``k_running`` targets on their LPs, us."""
