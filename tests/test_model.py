@@ -136,6 +136,60 @@ def test_tlb_page_fast_path_agrees_with_flush():
         assert (a.nonglobal, a.global_entries) == (b.nonglobal, b.global_entries)
 
 
+def test_batched_page_flush_agrees_with_flushing_each_target():
+    """vp.flush_pages_by_hypervisor (the hypervisor's fast path for a List call) leaves every target,
+    running or not, and the shootdown's row bit for bit as VP.flush_by_hypervisor / VP.defer_flush per
+    target and ShootdownRecorder.running_flushed do, from random states (guest or not, debts, fill,
+    other address spaces)."""
+    from tlbsim.model.partition import Partition
+    from tlbsim.model.tlb import FlushScope
+    from tlbsim.model.vp import GUEST, HALTED, SPINNING, flush_pages_by_hypervisor
+    from tlbsim.model.workload import Request
+
+    rng = np.random.default_rng(7)
+    config = make_config(partition__vps=40, partition__lps=40, partition__duration_us=10.0)
+    for trial in range(20):
+        parts = [Partition(config, 0) for _ in "ab"]
+        draws = [(int(rng.integers(0, 2)), bool(rng.integers(0, 4)), float(rng.uniform(0, 80)),
+                  [0.0, float(rng.uniform(0, 30))][int(rng.integers(0, 2))],
+                  [0.0, float(rng.uniform(0, 30))][int(rng.integers(0, 2))], float(rng.uniform(0, 1)),
+                  int(rng.integers(0, 3))) for _ in range(40)]
+        for part in parts:
+            for vp, (guest, on_lp, since, hv_debt, refill_debt, fill, other) in zip(part.vps, draws, strict=True):
+                vp.state = GUEST if guest else [HALTED, SPINNING][since > 40]
+                vp.on_lp, vp.since, vp.hv_debt_us, vp.refill_debt_us = on_lp, since, hv_debt, refill_debt
+                vp.tlb.nonglobal = vp.tlb.nonglobal_cap * fill
+                vp.tlb.address_space += 0x1000 * (other == 2)
+        space, pages, now = parts[0].vps[0].address_space, int(rng.integers(0, 600)), 100.0
+        scope = FlushScope([space, None][trial % 2], True, pages)
+        rows = []
+        for part in parts:
+            targets = part.vps[1:]
+            rows.append(part.recorder.started(0, "mask", Request(0.0, space, pages), 0.0, targets))
+            rows[-1].refill_entries = 3.25
+        a, b = parts
+        flushed = []
+        for t in a.vps[1:]:
+            if t.on_lp:
+                flushed.append(t.flush_by_hypervisor(scope, rows[0], True, now))
+            else:
+                t.defer_flush(scope, rows[0], True)
+        a.recorder.running_flushed(rows[0], flushed)
+        b.recorder.running_flushed_pages(rows[1], flush_pages_by_hypervisor(b.vps[1:], scope, True, rows[1], now))
+
+        def state(vp):
+            return (vp.state, vp.since, vp.time_columns(), vp.hv_debt_us, vp.refill_debt_us, vp.refill_entries,
+                    vp.collateral_entries, vp.flushes_applied, vp.applied_ids, vp.tlb.nonglobal,
+                    vp.tlb.global_entries)
+
+        for x, y in zip(a.vps, b.vps, strict=True):
+            assert state(x) == state(y)
+            assert [(sc, w) for _, sc, w in x.deferred] == [(sc, w) for _, sc, w in y.deferred]
+        fields = ("running_targets", "deferred_targets", "refill_entries", "collateral_entries")
+        assert [getattr(rows[0], f) for f in fields] == [getattr(rows[1], f) for f in fields]
+        assert rows[0].running_targets > 0 and rows[0].deferred_targets > 0
+
+
 def test_lock_holders_agree_with_asking_every_target():
     """TlbLocks.holders asks each source for the VPs it locks; the answer (and its order) is the one
     asking every target in turn which sources lock it (the lock that lifts last; the first source on a tie)

@@ -199,6 +199,15 @@ class ShootdownRecorder:
             collateral += removed - required
         shootdown.refill_entries, shootdown.collateral_entries = refill, collateral
 
+    def running_flushed_pages(self, shootdown: _Shootdown, required: list[float]) -> None:
+        """``running_flushed`` for a page flush (exact: removed = required): ``required`` per running
+        target, in target order. The collateral sum is left as it is (it would add +0.0 per target)."""
+        shootdown.running_targets = len(required)
+        refill = shootdown.refill_entries
+        for r in required:
+            refill += r
+        shootdown.refill_entries = refill
+
     def deferred(self, shootdown: _Shootdown) -> None:
         """A target was not on an LP: its flush waits for its next entry."""
         shootdown.deferred_targets += 1
