@@ -208,9 +208,9 @@ class ShootdownRecorder:
             refill += r
         shootdown.refill_entries = refill
 
-    def deferred(self, shootdown: _Shootdown) -> None:
-        """A target was not on an LP: its flush waits for its next entry."""
-        shootdown.deferred_targets += 1
+    def deferred(self, shootdown: _Shootdown, count: int = 1) -> None:
+        """``count`` targets were not on an LP: their flush waits for their next entry."""
+        shootdown.deferred_targets += count
 
     def in_hypervisor(self, shootdown: _Shootdown, cost_us: float) -> None:
         """The initiator spent ``cost_us`` in a flush hypercall for it."""

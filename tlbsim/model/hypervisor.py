@@ -175,7 +175,9 @@ class Hypervisor:
         call's cost (kept in the generator's frame, 4,096 such lists of 4,095 tuples held 1.2 GB)."""
         whole_context = self.whole_context
         if scope.pages is not None:  # every List call: the fast path
-            required = flush_pages_by_hypervisor(targets, scope, whole_context, sd, now)
+            required, deferred = flush_pages_by_hypervisor(targets, scope, whole_context, sd, now)
+            if deferred:
+                self.recorder.deferred(sd, deferred)
             self.recorder.running_flushed_pages(sd, required)
             return len(required)
         flushed = []  # (required, removed) of each running target

@@ -94,11 +94,14 @@ def _spin_window_over(vp, epoch: int, _event) -> None:
         vp.kick()
 
 
-def flush_pages_by_hypervisor(targets, scope: FlushScope, whole_context: bool, shootdown, now: float) -> list[float]:
+def flush_pages_by_hypervisor(targets, scope: FlushScope, whole_context: bool, shootdown,
+                              now: float) -> tuple[list[float], int]:
     """The hypervisor flushes a page scope (``scope.pages`` is set) on every target at ``now``: each
     target on an LP as ``VP.flush_by_hypervisor`` does it (a List call's scope), each other one
     deferred (``VP.defer_flush``). Returns the entries each running target's flush required, in
-    target order (page flushes are exact: removed = required, no collateral).
+    target order (page flushes are exact: removed = required, no collateral), and how many
+    targets were deferred, for the caller to report (``ShootdownRecorder.running_flushed_pages``
+    and ``deferred``).
 
     The one fast path of the hottest loop of a large partition (a 1-page List call to 4,095
     running targets, every shootdown of the default guest): the same arithmetic in the same
@@ -109,9 +112,11 @@ def flush_pages_by_hypervisor(targets, scope: FlushScope, whole_context: bool, s
     address_space, pages = scope.address_space, scope.pages
     required_list = []
     append = required_list.append
+    deferred = 0
     for t in targets:
-        if not t.on_lp:
-            t.defer_flush(scope, shootdown, whole_context)
+        if not t.on_lp:  # VP.defer_flush, inline; reported once for all below
+            t.deferred.append((shootdown, scope, whole_context))
+            deferred += 1
             continue
         tlb = t.tlb
         if t.state == GUEST and now > t.since:  # TimeAccount.account_guest, inline
@@ -148,7 +153,7 @@ def flush_pages_by_hypervisor(targets, scope: FlushScope, whole_context: bool, s
         if t.applied_ids is not None:
             t.applied_ids.add(shootdown.id)
         append(required)
-    return required_list
+    return required_list, deferred
 
 
 class VP(TimeAccount):
@@ -356,8 +361,12 @@ class VP(TimeAccount):
         limit = self.part.profile.flush_queue_ranges
         if limit and sum(1 for _, scope, _ in deferred if scope.pages is not None) > limit:
             deferred = [(deferred[0][0], EVERYTHING, True), *((sd, EVERYTHING, True) for sd, _, _ in deferred[1:])]
+        tlb = self.tlb
         for shootdown, scope, whole_context in deferred:
-            required, removed = self.tlb.flush(scope, whole_context)
+            if scope.pages is not None:  # List calls: the page fast path (as flush_by_hypervisor)
+                required, removed = tlb.flush_pages(scope.address_space, scope.pages)
+            else:
+                required, removed = tlb.flush(scope, whole_context)
             self._book(shootdown, required, removed)
             self.hv_debt_us += self.costs.deferred_flush_us
             self.deferred_applied += 1
