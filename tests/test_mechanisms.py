@@ -306,3 +306,28 @@ def test_a_run_past_2_pow_24_us_ends():
     res = simulate(cfg, seed=1)
     assert res.summary["shootdowns_completed"] > 300
     assert math.isclose(res.vps[[f"{c}_us" for c in TIME_COLUMNS]].sum(axis=1).iloc[0], 60e6, rel_tol=1e-9)
+
+
+# ------------------------------------------------------------ IPI delivery without an Interruption event
+@pytest.mark.parametrize("policy,overrides", [
+    ("ipi", {}),
+    ("ipi", dict(partition__vps=24, partition__lps=12, spin__ipi_aware=True)),
+    ("ipi", dict(host__cotenants=2, host__cotenant_vps=8, partition__slice_us=500.0)),
+    ("kvm-pv", dict(partition__semantics="kvm", partition__vps=24, partition__lps=12, guest__pv_sched_yield="on")),
+    ("kvm-pv", dict(workload__mode="closed", workload__closed_work_us=100.0)),
+])
+def test_ipi_wake_in_the_delivery_matches_simpys_interruption(monkeypatch, policy, overrides):
+    """vp.wake_for_ipi resumes an IPI's target inside the delivery's callback instead of through a
+    SimPy Interruption event: every table and summary figure must be what the Interruption path
+    gives, bit for bit, with fewer events (one per woken target)."""
+    from tlbsim.model import guest
+
+    config = make_config(workload__policy=policy, partition__duration_us=20_000.0, **overrides)
+    fast = simulate(config, seed=11)
+    monkeypatch.setattr(guest, "wake_for_ipi", lambda vp: vp.proc.interrupt())
+    slow = simulate(config, seed=11)
+    for name in ("shootdowns", "vps", "exits"):
+        pd.testing.assert_frame_equal(getattr(fast, name), getattr(slow, name))
+    assert fast.summary.drop("events").equals(slow.summary.drop("events"))
+    assert len(fast.shootdowns) > 20
+    assert fast.summary["events"] < slow.summary["events"]

@@ -33,7 +33,7 @@ from tlbsim import hv
 from tlbsim.hv import FlushCall, HvCallCode, HvFlushFlags, HvStatus, VpSet
 from tlbsim.model.accounting import I_HYPERCALL, I_MSR
 from tlbsim.model.tlb import EVERYTHING, FlushScope
-from tlbsim.model.vp import EXIT, FLUSH, HALTED
+from tlbsim.model.vp import EXIT, FLUSH, HALTED, wake_for_ipi
 
 NG = HvFlushFlags.NON_GLOBAL_MAPPINGS_ONLY
 #: Linux: (PAGE_SIZE - sizeof(struct hv_tlb_flush)) / sizeof(u64) GVA entries per call: 509.
@@ -142,12 +142,14 @@ class Policy:
 
 
 def _deliver(target, sd, scope, acks, _event) -> None:
-    target.post_ipi(sd, scope, acks)
+    if target.post_ipi(sd, scope, acks):
+        wake_for_ipi(target)
 
 
 def _deliver_all(targets, sd, scope, acks, _event) -> None:
-    for t in targets:
-        t.post_ipi(sd, scope, acks)
+    woken = [t for t in targets if t.post_ipi(sd, scope, acks)]  # every IPI posted before any VP runs
+    for t in woken:
+        wake_for_ipi(t)
 
 
 class IpiPolicy(Policy):

@@ -127,11 +127,11 @@ class TracingVP(VP):
         self._segment(when)
         super().switch_at(new, when)
 
-    def post_ipi(self, shootdown, scope, acks) -> None:
+    def post_ipi(self, shootdown, scope, acks) -> bool:
         t = self.env.now
         if self.timeline.start_us <= t <= self.timeline.end_us:
             self.timeline.instants.append((self.index, "IPI", t, {"shootdown": shootdown.id}))
-        super().post_ipi(shootdown, scope, acks)
+        return super().post_ipi(shootdown, scope, acks)
 
     def close(self, end_us: float) -> None:
         self._segment(end_us)

@@ -34,6 +34,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from simpy import Interrupt
+from simpy.events import Event
 
 from tlbsim.model.accounting import (
     DESCHEDULED,
@@ -140,6 +141,35 @@ def flush_pages_by_hypervisor(targets, scope: FlushScope, whole_context: bool, s
             t.applied_ids.add(shootdown.id)
         append(required)
     return required_list, deferred
+
+
+class _IpiInterrupt(Event):
+    """An event already processed and failed with ``simpy.Interrupt``: what a woken VP's process is
+    resumed with (as by SimPy's own Interruption event)."""
+
+    def __init__(self, env):
+        self.env = env
+        self.callbacks = None
+        self._value = Interrupt(None)
+        self._ok = False
+        self._defused = True
+
+
+def wake_for_ipi(vp) -> None:
+    """Resume ``vp``'s process with ``simpy.Interrupt`` now, from the callback of the event that
+    delivered its IPI, instead of scheduling an Interruption for the same instant: one SimPy event
+    fewer per IPI target, and the same order of everything else. That order argument: the delivery
+    is a NORMAL event at time t, so no URGENT event of time t is pending when it is processed, and
+    the Interruption (URGENT, t) ``Process.interrupt`` would schedule is the very next event
+    processed; resuming here is resuming at that same point (``guest._deliver_all`` posts every
+    target's IPI first, then wakes them in target order, as their Interruptions would have run).
+    Only from an event's callback, never from inside a process step.
+
+    The lines mirror ``simpy.events.Interruption._interrupt`` (SimPy 4: the process's ``_target``
+    and ``_resume``); tests/test_mechanisms.py checks IPI shootdowns against the Interruption path."""
+    proc = vp.proc
+    proc._target.callbacks.remove(proc._resume)
+    proc._resume(_IpiInterrupt(vp.env))
 
 
 class VP(TimeAccount):
@@ -375,9 +405,18 @@ class VP(TimeAccount):
                 self.kicked = True
             self.proc.interrupt()
 
-    def post_ipi(self, shootdown, scope: FlushScope, acks) -> None:
+    def post_ipi(self, shootdown, scope: FlushScope, acks) -> bool:
+        """An IPI arrives: queued for ``take_interrupts``. Returns True when the VP was waiting
+        interruptibly (guest code, a spin, HLT) and the deliverer must wake it (``wake_for_ipi``,
+        after posting every IPI the delivery carries): what ``kick(cancel=True)`` does, without
+        the Interruption event."""
         self.irqs.append((shootdown, scope, acks))
-        self.kick(cancel=True)
+        if self.interruptible:
+            self.interruptible = False
+            if self.state != HALTED:
+                self.kicked = True
+            return True
+        return False
 
     def post_work(self, cost_us: float, from_host: bool):
         """Queue ``cost_us`` of guest kernel work (the VF chain's DPCs and
