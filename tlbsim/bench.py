@@ -360,8 +360,8 @@ def main(quick: bool = False, json_out: str | None = None, compare: str | None =
     per_target_events = ipi["marginal_events_per_sd"] / ipis_per_sd if ipis_per_sd else float("nan")
     _figure(figures, "ipi_events_per_target", per_target_events, "events", target="<= 3")
     print(f"   ipi: {ipi['marginal_events_per_sd']:.1f} marginal events per shootdown over {ipis_per_sd:.1f} IPIs: "
-          f"{per_target_events:.2f} SimPy events per target (target <= 3; the floor is 2: the target's "
-          "interruption and its ack)")
+          f"{per_target_events:.2f} SimPy events per target (target <= 3; the floor is 2: the IPI's "
+          "delivery, which wakes the target, and its handler)")
 
     print("\n4. marginal wall us per shootdown vs VP count (groups of 8 VPs share an address space: 7 targets)")
     sizes = (8, 16, 32, 64, 256)

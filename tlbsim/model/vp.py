@@ -21,7 +21,8 @@ next dispatched), ``flush_locally`` (the guest's own INVLPG / CR3 reload,
 also its IPI handler's).
 
 Events a VP costs: one timeout per guest interval and per exit; one
-interrupt when it is kicked (IPI, preemption). A hypervisor flush costs no
+interrupt when it is kicked (preemption, VF work; an IPI's delivery wakes it
+with no event of its own: ``wake_for_ipi``). A hypervisor flush costs no
 event at all: it is arithmetic plus debt.
 """
 
