@@ -32,6 +32,9 @@ def test_compare_uses_the_ratio_to_the_floor_and_flags_only_real_regressions():
     assert rows["sweep_speedup"]["regressed"]  # higher is better and it fell by 17 %
     within = compare_reports(report(sweep_speedup={"value": 1.75, "better": "higher"}), ref)
     assert not within[0]["regressed"]  # 3 % is noise on this machine
+    loose = {r["figure"]: r for r in compare_reports(new, ref, tolerance=0.30)}
+    assert not loose["standard_wall_s"]["regressed"] and not loose["sweep_speedup"]["regressed"]  # 25 %, 17 %
+    assert compare_reports(new, ref, tolerance=0.20)[0]["regressed"]  # 25 % > 20 %
 
 
 def test_compare_takes_times_without_a_floor_in_units_of_the_runs_raw_timeout():
@@ -53,6 +56,9 @@ def test_bad_reference_and_unwritable_json_fail_before_measuring(tmp_path, capsy
     assert main(["bench", "--compare", str(tmp_path / "other.json")]) == 2
     assert "not a tlbsim bench" in capsys.readouterr().err
     assert main(["bench", "--json", str(tmp_path)]) == 2  # a directory
+    for bad in ("0", "-5", "nan", "2000"):
+        assert main(["bench", "--tolerance", bad]) == 2
+    assert "--tolerance" in capsys.readouterr().err
     with pytest.raises(ValueError):
         load_report(tmp_path / "missing.json")
 

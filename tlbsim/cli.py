@@ -420,7 +420,9 @@ def cmd_bench(args) -> int:
             writable_directory(target.resolve().parent)
         except OSError as e:
             raise UsageError(f"cannot write {target}: {e.strerror or e}") from None
-    return bench_main(quick=args.quick, json_out=args.json, compare=args.compare)
+    if not (0.0 < args.tolerance <= 1000.0):  # NaN fails too
+        raise UsageError(f"--tolerance {args.tolerance:g}: give a percentage above 0 and at most 1000")
+    return bench_main(quick=args.quick, json_out=args.json, compare=args.compare, tolerance=args.tolerance / 100.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -509,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="FILE", help="write every figure (value, floor, target) as JSON")
     bench.add_argument("--compare", metavar="FILE",
                        help="print each figure's ratio to a reference --json run (e.g. benchmarks/reference.json)")
+    bench.add_argument("--tolerance", type=float, default=10.0, metavar="PCT",
+                       help="with --compare: flag figures worse than the reference by more than PCT %% (default 10)")
     bench.set_defaults(func=cmd_bench)
     return p
 
