@@ -112,7 +112,13 @@ class _Codes:
         return code
 
     def extend(self, values) -> None:
-        self.codes.extend(map(self._code, values))
+        if not isinstance(values, tuple | list):
+            values = list(values)
+        try:  # values seen before: the dict's own lookup, no Python call a row
+            codes = array("b", map(self.table.__getitem__, values))
+        except KeyError:  # a new value in the batch: the whole batch the slow way
+            codes = array("b", map(self._code, values))
+        self.codes.extend(codes)
 
 
 _PAGES, _FLAGS, _COMPLETE, _ISSUE, _ARRIVAL = (
@@ -141,16 +147,20 @@ class ShootdownRecorder:
         self.issued = 0
         self._chunk: list[_Shootdown] = []
         self._rows = 0
-        self._moves: list = []
+        self._moves: tuple = ()
         self._bind_moves()
 
     def _bind_moves(self) -> None:
-        """(sink, getter) of every column filled from the kept handles, for the current arrays."""
-        self._moves = []
-        for columns, sinks in ((_INT_COLUMNS, self.ints), (_FLOAT_COLUMNS, self.floats), (_STR_COLUMNS, self.strings)):
+        """The sinks of every column filled from the kept handles, for the current arrays, and one
+        getter of all their attributes (a tuple a row: one C call a row instead of one a column)."""
+        sinks, names = [], []
+        for columns, by_name in ((_INT_COLUMNS, self.ints), (_FLOAT_COLUMNS, self.floats),
+                                 (_STR_COLUMNS, self.strings)):
             for c in columns:
                 if c not in ("pages", "flags", "latency_us", "queue_us", *_PATCHED):
-                    self._moves.append((sinks[c], attrgetter(_SOURCE.get(c, c))))
+                    sinks.append(by_name[c])
+                    names.append(_SOURCE.get(c, c))
+        self._moves = (sinks, attrgetter(*names))
 
     # ------------------------------------------------------------ entry points
     def started(self, initiator: int, policy: str, request, now: float, targets) -> _Shootdown:
@@ -264,8 +274,9 @@ class ShootdownRecorder:
         chunk = self._chunk
         if not chunk:
             return
-        for sink, get in self._moves:
-            sink.extend(map(get, chunk))
+        sinks, get = self._moves
+        for sink, column in zip(sinks, zip(*map(get, chunk), strict=True), strict=True):  # rows -> columns
+            sink.extend(column)
         self.ints["pages"].extend([0 if p is None else p for p in map(_PAGES, chunk)])  # 0: whole space
         self.ints["flags"].extend(map(int, map(_FLAGS, chunk)))
         self.floats["latency_us"].extend(map(sub, map(_COMPLETE, chunk), map(_ISSUE, chunk)))
