@@ -192,11 +192,12 @@ def bits_of(indices, limit: int) -> int:
             _check_vp_index(i, limit)
             mask |= 1 << i
         return mask
-    if set(map(type, indices)) != {int} or min(indices) < 0 or max(indices) > limit:
+    positions = np.fromiter(indices, np.int64, len(indices)) if set(map(type, indices)) == {int} else None
+    if positions is None or positions.min() < 0 or positions.max() > limit:
         for i in indices:  # the first bad one, named
             _check_vp_index(i, limit)
-    flags = np.zeros(max(indices) + 1, np.bool_)
-    flags[np.asarray(indices, np.int64)] = True
+    flags = np.zeros(int(positions.max()) + 1, np.bool_)
+    flags[positions] = True
     return int.from_bytes(np.packbits(flags, bitorder="little").tobytes(), "little")
 
 

@@ -32,6 +32,8 @@ through the recorder (records.py).
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from tlbsim import hv
@@ -41,6 +43,8 @@ from tlbsim.model.vp import HYPERCALL, SUSPENDED, flush_pages_by_hypervisor
 
 if TYPE_CHECKING:
     from tlbsim.model.partition import Partition
+
+_INDEX = attrgetter("index")
 
 
 class CallPlan:
@@ -98,14 +102,15 @@ class Hypervisor:
         if self.part.config.run.inject_fault == "deny_hypercalls":
             validation = hv.Validation(HvStatus.ACCESS_DENIED, reason="run.inject_fault = deny_hypercalls")
         vps = self.part.vps
-        member = hv.bits_of(validation.targets, hv.MAX_VP_INDEX) & ~(1 << vp.index) if validation.ok else 0
-        targets = None
-        if named is not None and len(named) == member.bit_count():
-            indices = [t.index for t in named]
-            if indices == sorted(indices) and hv.bits_of(indices, hv.MAX_VP_INDEX) == member:
-                targets = named  # the same VPs in the same (ascending) order: share the list
-        if targets is None:
-            targets = [vps[i] for i in hv.set_bits(member)]
+        indices = validation.targets if validation.ok else ()  # ascending
+        at = bisect_left(indices, vp.index)
+        if at < len(indices) and indices[at] == vp.index:  # the caller is no target of its own call
+            indices = indices[:at] + indices[at + 1:]
+        member = hv.bits_of(indices, hv.MAX_VP_INDEX)
+        if named is not None and len(named) == len(indices) and tuple(map(_INDEX, named)) == indices:
+            targets = named  # the same VPs in the same (ascending) order: share the list
+        else:
+            targets = [vps[i] for i in indices]
         if self.profile.flush_whole_tlb:
             reps = call.control.rep_count if call.gva_ranges else 0
             limit = self.profile.flush_queue_ranges - 1  # one slot is kept for "flush everything"
