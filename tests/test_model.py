@@ -176,7 +176,7 @@ def test_batched_page_flush_agrees_with_flushing_each_target():
             else:
                 t.defer_flush(scope, rows[0], True)
         a.recorder.running_flushed(rows[0], flushed)
-        required, deferred = flush_pages_by_hypervisor(b.vps[1:], scope, True, rows[1], now)
+        required, deferred = flush_pages_by_hypervisor(b.vps[1:], scope, True, rows[1], now, config.costs, True)
         b.recorder.running_flushed_pages(rows[1], required)
         b.recorder.deferred(rows[1], deferred)
 

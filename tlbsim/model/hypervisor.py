@@ -85,6 +85,7 @@ class Hypervisor:
         self.locks = part.locks
         self.recorder = part.recorder
         self.whole_context = part.config.tlb.hypervisor_flush == "vpid"
+        self.record_ids = part.config.run.check_invariants  # every VP keeps applied_ids (VP.__init__)
         self.n_vps = part.config.partition.vps
         locks = part.config.locks
         self.lock_wait = self.profile.lock_wait if locks.wait == "profile" else locks.wait
@@ -180,7 +181,8 @@ class Hypervisor:
         call's cost (kept in the generator's frame, 4,096 such lists of 4,095 tuples held 1.2 GB)."""
         whole_context = self.whole_context
         if scope.pages is not None:  # every List call: the fast path
-            required, deferred = flush_pages_by_hypervisor(targets, scope, whole_context, sd, now)
+            required, deferred = flush_pages_by_hypervisor(targets, scope, whole_context, sd, now, self.costs,
+                                                           self.record_ids)
             if deferred:
                 self.recorder.deferred(sd, deferred)
             self.recorder.running_flushed_pages(sd, required)
