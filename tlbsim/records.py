@@ -138,7 +138,6 @@ class ShootdownRecorder:
         columns but the patched ones, as ``columns()`` gives them) and owns them from then on."""
         self._spill = spill
         self._spill_rows = spill_rows
-        self.spilled_rows = 0
         self._spilled_ids = array("q") if spill is not None else None
         self.ints = {c: array("q") for c in _INT_COLUMNS}
         self.floats = {c: array("d") for c in _FLOAT_COLUMNS}
@@ -292,7 +291,6 @@ class ShootdownRecorder:
         columns = {c: v for c, v in self._columns().items() if c not in _PATCHED}
         self._spill(columns)
         self._spilled_ids.extend(ids)
-        self.spilled_rows += len(ids)
         self.ints = {c: array("q") for c in _INT_COLUMNS}
         self.floats = {c: (v if c in _PATCHED else array("d")) for c, v in self.floats.items()}
         for codes in self.strings.values():

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,14 +76,7 @@ class Result:
                     os.replace(source, target)
                     self.shootdowns_file = target
                 else:  # elsewhere: copied (the spilled file stays the Result's own)
-                    copy = target.with_name(f".{target.name}.copy.tmp")
-                    try:
-                        shutil.copyfile(source, copy)
-                        os.chmod(copy, FILE_MODE)
-                        os.replace(copy, target)
-                    except BaseException:
-                        copy.unlink(missing_ok=True)
-                        raise
+                    atomic_copy(source, target)
                 continue
             atomic_write_parquet(getattr(self, name), directory / f"{name}.parquet")
         atomic_write_text(directory / MANIFEST, json.dumps(self.manifest(), indent=2, default=_json_default))
@@ -124,30 +118,36 @@ def writable_directory(directory: str | Path) -> Path:
     return directory
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
+@contextmanager
+def _replacing(path: Path):
+    """A temporary file beside ``path`` for the caller to write: on success it replaces ``path``
+    (with FILE_MODE), on any failure it goes and ``path`` is left as it was."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        df.to_parquet(tmp, index=False)
+        yield tmp
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with _replacing(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
+    with _replacing(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def atomic_copy(source: Path, path: Path) -> None:
+    with _replacing(path) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 class ShootdownSpill:
