@@ -331,3 +331,33 @@ def test_ipi_wake_in_the_delivery_matches_simpys_interruption(monkeypatch, polic
     assert fast.summary.drop("events").equals(slow.summary.drop("events"))
     assert len(fast.shootdowns) > 20
     assert fast.summary["events"] < slow.summary["events"]
+
+
+@pytest.mark.parametrize("policy,overrides", [
+    ("ipi", {}),
+    ("ipi", dict(partition__vps=24, partition__lps=12, spin__ipi_aware=True)),
+    ("ipi", dict(host__cotenants=2, host__cotenant_vps=8, partition__slice_us=500.0)),
+    ("kvm-pv", dict(partition__semantics="kvm", partition__vps=24, partition__lps=12, guest__pv_sched_yield="on")),
+    ("ipi", dict(workload__mode="closed", workload__closed_work_us=100.0)),
+])
+def test_last_ipi_delivery_rides_on_the_senders_timeout(monkeypatch, policy, overrides):
+    """guest._sent puts the IPI delivery due when the send ends on the sender's own timeout. With
+    the delivery a timeout of its own again, scheduled just before the sender's (as before), every
+    table and summary figure must be the same bit for bit, and the run must take exactly one event
+    more per IPI send."""
+    from tlbsim.model import guest
+
+    def separate(env, send_us, deliver):
+        env.timeout(send_us).callbacks.append(deliver)
+        return env.timeout(send_us)
+
+    config = make_config(workload__policy=policy, partition__duration_us=20_000.0, **overrides)
+    merged = simulate(config, seed=11)
+    sends = []
+    monkeypatch.setattr(guest, "_sent", lambda env, us, deliver: sends.append(us) or separate(env, us, deliver))
+    apart = simulate(config, seed=11)
+    for name in ("shootdowns", "vps", "exits"):
+        pd.testing.assert_frame_equal(getattr(merged, name), getattr(apart, name))
+    assert merged.summary.drop("events").equals(apart.summary.drop("events"))
+    assert len(sends) > 20
+    assert apart.summary["events"] - merged.summary["events"] == len(sends)
