@@ -78,3 +78,21 @@ def test_committed_reference_is_a_full_run_compare_can_read():
                  "ipi_events_per_target", "naive_over_tlbsim.16", "large_partition_wall_s", "memory_peak_mb"):
         assert name in ref["figures"], name
     assert compare_reports(ref, ref) and not any(r["regressed"] for r in compare_reports(ref, ref))
+
+
+def test_skeleton_runs_two_timeouts_a_step_and_nothing_else(monkeypatch):
+    """The skeleton the bench sets beside the floor is what it says: per VP and step, one guest
+    interval and one exit, each a single timeout (plus each process's start and end)."""
+    from tlbsim import bench
+    from tlbsim.model.partition import CountingEnvironment
+
+    envs = []
+
+    def counting():
+        envs.append(CountingEnvironment())
+        return envs[-1]
+
+    monkeypatch.setattr(bench.simpy, "Environment", counting)
+    assert bench.skeleton_event_us(4, 800) > 0
+    assert envs[0].events_scheduled == 2 * 4 + 2 * (800 // 4 // 2) * 4
+    assert envs[0].now > 0

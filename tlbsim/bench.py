@@ -9,7 +9,8 @@ ratios (wall / floor) mean more than the absolute times, and they are what
 
 Figures:
  1. raw SimPy timeouts per second (the reference of every floor);
- 2. three scenarios, wall / floor: the standard one (16 VPs, default exits, ``mask``), a co-tenant
+ 2. a skeleton of the VP loop (no mechanism) per event against a raw timeout; three scenarios,
+    wall / floor: the standard one (16 VPs, default exits, ``mask``), a co-tenant
     overcommit (``ipi``, 3 co-tenant partitions of 16 VPs on 16 LPs, open loop) and a closed loop
     (KVM profile, 300 us of work per operation, ``mask``);
  3. per shootdown and policy: SimPy events and wall us, total and marginal (net of the same run with
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from bisect import bisect_right
 from pathlib import Path
 
 import pandas as pd
@@ -64,6 +66,52 @@ def raw_simpy_rate(n: int = 300_000, repeats: int = 3) -> float:
         env.run()
         best = max(best, n / (time.perf_counter() - t))
     return best
+
+
+def skeleton_event_us(vps: int = 16, n: int = 200_000) -> float:
+    """Wall us per event of the least a model of these VPs does: ``vps`` SimPy processes, each
+    running guest code for an exponential draw, then exiting for a drawn reason's cost, with the
+    time spent in each state accounted and the checks for pending work a VP loop makes at each
+    step. No TLB, shootdowns, scheduler or records. Against a raw timeout (``raw_simpy_rate``, one
+    process doing nothing) it says how far above the event part of a floor *any* model of a VP's
+    state machine sits, before a single mechanism: most of the standard scenario's events are of
+    this kind (guest intervals and exits)."""
+    import numpy as np
+
+    from tlbsim.model.rng import Stream
+
+    env = simpy.Environment()
+    steps = n // vps // 2
+    cum, cost = (0.2, 0.5, 0.7, 0.9, 1.0), (1.0, 2.0, 3.0, 4.0, 5.0)
+
+    class Vp:
+        __slots__ = ("state", "since", "state_us", "exits", "irqs", "work", "requests", "preempt_pending")
+
+        def __init__(self):
+            self.state, self.since, self.state_us, self.exits = 0, 0.0, [0.0] * 10, [0] * len(cost)
+            self.irqs, self.work, self.requests, self.preempt_pending = [], [], [], False
+
+    def run(vp, stream):
+        timeout, state_us = env.timeout, vp.state_us
+        for _ in range(steps):
+            if vp.preempt_pending or vp.irqs or vp.work or vp.requests:
+                continue
+            now = env.now
+            state_us[vp.state] += now - vp.since
+            vp.state, vp.since = 0, now
+            yield timeout(stream.exp(50.0))
+            end = env.now
+            state_us[0] += end - vp.since
+            vp.state, vp.since = 1, end
+            reason = bisect_right(cum, stream.uniform())
+            vp.exits[reason] += 1
+            yield timeout(cost[reason])
+
+    for i in range(vps):
+        env.process(run(Vp(), Stream(np.random.SeedSequence(i))))
+    t = time.perf_counter()
+    env.run()
+    return (time.perf_counter() - t) / (steps * 2 * vps) * 1e6
 
 
 def timed(config: Config, seed: int = 0, repeats: int = 1):
@@ -294,8 +342,11 @@ def _figure(figures: dict, name: str, value: float, unit: str, *, floor: float |
     return fig
 
 
-def scenario_over_floor(figures: dict, key: str, label: str, config: Config, repeats: int, target: str = "") -> None:
-    """Wall of ``config`` (best of ``repeats``) against its floor, sampled between the runs."""
+def scenario_over_floor(figures: dict, key: str, label: str, config: Config, repeats: int, target: str = "",
+                        skeleton: float | None = None) -> None:
+    """Wall of ``config`` (best of ``repeats``) against its floor, sampled between the runs. With
+    ``skeleton`` (``skeleton_event_us`` over a raw timeout) it also prints where a model would sit
+    whose every event cost what the skeleton's do, with the flushes at their floor."""
     floor, wall = Floor(), float("inf")
     for _ in range(repeats):
         floor.sample()
@@ -306,6 +357,11 @@ def scenario_over_floor(figures: dict, key: str, label: str, config: Config, rep
     f = _figure(figures, key, wall, "s", floor=floor_s, target=target)
     print(f"   {label:44s} {rec.events:9,} events {flushed:9,} target flushes  {wall:6.2f} s, floor {floor_s:6.3f} s:"
           f" {f['over_floor']:5.2f} x floor" + (f" (target {target})" if target else ""))
+    if skeleton is not None:
+        events_s = rec.events * floor.raw_us / 1e6
+        bound = (events_s * skeleton + (floor_s - events_s)) / floor_s
+        print(f"   {'':44s} events are {events_s / floor_s:.0%} of the floor; at the skeleton's cost per event "
+              f"it would be {bound:.2f} x floor: the rest ({f['over_floor'] - bound:.2f}) is the mechanisms' code")
 
 
 def main(quick: bool = False, json_out: str | None = None, compare: str | None = None,
@@ -332,7 +388,16 @@ def main(quick: bool = False, json_out: str | None = None, compare: str | None =
     print(f"\n2. scenarios ({dur / 1000:,.0f} ms simulated), wall against floor (events as raw SimPy timeouts + "
           "target flushes as arithmetic alone)")
     reps_floor = max(reps, 2)
-    scenario_over_floor(figures, "standard_wall_s", "standard (16 VPs, mask)", standard(dur), reps_floor, "<= 1.5")
+    raw_again = skeleton = float("inf")
+    for _ in range(reps_floor + 1):  # alternate, best of each: the machine's speed drifts
+        raw_again = min(raw_again, 1e6 / raw_simpy_rate(50_000, 1))
+        skeleton = min(skeleton, skeleton_event_us(16, 50_000 if quick else 200_000))
+    f = _figure(figures, "skeleton_event_over_raw", skeleton / raw_again, "ratio")
+    print(f"   a skeleton of 16 VP loops (guest interval, drawn exit, time per state; no mechanism): "
+          f"{skeleton:.3f} us per event, {f['value']:.2f} x a raw timeout: the least a model of VPs adds "
+          "to the event part of a floor")
+    scenario_over_floor(figures, "standard_wall_s", "standard (16 VPs, mask)", standard(dur), reps_floor, "<= 1.5",
+                        skeleton=f["value"])
     scenario_over_floor(figures, "cotenant_wall_s", "co-tenants (16 VPs + 3 x 16 on 16 LPs, ipi)",
                         standard(dur / 2, **{"workload.policy": "ipi", "host.cotenants": 3, "host.cotenant_vps": 16,
                                              "partition.slice_us": 3000.0}), reps_floor)
