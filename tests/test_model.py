@@ -518,12 +518,16 @@ def test_a_timeline_changes_nothing_and_is_valid_chrome_trace(tmp_path):
     assert type(Partition(cfg, 0).vps[0]) is VP and TracingVP is not VP
 
 
+@pytest.mark.parametrize("lists_up_to", [0, 256])
 @pytest.mark.parametrize("sharing", ["all", "groups", "private"])
-def test_targets_of_are_the_other_sharers_in_order(sharing):
+def test_targets_of_are_the_other_sharers_in_order(monkeypatch, sharing, lists_up_to):
     """Partition.targets_of gives every other VP that runs the address space, in VP order, whether as a
-    view of the shared list (OtherVPs) or a list; a view is not a copy and repeats no VP."""
+    view of the shared list (OtherVPs, beyond TARGET_LISTS_UP_TO sharers) or a list; a view is not a
+    copy and repeats no VP."""
+    from tlbsim.model import partition
     from tlbsim.model.partition import OtherVPs, Partition
 
+    monkeypatch.setattr(partition, "TARGET_LISTS_UP_TO", lists_up_to)
     part = Partition(Config().with_overrides({"partition.vps": 12, "partition.lps": 12, "workload.sharing": sharing,
                                               "workload.group_size": 4}), 0)
     for vp in part.vps:
@@ -532,6 +536,8 @@ def test_targets_of_are_the_other_sharers_in_order(sharing):
         assert list(targets) == expected and len(targets) == len(expected)
         assert bool(targets) == bool(expected)
         assert part.targets_of(vp, vp.address_space) is targets  # computed once
+        if sharing != "private":
+            assert isinstance(targets, OtherVPs if lists_up_to == 0 else list)
     view = OtherVPs(["a", "b", "c"], 0)
     assert (list(view), len(view)) == (["b", "c"], 2) and list(OtherVPs(["a"], 0)) == []
 
