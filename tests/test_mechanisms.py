@@ -339,6 +339,42 @@ def test_ipi_wake_in_the_delivery_matches_simpys_interruption(monkeypatch, polic
     ("ipi", dict(host__cotenants=2, host__cotenant_vps=8, partition__slice_us=500.0)),
     ("kvm-pv", dict(partition__semantics="kvm", partition__vps=24, partition__lps=12, guest__pv_sched_yield="on")),
     ("ipi", dict(workload__mode="closed", workload__closed_work_us=100.0)),
+    # KVM's PLE window (1.64 us) against a 20-page handler: windows that end before the acks are due
+    ("ipi", dict(partition__semantics="kvm", workload__pages=20)),
+])
+def test_no_spin_window_timer_when_every_ack_is_due_first(monkeypatch, policy, overrides):
+    """A spinner whose pending acks all come from handlers under way, each ending before the spin
+    window would, sets no window timer (guest.AckWait.acked_before): that timer would have found
+    the VP done spinning. With the timer set every time again, every table and summary figure must
+    be the same bit for bit, and the run must take exactly one event more per timer skipped."""
+    from tlbsim.model import guest
+
+    config = make_config(workload__policy=policy, partition__duration_us=20_000.0, **overrides)
+    answers = []
+    real = guest.AckWait.acked_before
+
+    def counted(self, time_us):
+        answers.append(real(self, time_us))
+        return answers[-1]
+
+    monkeypatch.setattr(guest.AckWait, "acked_before", counted)
+    lean = simulate(config, seed=11)
+    skips = sum(answers)
+    monkeypatch.setattr(guest.AckWait, "acked_before", lambda self, t: False)
+    timers = simulate(config, seed=11)
+    for name in ("shootdowns", "vps", "exits"):
+        pd.testing.assert_frame_equal(getattr(lean, name), getattr(timers, name))
+    assert lean.summary.drop("events").equals(timers.summary.drop("events"))
+    assert skips > 0 and not all(answers)  # both branches taken
+    assert timers.summary["events"] - lean.summary["events"] == skips
+
+
+@pytest.mark.parametrize("policy,overrides", [
+    ("ipi", {}),
+    ("ipi", dict(partition__vps=24, partition__lps=12, spin__ipi_aware=True)),
+    ("ipi", dict(host__cotenants=2, host__cotenant_vps=8, partition__slice_us=500.0)),
+    ("kvm-pv", dict(partition__semantics="kvm", partition__vps=24, partition__lps=12, guest__pv_sched_yield="on")),
+    ("ipi", dict(workload__mode="closed", workload__closed_work_us=100.0)),
 ])
 def test_last_ipi_delivery_rides_on_the_senders_timeout(monkeypatch, policy, overrides):
     """guest._sent puts the IPI delivery due when the send ends on the sender's own timeout. With

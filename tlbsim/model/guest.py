@@ -45,16 +45,34 @@ LINUX_POLICIES = ("ipi", "linux", "kvm-pv")
 
 
 class AckWait:
-    """An initiator waiting for its IPI targets' acknowledgements (csd_lock_wait)."""
+    """An initiator waiting for its IPI targets' acknowledgements (csd_lock_wait).
 
-    __slots__ = ("pending", "event")
+    ``due`` counts the pending acks whose handler is under way (a target in ``take_interrupts``
+    cannot be stopped before it acks) and ``due_us`` is when the last of them comes: when every
+    pending ack is due before a spin window would end, the spinner needs no window timer
+    (``VP.spin_until_acked``)."""
+
+    __slots__ = ("pending", "event", "due", "due_us")
 
     def __init__(self, env):
         self.pending = 0
         self.event = env.event()
+        self.due = 0
+        self.due_us = 0.0
+
+    def handler_ends_at(self, end_us: float) -> None:
+        """A target started the handler that acks this one; it acks at ``end_us``."""
+        self.due += 1
+        if end_us > self.due_us:
+            self.due_us = end_us
+
+    def acked_before(self, time_us: float) -> bool:
+        """Every pending ack comes strictly before ``time_us``."""
+        return self.due == self.pending and self.due_us < time_us
 
     def ack(self) -> None:
         self.pending -= 1
+        self.due -= 1
         if self.pending == 0:
             self.event.succeed()
 

@@ -469,7 +469,14 @@ class VP(TimeAccount):
         kick the VP out of guest code), run the flush handler for each, then
         ack. IPIs that arrive during the round wait for the next one."""
         irqs, self.irqs = self.irqs, []
-        yield from self._spend(FLUSH, sum(self.costs.local_flush_cost_us(scope.pages) for _, scope, _ in irqs))
+        cost = sum(self.costs.local_flush_cost_us(scope.pages) for _, scope, _ in irqs)
+        # when _spend's timeout ends (the same sum it schedules): the acks are due then
+        end = self.env.now + ((self._exit_cost[I_CANCELED] + cost) if self.kicked else cost)
+        for _, _, acks in irqs:
+            acks.handler_ends_at(end)
+        yield from self._spend(FLUSH, cost)
+        if self.applied_ids is not None:  # run.check_invariants
+            assert self.env.now == end, f"VP {self.index}'s handler ended at {self.env.now}, its acks were due at {end}"
         for shootdown, scope, acks in irqs:
             self.flush_locally(scope, shootdown)
             acks.ack()
@@ -526,7 +533,10 @@ class VP(TimeAccount):
                 self.set_state(SPINNING)
                 if spin is not None:
                     self.spin_epoch += 1
-                    self.env.timeout(window).callbacks.append(partial(_spin_window_over, self, self.spin_epoch))
+                    # a window ending after every ack would find the VP no longer spinning (this epoch):
+                    # its timer would do nothing, so it is not set (one event a shootdown fewer)
+                    if not acks.acked_before(self.env.now + window):
+                        self.env.timeout(window).callbacks.append(partial(_spin_window_over, self, self.spin_epoch))
                 self.interruptible = True
                 try:
                     yield acks.event
