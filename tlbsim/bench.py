@@ -451,8 +451,12 @@ def main(quick: bool = False, json_out: str | None = None, compare: str | None =
     print("\n5. a naive SimPy model (a process per target flush, exits as timeouts, no scheduler or records) against "
           "tlbsim, same scenario, wall us per simulated ms")
     for n in (16, 64):  # tlbsim's wall includes building the partition; the naive model's does not
-        naive_us, naive_events = naive_simpy_us_per_ms(n, naive_dur)
-        wall, rec = timed(standard(naive_dur, **{"partition.vps": n, "partition.lps": n}), repeats=reps)
+        naive_us = wall = float("inf")
+        for _ in range(reps):  # alternate, best of each: a slow spell of the machine hits both sides
+            us, naive_events = naive_simpy_us_per_ms(n, naive_dur)
+            naive_us = min(naive_us, us)
+            w, rec = timed(standard(naive_dur, **{"partition.vps": n, "partition.lps": n}))
+            wall = min(wall, w)
         ours_us = wall / (naive_dur / 1000.0) * 1e6
         f = _figure(figures, f"naive_over_tlbsim.{n}", naive_us / ours_us, "ratio", target=">= 5" if n == 16 else "",
                     better="higher")
