@@ -75,7 +75,8 @@ def test_committed_reference_is_a_full_run_compare_can_read():
     ref = load_report(REFERENCE)
     assert ref["meta"]["quick"] is False
     for name in ("standard_wall_s", "cotenant_wall_s", "closed_loop_wall_s", "mask_15_targets_us",
-                 "ipi_events_per_target", "naive_over_tlbsim.16", "large_partition_wall_s", "memory_peak_mb"):
+                 "ipi_events_per_target", "naive_over_tlbsim.16", "large_partition_wall_s", "memory_peak_mb",
+                 "skeleton_event_over_raw"):
         assert name in ref["figures"], name
     assert compare_reports(ref, ref) and not any(r["regressed"] for r in compare_reports(ref, ref))
 
