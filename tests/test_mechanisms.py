@@ -308,37 +308,47 @@ def test_a_run_past_2_pow_24_us_ends():
     assert math.isclose(res.vps[[f"{c}_us" for c in TIME_COLUMNS]].sum(axis=1).iloc[0], 60e6, rel_tol=1e-9)
 
 
-# ------------------------------------------------------------ IPI delivery without an Interruption event
-@pytest.mark.parametrize("policy,overrides", [
+# ------------------------------------------------------------ IPI paths that save SimPy events
+#: Where the event-saving IPI paths are checked against the events they replace: dedicated,
+#: overcommitted with IPI-aware spinning, co-tenants, KVM with PV sched yield, closed loops.
+IPI_CONFIGS = [
     ("ipi", {}),
     ("ipi", dict(partition__vps=24, partition__lps=12, spin__ipi_aware=True)),
     ("ipi", dict(host__cotenants=2, host__cotenant_vps=8, partition__slice_us=500.0)),
     ("kvm-pv", dict(partition__semantics="kvm", partition__vps=24, partition__lps=12, guest__pv_sched_yield="on")),
     ("kvm-pv", dict(workload__mode="closed", workload__closed_work_us=100.0)),
-])
+    ("ipi", dict(workload__mode="closed", workload__closed_work_us=100.0)),
+]
+
+
+def ipi_config(policy, overrides):
+    return make_config(workload__policy=policy, partition__duration_us=20_000.0, **overrides)
+
+
+def assert_same_results(a, b) -> None:
+    """Every table and summary figure but the event count, bit for bit."""
+    for name in ("shootdowns", "vps", "exits"):
+        pd.testing.assert_frame_equal(getattr(a, name), getattr(b, name))
+    assert a.summary.drop("events").equals(b.summary.drop("events"))
+
+
+@pytest.mark.parametrize("policy,overrides", IPI_CONFIGS)
 def test_ipi_wake_in_the_delivery_matches_simpys_interruption(monkeypatch, policy, overrides):
     """vp.wake_for_ipi resumes an IPI's target inside the delivery's callback instead of through a
     SimPy Interruption event: every table and summary figure must be what the Interruption path
     gives, bit for bit, with fewer events (one per woken target)."""
     from tlbsim.model import guest
 
-    config = make_config(workload__policy=policy, partition__duration_us=20_000.0, **overrides)
-    fast = simulate(config, seed=11)
+    fast = simulate(ipi_config(policy, overrides), seed=11)
     monkeypatch.setattr(guest, "wake_for_ipi", lambda vp: vp.proc.interrupt())
-    slow = simulate(config, seed=11)
-    for name in ("shootdowns", "vps", "exits"):
-        pd.testing.assert_frame_equal(getattr(fast, name), getattr(slow, name))
-    assert fast.summary.drop("events").equals(slow.summary.drop("events"))
+    slow = simulate(ipi_config(policy, overrides), seed=11)
+    assert_same_results(fast, slow)
     assert len(fast.shootdowns) > 20
     assert fast.summary["events"] < slow.summary["events"]
 
 
 @pytest.mark.parametrize("policy,overrides", [
-    ("ipi", {}),
-    ("ipi", dict(partition__vps=24, partition__lps=12, spin__ipi_aware=True)),
-    ("ipi", dict(host__cotenants=2, host__cotenant_vps=8, partition__slice_us=500.0)),
-    ("kvm-pv", dict(partition__semantics="kvm", partition__vps=24, partition__lps=12, guest__pv_sched_yield="on")),
-    ("ipi", dict(workload__mode="closed", workload__closed_work_us=100.0)),
+    *IPI_CONFIGS,
     # KVM's PLE window (1.64 us) against a 20-page handler: windows that end before the acks are due
     ("ipi", dict(partition__semantics="kvm", workload__pages=20)),
 ])
@@ -349,7 +359,6 @@ def test_no_spin_window_timer_when_every_ack_is_due_first(monkeypatch, policy, o
     be the same bit for bit, and the run must take exactly one event more per timer skipped."""
     from tlbsim.model import guest
 
-    config = make_config(workload__policy=policy, partition__duration_us=20_000.0, **overrides)
     answers = []
     real = guest.AckWait.acked_before
 
@@ -358,24 +367,16 @@ def test_no_spin_window_timer_when_every_ack_is_due_first(monkeypatch, policy, o
         return answers[-1]
 
     monkeypatch.setattr(guest.AckWait, "acked_before", counted)
-    lean = simulate(config, seed=11)
+    lean = simulate(ipi_config(policy, overrides), seed=11)
     skips = sum(answers)
     monkeypatch.setattr(guest.AckWait, "acked_before", lambda self, t: False)
-    timers = simulate(config, seed=11)
-    for name in ("shootdowns", "vps", "exits"):
-        pd.testing.assert_frame_equal(getattr(lean, name), getattr(timers, name))
-    assert lean.summary.drop("events").equals(timers.summary.drop("events"))
+    timers = simulate(ipi_config(policy, overrides), seed=11)
+    assert_same_results(lean, timers)
     assert skips > 0 and not all(answers)  # both branches taken
     assert timers.summary["events"] - lean.summary["events"] == skips
 
 
-@pytest.mark.parametrize("policy,overrides", [
-    ("ipi", {}),
-    ("ipi", dict(partition__vps=24, partition__lps=12, spin__ipi_aware=True)),
-    ("ipi", dict(host__cotenants=2, host__cotenant_vps=8, partition__slice_us=500.0)),
-    ("kvm-pv", dict(partition__semantics="kvm", partition__vps=24, partition__lps=12, guest__pv_sched_yield="on")),
-    ("ipi", dict(workload__mode="closed", workload__closed_work_us=100.0)),
-])
+@pytest.mark.parametrize("policy,overrides", IPI_CONFIGS)
 def test_last_ipi_delivery_rides_on_the_senders_timeout(monkeypatch, policy, overrides):
     """guest._sent puts the IPI delivery due when the send ends on the sender's own timeout. With
     the delivery a timeout of its own again, scheduled just before the sender's (as before), every
@@ -387,13 +388,10 @@ def test_last_ipi_delivery_rides_on_the_senders_timeout(monkeypatch, policy, ove
         env.timeout(send_us).callbacks.append(deliver)
         return env.timeout(send_us)
 
-    config = make_config(workload__policy=policy, partition__duration_us=20_000.0, **overrides)
-    merged = simulate(config, seed=11)
+    merged = simulate(ipi_config(policy, overrides), seed=11)
     sends = []
     monkeypatch.setattr(guest, "_sent", lambda env, us, deliver: sends.append(us) or separate(env, us, deliver))
-    apart = simulate(config, seed=11)
-    for name in ("shootdowns", "vps", "exits"):
-        pd.testing.assert_frame_equal(getattr(merged, name), getattr(apart, name))
-    assert merged.summary.drop("events").equals(apart.summary.drop("events"))
+    apart = simulate(ipi_config(policy, overrides), seed=11)
+    assert_same_results(merged, apart)
     assert len(sends) > 20
     assert apart.summary["events"] - merged.summary["events"] == len(sends)
