@@ -223,7 +223,7 @@ def test_bits_of_and_set_bits_against_the_plain_loop(indices):
     assert hv.set_bits(plain) == sorted(set(indices))
 
 
-@pytest.mark.parametrize("bad", [True, -1, 4096, 1.0, "3"])
+@pytest.mark.parametrize("bad", [True, -1, 4096, 1 << 70, 1.0, "3"])
 @pytest.mark.parametrize("n", [3, 100])
 def test_bits_of_names_a_bad_index_in_short_and_long_lists(bad, n):
     indices = [*range(n), bad]
@@ -231,6 +231,14 @@ def test_bits_of_names_a_bad_index_in_short_and_long_lists(bad, n):
         hv.bits_of(indices, hv.MAX_VP_INDEX)
     with pytest.raises(ValueError, match="VP index"):
         hv.vps_to_vp_set(indices)
+
+
+def test_bits_of_takes_int_subclasses_in_long_lists():
+    """An IntEnum of VP indices is as good as ints on both paths."""
+    from enum import IntEnum
+
+    Vp = IntEnum("Vp", {f"vp{i}": i for i in range(100)})
+    assert hv.bits_of(list(Vp), hv.MAX_VP_INDEX) == hv.bits_of(list(range(100)), hv.MAX_VP_INDEX) == (1 << 100) - 1
 
 
 def test_vp_set_to_vps_rejects_a_bank_word_beyond_64_bits():

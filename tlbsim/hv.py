@@ -192,10 +192,11 @@ def bits_of(indices, limit: int) -> int:
             _check_vp_index(i, limit)
             mask |= 1 << i
         return mask
-    positions = np.fromiter(indices, np.int64, len(indices)) if set(map(type, indices)) == {int} else None
-    if positions is None or positions.min() < 0 or positions.max() > limit:
-        for i in indices:  # the first bad one, named
+    exact = set(map(type, indices)) == {int}
+    if not exact or min(indices) < 0 or max(indices) > limit:  # min / max first: numpy overflows past int64
+        for i in indices:  # the first bad one, named (int subclasses in range pass)
             _check_vp_index(i, limit)
+    positions = np.fromiter(indices if exact else map(int, indices), np.int64, len(indices))
     flags = np.zeros(int(positions.max()) + 1, np.bool_)
     flags[positions] = True
     return int.from_bytes(np.packbits(flags, bitorder="little").tobytes(), "little")

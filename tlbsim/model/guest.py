@@ -141,7 +141,7 @@ class Policy:
                 if i < last:
                     env.timeout(per_target_us * (i + 1)).callbacks.append(partial(_deliver, t, sd, scope, acks))
             send_us = per_target_us * k
-            sent = _sent(env, send_us, partial(_deliver, t, sd, scope, acks))
+            sent = _sent(env, send_us, partial(_deliver, t, sd, scope, acks))  # t: the last target (k >= 1)
         else:  # one PV send-IPI hypercall for all of them
             send_us = self.costs.vmexit_roundtrip_us + per_target_us * k
             vp.record_exit(exit_index, 1, send_us)

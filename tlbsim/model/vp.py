@@ -398,13 +398,21 @@ class VP(TimeAccount):
         self.refill_debt_us += gone * self._refill_us
 
     # ------------------------------------------------------------ interrupts
+    def _claim_wake(self, cancel: bool) -> bool:
+        """True when the VP waits interruptibly (guest code, a spin, HLT) and the caller must wake
+        it; it stops being interruptible, and with ``cancel`` a VP out of HLT owes the Canceled exit
+        (the host kicked it out of guest code)."""
+        if not self.interruptible:
+            return False
+        self.interruptible = False
+        if cancel and self.state != HALTED:
+            self.kicked = True
+        return True
+
     def kick(self, cancel: bool = False) -> None:
         """Make the VP look at its interrupts / preemption now if it is
         waiting in guest code, spinning or halted."""
-        if self.interruptible:
-            self.interruptible = False
-            if cancel and self.state != HALTED:
-                self.kicked = True
+        if self._claim_wake(cancel):
             self.proc.interrupt()
 
     def post_ipi(self, shootdown, scope: FlushScope, acks) -> bool:
@@ -413,12 +421,7 @@ class VP(TimeAccount):
         after posting every IPI the delivery carries): what ``kick(cancel=True)`` does, without
         the Interruption event."""
         self.irqs.append((shootdown, scope, acks))
-        if self.interruptible:
-            self.interruptible = False
-            if self.state != HALTED:
-                self.kicked = True
-            return True
-        return False
+        return self._claim_wake(True)
 
     def post_work(self, cost_us: float, from_host: bool):
         """Queue ``cost_us`` of guest kernel work (the VF chain's DPCs and
@@ -448,15 +451,20 @@ class VP(TimeAccount):
             self.set_state(state)
             yield env.timeout(cost_us)
             return
+        duration = self._spend_us(cost_us)
         self.kicked = False
         exit_us = self._exit_cost[I_CANCELED]
         self.record_exit(I_CANCELED, 1, exit_us)
         self.exit_index = I_CANCELED
         self.set_state(EXIT)
         start = env.now
-        yield env.timeout(exit_us + cost_us)
+        yield env.timeout(duration)
         self.exit_index = -1
         self.switch_at(state, start + exit_us)
+
+    def _spend_us(self, cost_us: float) -> float:
+        """How long ``_spend(state, cost_us)`` takes from now (its one timeout)."""
+        return self._exit_cost[I_CANCELED] + cost_us if self.kicked else cost_us
 
     def run_work(self):
         """Run the first queued VF work item."""
@@ -470,8 +478,7 @@ class VP(TimeAccount):
         ack. IPIs that arrive during the round wait for the next one."""
         irqs, self.irqs = self.irqs, []
         cost = sum(self.costs.local_flush_cost_us(scope.pages) for _, scope, _ in irqs)
-        # when _spend's timeout ends (the same sum it schedules): the acks are due then
-        end = self.env.now + ((self._exit_cost[I_CANCELED] + cost) if self.kicked else cost)
+        end = self.env.now + self._spend_us(cost)  # when the handler's timeout ends: the acks are due then
         for _, _, acks in irqs:
             acks.handler_ends_at(end)
         yield from self._spend(FLUSH, cost)
