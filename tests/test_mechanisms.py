@@ -16,31 +16,52 @@ from tlbsim.model.accounting import TIME_COLUMNS
 C = Config().costs
 SPIN = Config().spin
 ONE = dict(partition__vps=8, workload__initiators=[0], workload__rate_per_ms=0.05, partition__duration_us=100_000.0)
+MORE = dict(workload__rate_per_ms=0.2)  # about 20 shootdowns
 
 
 # ------------------------------------------------------------ spinning that yields
-def ple_exits(spin_us: float) -> int:
-    """Pause-loop exits while spinning ``spin_us``: windows grow by ple_window_grow, each exit costs
-    the round trip plus yield_cost_us, the ack can only end a window that is spinning."""
-    t, window, exits = 0.0, SPIN.ple_window_us, 0
+def ple_exits(spin_us: float, window: float) -> tuple[int, float]:
+    """Pause-loop exits while spinning ``spin_us`` from a PLE window of ``window``: each exit costs
+    the round trip plus yield_cost_us and grows the window by ple_window_grow (grow_ple_window);
+    the ack can only end a window that is spinning. Returns the exits and the window after them:
+    the window is the VP's (vmx->ple_window) and carries over to its next spin until it is
+    scheduled out."""
+    t, exits = 0.0, 0
     cost = C.vmexit_roundtrip_us + SPIN.yield_cost_us
     while t + window < spin_us:
         t += window + cost
         exits += 1
         window = min(window * SPIN.ple_window_grow, SPIN.ple_window_max_us)
-    return exits
+    return exits, window
 
 
-def test_pause_loop_exits_follow_the_growing_window():
+def test_pause_loop_exits_follow_the_vps_own_growing_window():
     # kvm profile, 1:1, the last target's Canceled exit made long: the initiator spins ~20 us
     canceled = 20.0
-    res = simulate(quiet_config(workload__policy="ipi", partition__semantics="kvm", **ONE,
+    res = simulate(quiet_config(workload__policy="ipi", partition__semantics="kvm", **{**ONE, **MORE},
                                 exits__canceled__cost_us=canceled), seed=1)
     sd = res.shootdowns
     spin_us = canceled + C.local_flush_cost_us(1)  # the last IPI lands when the sends end
-    per_sd = res.vps.spin_exits.sum() / len(sd)
-    assert ple_exits(spin_us) == 3 and per_sd == 3
+    # never descheduled (1:1, no halts): the window grows on and later spins exit less, then never
+    window, expected = SPIN.ple_window_us, []
+    for _ in range(len(sd)):
+        exits, window = ple_exits(spin_us, window)
+        expected.append(exits)
+    assert expected[:3] == [3, 1, 0] and len(sd) > 3
+    assert res.vps.spin_exits.sum() == sum(expected)
     assert res.summary["directed_yields"] == 0  # 1:1: nobody waits for an LP
+
+
+def test_the_ple_window_shrinks_back_when_the_vp_is_scheduled_in():
+    """With halts (the VP leaves its LP and is loaded again) the window goes back to the base
+    (shrink_ple_window, ple_window_shrink 0): spins after a halt exit as the first spin did."""
+    canceled = 20.0
+    kw = dict(workload__policy="ipi", partition__semantics="kvm", **{**ONE, **MORE}, exits__canceled__cost_us=canceled)
+    never = simulate(quiet_config(**kw), seed=1)
+    halting = simulate(quiet_config(**kw, exits__x64_halt__rate_per_ms=50.0), seed=1)
+    per_sd_never = never.vps.spin_exits.sum() / len(never.shootdowns)
+    per_sd_halting = halting.vps.spin_exits.sum() / len(halting.shootdowns)
+    assert per_sd_never < 1.0 < per_sd_halting <= 3.0
 
 
 def test_long_spin_wait_notification_only_after_the_retries():
@@ -395,3 +416,52 @@ def test_last_ipi_delivery_rides_on_the_senders_timeout(monkeypatch, policy, ove
     assert_same_results(merged, apart)
     assert len(sends) > 20
     assert apart.summary["events"] - merged.summary["events"] == len(sends)
+
+
+# ------------------------------------------------------------ guest load (issue 21)
+def test_vps_without_a_thread_idle_and_are_in_no_active_set():
+    """8 VPs, 3 threads: VPs 3..7 run no guest code, issue nothing and are nobody's target; an IPI
+    shootdown names exactly the 2 other threads' VPs."""
+    res = simulate(make_config(partition__vps=8, workload__threads=3, workload__policy="ipi", guest__lazy_tlb="off",
+                               partition__duration_us=30_000.0), seed=1)
+    v, sd = res.vps.set_index("vp"), res.shootdowns
+    assert len(sd) > 20
+    assert set(sd.initiator_vp) <= {0, 1, 2}
+    assert (sd.ipis == 2).all() and (sd.n_targets == 2).all()
+    idle = v.loc[3:7]
+    assert (idle.guest_us == 0).all() and (idle.flushes_applied == 0).all()
+    assert (idle.halted_us > 0.99 * 30_000.0).all()
+
+
+def test_a_thread_that_sleeps_halts_its_vp_between_operations():
+    kw = dict(partition__vps=4, workload__mode="closed", workload__closed_work_us=200.0, workload__policy="mask",
+              partition__duration_us=40_000.0)
+    awake = simulate(make_config(**kw), seed=2).summary
+    sleepy = simulate(make_config(workload__sleep_us=200.0, **kw), seed=2)
+    v = sleepy.vps
+    # about half the time asleep (200 us of work, 200 us of sleep): halted, and fewer operations
+    assert 0.35 < v.halted_us.sum() / (4 * 40_000.0) < 0.6
+    assert sleepy.summary["ops_per_s"] < 0.7 * awake["ops_per_s"]
+
+
+def test_guest_system_time_counts_spinning_and_the_kernel_share_of_work():
+    res = simulate(make_config(partition__vps=8, workload__policy="ipi", partition__duration_us=20_000.0), seed=1)
+    s, v, x = res.summary, res.vps, res.exits
+    canceled = x[x.reason == "CANCELED"].time_us.sum()
+    expected = (Config().guest.kernel_fraction * v.guest_us.sum() + v.spinning_us.sum() + v.spin_exit_us.sum()
+                + v.ipi_send_us.sum() + v.flush_us.sum() + canceled + v.hypercall_us.sum())
+    assert s["guest_system_us"] == pytest.approx(expected, rel=1e-12)
+    assert s["guest_system_us"] > v.spinning_us.sum() > 0
+
+
+def test_directed_yield_candidates_follow_the_kernel_version():
+    """KVM at 4:1: the 5.3+ rule (ready VPs, user-mode ones with an interrupt pending) finds a
+    candidate for more pause-loop exits than the older rule (preempted VPs in kernel mode only),
+    so the older one spins more; both yield only to VPs that wait for an LP."""
+    kw = dict(partition__vps=32, partition__lps=8, partition__semantics="kvm", workload__policy="ipi",
+              guest__pv_sched_yield="off", partition__duration_us=30_000.0)
+    new = [simulate(make_config(**kw), seed=s).summary for s in range(2)]
+    old = [simulate(make_config(spin__candidates="preempted", **kw), seed=s).summary for s in range(2)]
+    share = [sum(r["directed_yields"] for r in rs) / sum(r["spin_exits"] for r in rs) for rs in (new, old)]
+    assert share[0] > share[1]
+    assert sum(r["spinning_us"] for r in old) > sum(r["spinning_us"] for r in new)

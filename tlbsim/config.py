@@ -260,6 +260,13 @@ class WorkloadConfig:
     initiators: list[int] = field(default_factory=list)  # VPs that initiate (empty: all)
     processor_mask: int = 0  # explicit ProcessorMask for the mask policy (0: derive from sharing)
     trace: str = ""  # CSV of time_us,vp,address_space,pages (replaces the Poisson arrivals)
+    # guest threads running the workload, one per VP from VP 0 (0: one on every VP). A VP with no thread
+    # is idle: it halts until an interrupt, never runs the address space, so it is in no active set
+    # (Windows: processors that ran the process; Linux: mm_cpumask) and is no shootdown's target
+    threads: int = 0
+    # closed loop: mean sleep (exponential) of a thread after each operation, us (the benchmarks'
+    # nanosleep); its VP halts meanwhile unless interrupted. 0: no sleep
+    sleep_us: float = 0.0
 
     def check(self, key: str) -> None:
         _one_of(self.policy, POLICIES, f"{key}.policy")
@@ -268,6 +275,8 @@ class WorkloadConfig:
         if self.rate_per_ms > MAX_RATE_PER_MS:
             raise ConfigError(f"{key}.rate_per_ms", f"at most {MAX_RATE_PER_MS:,} per ms")
         _finite_non_negative(self.closed_work_us, f"{key}.closed_work_us")
+        _non_negative(self.threads, f"{key}.threads")
+        _finite_non_negative(self.sleep_us, f"{key}.sleep_us")
         _one_of(self.closed_work_distribution, ("exponential", "fixed"), f"{key}.closed_work_distribution")
         if self.mode == "closed" and self.closed_work_us == 0 and self.rate_per_ms == 0:
             raise ConfigError(f"{key}.closed_work_us", "closed loop needs closed_work_us > 0 or rate_per_ms > 0")
@@ -302,8 +311,14 @@ class GuestConfig:
     # Linux's PV sched yield (5.3+): after sending IPIs, a directed yield to a preempted target
     # (KVM_HC_SCHED_YIELD). "auto": on for ipi / kvm-pv under the kvm profile; "on"; "off"
     pv_sched_yield: str = "auto"
+    # share of guest code run in kernel mode: decides whether a VP preempted in guest code was in kernel
+    # mode (KVM's directed yield skips user-mode candidates for a kernel-mode spinner) and the kernel
+    # share of guest work in guest_system_us. src: the hv_tlbflush cover letter's hypercall run, sys
+    # 40.6 s of 12 pCPUs x 24.4 s = 0.14 (one workload's figure: an estimate for any other)
+    kernel_fraction: float = 0.14
 
     def check(self, key: str) -> None:
+        _fraction(self.kernel_fraction, f"{key}.kernel_fraction")
         _one_of(self.call_form, ("list", "space"), f"{key}.call_form")
         _one_of(self.lazy_tlb, ("auto", "on", "off"), f"{key}.lazy_tlb")
         _one_of(self.pv_sched_yield, ("auto", "on", "off"), f"{key}.pv_sched_yield")
@@ -328,8 +343,13 @@ class SpinConfig:
     yield_cost_us: float = 1.0
     # prefer the preempted VP the spinner sent an IPI to (KVM series 2025-26); off in mainline KVM
     ipi_aware: bool = False
+    # who kvm_vcpu_on_spin may yield to: "ready" (runnable VPs, preempted or woken and waiting: vcpu->ready,
+    # commit d73eb57b "KVM: Boost vCPUs that are delivering interrupts", Linux 5.3) or "preempted" (only
+    # VPs descheduled while runnable: the rule before 5.3)
+    candidates: str = "ready"
 
     def check(self, key: str) -> None:
+        _one_of(self.candidates, ("ready", "preempted"), f"{key}.candidates")
         _one_of(self.mode, ("profile", "ple", "notify", "off"), f"{key}.mode")
         _positive(self.ple_window_us, f"{key}.ple_window_us")
         if not 1.0 <= self.ple_window_grow <= 1024:
@@ -353,8 +373,22 @@ class HostConfig:
     cotenant_load: str = "cpu"
     cotenant_duty: float = 0.5
     cotenant_period_us: float = 10_000.0  # estimate
+    # the host scheduler: "profile" (kvm: "cfs"; tlfs / openhcl: "hyperv"), "cfs" (Linux's fair class,
+    # kernel/sched/fair.c up to 6.5: min_vruntime, sleeper placement, wakeup preemption, sched_slice) or
+    # "hyperv" (a fair queue with the fixed partition.slice_us, no wakeup preemption: docs/model.md)
+    scheduler: str = "profile"
+    # cfs tunables, us; 0: Linux's default x (1 + ilog2(min(LPs, 8))) (6 ms, 0.75 ms, 1 ms; fair.c)
+    sched_latency_us: float = 0.0
+    sched_min_granularity_us: float = 0.0
+    sched_wakeup_granularity_us: float = 0.0
 
     def check(self, key: str) -> None:
+        _one_of(self.scheduler, ("profile", "cfs", "hyperv"), f"{key}.scheduler")
+        for name in ("sched_latency_us", "sched_min_granularity_us", "sched_wakeup_granularity_us"):
+            value = getattr(self, name)
+            _finite_non_negative(value, f"{key}.{name}")
+            if value and not 10.0 <= value <= 1e6:
+                raise ConfigError(f"{key}.{name}", "0 (the kernel's default) or 10 us to 1 s")
         _non_negative(self.cotenants, f"{key}.cotenants")
         _positive(self.cotenant_vps, f"{key}.cotenant_vps")
         if self.cotenants * self.cotenant_vps > 65536:
@@ -470,6 +504,9 @@ class Config:
             bad = [v for v in vps if not 0 <= v < n]
             if bad:
                 raise ConfigError(key, f"VP {bad[0]} does not exist (the partition has VPs 0..{n - 1})")
+        if self.workload.threads > n:
+            raise ConfigError("workload.threads", f"{self.workload.threads} threads, but the partition has {n} VPs "
+                              "(one thread per VP; 0: one on every VP)")
         mask = self.workload.processor_mask
         if mask:
             bad = [v for v in hv.mask_to_vps(mask) if v >= n]

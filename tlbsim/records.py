@@ -349,7 +349,7 @@ def vp_tables(vps) -> tuple[dict[str, list], dict[str, list]]:
     for name in TIME_COLUMNS:
         table[f"{name}_us"] = []
     extras = ("refill_entries", "collateral_entries", "evicted_entries", "flushes_applied", "deferred_applied",
-              "deferred_pending", "spin_exits", "spin_yields", "ipi_send_us", "exits")
+              "deferred_pending", "spin_exits", "spin_exit_us", "spin_yields", "ipi_send_us", "exits")
     for extra in extras:
         table[extra] = []
     exits: dict[str, list] = {"vp": [], "reason": [], "code": [], "count": [], "time_us": []}
@@ -365,6 +365,7 @@ def vp_tables(vps) -> tuple[dict[str, list], dict[str, list]]:
         table["deferred_applied"].append(vp.deferred_applied)
         table["deferred_pending"].append(len(vp.deferred))
         table["spin_exits"].append(vp.spin_exits)
+        table["spin_exit_us"].append(vp.spin_exit_us)
         table["spin_yields"].append(vp.spin_yields)
         table["ipi_send_us"].append(vp.ipi_send_us)
         table["exits"].append(sum(vp.exit_count))

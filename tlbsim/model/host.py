@@ -1,183 +1,320 @@
 """Logical processors, the host scheduler and the co-tenant partitions.
 
 Owns one question: "when does a VP run, wait for an LP, get preempted or
-hand its LP to another?". Runnable VPs of every partition on the host (the
-partition under study and its co-tenants) wait in one run queue ordered by
-virtual runtime (the LP time each has had, as CFS orders its tree); an LP
-runs a VP for at most one slice while others wait: when a slice ends and the
-queue is not empty, the VP is asked to give up its LP (it does so at its
-next decision point, see vp.VP). A slice timer exists only while someone
-waits, so an idle queue costs nothing.
+yield its LP?". Everything that runs on the host's LPs (the partition's VPs
+and the co-tenants' VPs) is an *entity* with a virtual runtime (the LP time
+it has had). The rules are Linux's fair class, from kernel/sched/fair.c
+(CFS, Linux 4.x-6.5: the kernels of the published KVM measurements), with
+names kept so that a reader can find each one there:
 
-- A VP woken from halt or a suspension is placed at most half a slice ahead
-  of the least-run VP (CFS's bounded sleeper credit, place_entity): woken VPs
-  run soon, but a partition that halts often cannot starve CPU-bound
-  co-tenants (an unbounded head-of-queue preference did: a 16-VP partition
-  took 46 % of a host shared with three CPU-bound 16-VP partitions).
-- Directed yield (``yield_to``): a spinning VP hands its LP to a runnable VP
-  of its own partition that waits in the queue (kvm_vcpu_on_spin, Linux's
-  KVM_HC_SCHED_YIELD, Hyper-V's answer to a long spin wait notification).
-  Candidates are taken round-robin by VP index after the last VP boosted in
-  that partition (kvm_vcpu_on_spin's last_boosted_vcpu); the target runs
-  out the yielder's slice, and the yielder queues by its virtual runtime.
-- Co-tenants (``CoTenantVp``): VPs of other partitions, CPU-bound or on a
-  duty cycle, under the same scheduler. They run no guest model of their
-  own; what they do to the partition under study is take LPs and evict its
-  TLB entries (tlb.retained_fraction, applied by vp.VP on dispatch).
+- ``update_min_vruntime``: the host's ``min_vruntime_us`` follows the least
+  virtual runtime among the running entities and the leftmost queued one,
+  and never decreases.
+- ``place_entity``: an entity woken from a sleep (a VP out of HLT, a
+  suspension, or a co-tenant's idle period) is placed at no less than
+  ``min_vruntime - sched_latency / 2`` (GENTLE_FAIR_SLEEPERS): the sleeper
+  credit is bounded, so a partition that halts often cannot starve CPU-bound
+  co-tenants.
+- ``check_preempt_wakeup``: a woken entity that finds no idle LP preempts the
+  entity running on the LP it last ran on (select_task_rq_fair's prev_cpu
+  when no LP is idle) if that one's virtual runtime is ahead of it by more
+  than ``wakeup_granularity``.
+- ``sched_slice``: an entity runs for ``period / nr_running`` before it is
+  preempted while others wait, ``period = max(sched_latency, nr_running x
+  min_granularity)``; the tunables scale with ``1 + ilog2(min(LPs, 8))``
+  (SCHED_TUNABLESCALING_LOG). ``nr_running`` is the runnable entities per LP.
+- ``yield_to`` (kernel/sched/core.c, with yield_to_task_fair and
+  pick_next_entity): a directed yield does not hand the LP over. The target
+  becomes the *next buddy*, the yielder yields (the *skip buddy*), and the
+  LP then runs the target only if that is not unfair: the target's virtual
+  runtime is within ``wakeup_granularity`` of the leftmost entity's;
+  otherwise the leftmost runs, which may be another partition's VP. It fails
+  (the caller keeps its LP) when the target is running or not runnable.
+
+The ``hyperv`` scheduler (the tlfs and openhcl profiles) keeps the same fair
+queue with the fixed ``partition.slice_us`` (the TLFS: "hundredths of a
+second"), the bounded sleeper credit of half a slice, and no wakeup
+preemption: Hyper-V's scheduler is not public beyond its slice and its
+types (classic, core, root); that is where the sources stop.
+
+One run queue ordered by virtual runtime stands for the per-LP queues with
+instantaneous idle balancing (an LP that frees picks the least-run waiting
+entity); LP identity is kept for wakeup preemption (an entity's last LP) and
+for an idle LP's choice (the entity's last LP if idle). The kernel's
+periodic tick is not simulated: a slice ends exactly when it is used up
+(decisions only at events). A slice timer exists only while someone waits,
+so a host with a free LP for everyone costs nothing.
+
+Co-tenants (``CoTenantVp``): VPs of other partitions, CPU-bound or on a duty
+cycle, under the same scheduler. They run no guest model of their own; what
+they do to the partition under study is take LPs and evict its TLB entries
+(tlb.retained_fraction, applied by vp.VP on dispatch).
 """
 
 from __future__ import annotations
 
 import math
 from bisect import insort
+from dataclasses import dataclass
+from functools import partial
 
 from simpy import Interrupt
 
 
+def tunable_scaling(n_lps: int) -> int:
+    """SCHED_TUNABLESCALING_LOG (kernel/sched/fair.c get_update_sysctl_factor): 1 + ilog2(min(LPs, 8))."""
+    return 1 + (min(max(n_lps, 1), 8).bit_length() - 1)
+
+
+@dataclass(frozen=True)
+class SchedParams:
+    """The host scheduler's rules and tunables, us (built from [host] and the profile)."""
+
+    kind: str  # "cfs" or "hyperv"
+    latency_us: float  # sysctl_sched_latency (cfs); the fixed slice (hyperv)
+    min_granularity_us: float  # sysctl_sched_min_granularity (cfs)
+    wakeup_granularity_us: float  # sysctl_sched_wakeup_granularity (cfs); inf: no wakeup preemption
+    sleeper_credit_us: float  # place_entity's bound: latency / 2 (GENTLE_FAIR_SLEEPERS)
+
+    @classmethod
+    def cfs(cls, n_lps: int, latency_us: float = 0.0, min_granularity_us: float = 0.0,
+            wakeup_granularity_us: float = 0.0) -> SchedParams:
+        """Linux's defaults (kernel/sched/fair.c: 6 ms, 0.75 ms, 1 ms, each x tunable_scaling) where 0."""
+        f = tunable_scaling(n_lps)
+        latency = latency_us or 6000.0 * f
+        return cls("cfs", latency, min_granularity_us or 750.0 * f, wakeup_granularity_us or 1000.0 * f,
+                   latency / 2)
+
+    @classmethod
+    def hyperv(cls, slice_us: float) -> SchedParams:
+        return cls("hyperv", slice_us, slice_us, math.inf, slice_us / 2)
+
+    def slice_for(self, nr_running: int) -> float:
+        """sched_slice for one of ``nr_running`` equal-weight entities on an LP (fixed for hyperv)."""
+        if self.kind != "cfs" or nr_running <= 1:
+            return self.latency_us
+        period = self.latency_us
+        if nr_running * self.min_granularity_us > period:  # more than sched_nr_latency entities
+            period = nr_running * self.min_granularity_us
+        return period / nr_running
+
+
 class Host:
-    def __init__(self, env, n_lps: int, slice_us: float):
+    def __init__(self, env, n_lps: int, sched: SchedParams):
         self.env = env
         self.n_lps = n_lps
-        self.free_lps = n_lps
-        self.slice_us = slice_us
-        self._queue: list = []  # (virtual runtime, arrival number, VP), sorted
+        self.sched = sched
+        self.slice_us = sched.latency_us  # the longest slice (co-tenants' "forever" is a multiple of it)
+        self._queue: list = []  # (virtual runtime, arrival number, entity), sorted
         self._arrivals = 0
-        self.min_vruntime_us = 0.0  # never decreases (CFS's min_vruntime)
-        # VPs (of any partition) holding an LP, in dispatch order: a dict as an ordered set, so that
-        # releasing one is O(1) (list.remove took a third of a 4,096-LP run)
+        self.min_vruntime_us = 0.0  # never decreases (update_min_vruntime)
+        # entities holding an LP, in dispatch order: a dict as an ordered set, so that releasing one
+        # is O(1) (list.remove took a third of a 4,096-LP run)
         self.running: dict = {}
+        self._lp_curr: list = [None] * n_lps  # the entity on each LP
+        self._idle_set: set[int] = set(range(n_lps))  # (set.pop on ints is deterministic)
         self._timer_armed = False
-        self.entities = 0  # VPs of every partition on this host
+        self._timer_due = math.inf
+        self._timer_generation = 0
+        self.entities = 0  # entities of every partition on this host
         self.dispatches = 0
-        self.preemptions = 0
-        self.yields = 0
+        self.preemptions = 0  # at the end of a slice
+        self.wakeup_preemptions = 0
+        self.yields = 0  # directed yields that took place (yield_to succeeded)
+        self.yields_to_target = 0  # ... and the LP then ran the target (not another entity)
+        self.yield_failures = 0
+
+    @property
+    def free_lps(self) -> int:
+        return len(self._idle_set)
 
     @property
     def queue(self) -> list:
-        """The waiting VPs, next to run first."""
+        """The waiting entities, next to run first."""
         return [vp for _, _, vp in self._queue]
-
-    def _enqueue(self, vp, woken: bool) -> None:
-        floor = min([self.min_vruntime_us, *(v.vruntime_us for v in self.running)])
-        if floor > self.min_vruntime_us:
-            self.min_vruntime_us = floor
-        if woken:  # bounded sleeper credit
-            credit_floor = self.min_vruntime_us - self.slice_us / 2
-            if vp.vruntime_us < credit_floor:
-                vp.vruntime_us = credit_floor
-        self._arrivals += 1
-        insort(self._queue, (vp.vruntime_us, self._arrivals, vp))
-
-    def _pop(self):
-        return self._queue.pop(0)[2]
 
     @property
     def overcommitted(self) -> bool:
-        """More VPs than LPs: an LP a VP left may run another VP before it returns."""
+        """More entities than LPs: an LP a VP left may run another VP before it returns."""
         return self.entities > self.n_lps
 
-    def acquire(self, vp, woken: bool = False):
-        """Give ``vp`` an LP now (returns None) or queue it (returns the
-        event that fires when it is dispatched). A VP woken from halt (or
-        that just yielded) goes to the head of the queue."""
-        if self.free_lps:
-            self.free_lps -= 1
-            self._dispatch(vp)
+    # ------------------------------------------------------------ fair-class bookkeeping
+    def vruntime_now(self, entity) -> float:
+        """``entity``'s virtual runtime now (a running one's includes its time on the LP so far)."""
+        if entity.on_lp:
+            return entity.vruntime_us + (self.env.now - entity.dispatched_us)
+        return entity.vruntime_us
+
+    def update_min_vruntime(self) -> float:
+        """update_min_vruntime: follow the least-run running or leftmost queued entity, never back."""
+        now = self.env.now
+        least = math.inf
+        for v in self.running:
+            r = v.vruntime_us + (now - v.dispatched_us)
+            if r < least:
+                least = r
+        if self._queue and self._queue[0][0] < least:
+            least = self._queue[0][0]
+        if least < math.inf and least > self.min_vruntime_us:
+            self.min_vruntime_us = least
+        return self.min_vruntime_us
+
+    def _place_woken(self, entity) -> None:
+        """place_entity for a waking entity: no more than the sleeper credit behind min_vruntime. Only
+        an overcommitted host orders anyone by virtual runtime, so a dedicated one skips the scan."""
+        if not self.overcommitted:
+            return
+        floor = self.update_min_vruntime() - self.sched.sleeper_credit_us
+        if entity.vruntime_us < floor:
+            entity.vruntime_us = floor
+
+    def _nr_running(self) -> int:
+        """Runnable entities per LP (the LP's cfs_rq.nr_running, with the queue shared evenly)."""
+        return -(-(len(self._queue) + len(self.running)) // self.n_lps)
+
+    # ------------------------------------------------------------ LPs
+    def acquire(self, entity, woken: bool = False):
+        """Give ``entity`` an LP now (returns None) or queue it (returns the event that fires when it
+        is dispatched). ``woken``: it comes out of a sleep (HLT, a suspension, an idle period), so it
+        is placed (place_entity) and may preempt (check_preempt_wakeup)."""
+        if woken:
+            self._place_woken(entity)
+        if self._idle_set:
+            idle = self._idle_set
+            lp = entity.lp
+            if lp in idle:
+                idle.discard(lp)
+            else:
+                lp = idle.pop()
+            self._dispatch(entity, lp)
             return None
         ev = self.env.event()
-        vp.dispatch_event = ev
-        self._enqueue(vp, woken)
+        entity.dispatch_event = ev
+        self._enqueue(entity)
+        if woken:
+            self._check_preempt_wakeup(entity)
         self._arm()
         return ev
 
-    def release(self, vp) -> None:
-        """``vp`` gives up its LP (halt, suspension, preemption)."""
-        del self.running[vp]
-        vp.on_lp = False
-        vp.preempt_pending = False
-        vp.vruntime_us += self.env.now - vp.dispatched_us
-        if self._queue:
-            nxt = self._pop()
-            self._dispatch(nxt)
-            ev, nxt.dispatch_event = nxt.dispatch_event, None
-            ev.succeed()
-        else:
-            self.free_lps += 1
+    def _enqueue(self, entity) -> None:
+        self._arrivals += 1
+        insort(self._queue, (entity.vruntime_us, self._arrivals, entity))
 
-    def _dispatch(self, vp) -> None:
-        vp.on_lp = True
-        vp.dispatched_us = self.env.now
-        vp.slice_end_us = self.env.now + self.slice_us
-        self.running[vp] = None
+    def _check_preempt_wakeup(self, woken) -> None:
+        """check_preempt_wakeup: the entity on ``woken``'s last LP is preempted when it is ahead of
+        ``woken`` by more than the wakeup granularity."""
+        gran = self.sched.wakeup_granularity_us
+        if gran == math.inf or woken.lp is None:
+            return
+        curr = self._lp_curr[woken.lp]
+        if curr is None or curr.preempt_pending:
+            return
+        if self.vruntime_now(curr) - woken.vruntime_us > gran:
+            curr.preempt_pending = True
+            self.wakeup_preemptions += 1
+            curr.kick()
+
+    def release(self, entity) -> None:
+        """``entity`` gives up its LP (halt, suspension, preemption, idle period); the LP runs the
+        least-run waiting entity, or idles."""
+        lp = self._put_prev(entity)
+        if self._queue:
+            self._dispatch_waiting(self._queue.pop(0)[2], lp)
+        else:
+            self._lp_curr[lp] = None
+            self._idle_set.add(lp)
+
+    def _put_prev(self, entity) -> int:
+        del self.running[entity]
+        entity.on_lp = False
+        entity.preempt_pending = False
+        entity.vruntime_us += self.env.now - entity.dispatched_us
+        return entity.lp
+
+    def _dispatch_waiting(self, entity, lp: int) -> None:
+        self._dispatch(entity, lp)
+        ev, entity.dispatch_event = entity.dispatch_event, None
+        ev.succeed()
+
+    def _dispatch(self, entity, lp: int) -> None:
+        entity.on_lp = True
+        entity.lp = lp
+        self._lp_curr[lp] = entity
+        entity.dispatched_us = self.env.now
+        self.running[entity] = None
         self.dispatches += 1
 
     # ------------------------------------------------------------ directed yield
-    def yield_candidate(self, spinner, prefer=None):
-        """A VP of ``spinner``'s partition waiting in the queue (runnable,
-        not running: kvm_vcpu_on_spin's "ready"), in queue order, or None.
-        With ``prefer`` (a predicate), a VP it accepts comes first
-        (IPI-aware directed yield). KVM also skips a vCPU preempted inside
-        its own pause-loop handler every other time (in_spin_loop /
-        dy_eligible); a VP is in that handler for about a microsecond, so
-        the model does not track it."""
-        part = spinner.part
-        queued = [vp for vp in self.queue if getattr(vp, "part", None) is part]
-        if not queued:
-            return None
-        last = part.last_boosted
-        queued.sort(key=lambda vp: (vp.index <= last, vp.index))  # round-robin after the last boosted
-        if prefer is not None:
-            for vp in queued:
-                if prefer(vp):
-                    return vp
-        return queued[0]
+    @staticmethod
+    def can_yield_to(target) -> bool:
+        """yield_to's test: the target is runnable and not running (queued for an LP)."""
+        return target.dispatch_event is not None and not target.on_lp
 
-    def yield_to(self, yielder, target) -> None:
-        """``yielder`` hands its LP to ``target`` (queued): ``target`` is
-        dispatched on it now, for what is left of the yielder's slice; the
-        yielder must ``acquire`` again (it queues by its virtual runtime)."""
-        self._queue = [e for e in self._queue if e[2] is not target]
-        target.part.last_boosted = target.index
-        del self.running[yielder]
-        yielder.vruntime_us += self.env.now - yielder.dispatched_us
-        yielder.on_lp = False
-        preempt = yielder.preempt_pending
-        yielder.preempt_pending = False
-        self._dispatch(target)
-        # the target runs out the yielder's slice, not a fresh one: a yield moves the LP within the
-        # partition, it does not extend the partition's share against the co-tenants (CFS fairness)
-        target.slice_end_us = yielder.slice_end_us
-        target.preempt_pending = preempt
-        ev, target.dispatch_event = target.dispatch_event, None
-        ev.succeed()
+    def yield_to(self, yielder, target) -> bool:
+        """yield_to(): ``yielder`` (on an LP) yields with ``target`` as the next buddy. Fails (returns
+        False, nothing changes) when ``target`` is running or not runnable (not queued). Otherwise
+        the yielder goes back to the queue by its virtual runtime (skipped once: the skip buddy) and
+        its LP runs the target if that is fair (pick_next_entity: the next buddy's virtual runtime
+        within the wakeup granularity of the leftmost's), else the leftmost entity. Returns True:
+        the yield took place, and the yielder is off its LP either way."""
+        if not self.can_yield_to(target):
+            self.yield_failures += 1
+            return False
         self.yields += 1
+        lp = self._put_prev(yielder)
+        leftmost = self._queue[0][2]
+        gran = self.sched.wakeup_granularity_us
+        if gran == math.inf:  # no buddy rule published (hyperv): the yield goes to the target
+            gran = self.sched.latency_us
+        if target is leftmost or target.vruntime_us - leftmost.vruntime_us <= gran:
+            chosen = target
+            self.yields_to_target += 1
+        else:
+            chosen = leftmost
+        self._queue = [e for e in self._queue if e[2] is not chosen]
+        self._dispatch_waiting(chosen, lp)
+        return True  # the yielder queues again by its own acquire (the skip buddy: after this pick)
 
     # ------------------------------------------------------------ slices
+    def slice_us_now(self) -> float:
+        """The slice of a running entity under the current load (sched_slice, re-read at each
+        decision as the kernel's tick re-reads it)."""
+        return self.sched.slice_for(self._nr_running())
+
     def _arm(self) -> None:
-        if self._timer_armed:
-            return
+        """Set the slice timer for the first running entity whose slice ends, if anyone waits. A
+        timer already set stays unless the load shortened the slice (more entities: a new, earlier
+        timer; the old one is void)."""
         waiting = len(self._queue) - sum(1 for v in self.running if v.preempt_pending)
         if waiting <= 0:
             return
         candidates = [v for v in self.running if not v.preempt_pending]
         if not candidates:
             return
-        first = min(v.slice_end_us for v in candidates)
+        first = min(v.dispatched_us for v in candidates) + self.slice_us_now()
+        if self._timer_armed and first >= self._timer_due:
+            return
         delay = first - self.env.now
         if delay <= 0:
-            self._expire(None)
+            self._timer_generation += 1  # any timer set is void
+            self._expire(None, self._timer_generation)
             return
         self._timer_armed = True
-        self.env.timeout(delay).callbacks.append(self._expire)
+        self._timer_due = first
+        self._timer_generation += 1
+        self.env.timeout(delay).callbacks.append(partial(self._expire, generation=self._timer_generation))
 
-    def _expire(self, _event) -> None:
+    def _expire(self, _event, generation: int) -> None:
+        if generation != self._timer_generation:
+            return  # replaced by an earlier timer
         self._timer_armed = False
         now = self.env.now
         waiting = len(self._queue) - sum(1 for v in self.running if v.preempt_pending)
-        for vp in sorted(self.running, key=lambda v: v.slice_end_us):
+        slice_us = self.slice_us_now()
+        for vp in sorted(self.running, key=lambda v: v.dispatched_us):
             if waiting <= 0:
                 break
-            if not vp.preempt_pending and vp.slice_end_us <= now:
+            if not vp.preempt_pending and vp.dispatched_us + slice_us <= now:
                 vp.preempt_pending = True
                 self.preemptions += 1
                 waiting -= 1
@@ -189,19 +326,19 @@ class CoTenantVp:
     """A VP of another partition: runnable for busy periods (forever if
     CPU-bound), halted in between; takes LPs from the host like any VP."""
 
-    __slots__ = ("env", "host", "on_lp", "preempt_pending", "slice_end_us", "dispatch_event", "interruptible",
-                 "proc", "stream", "busy_mean_us", "idle_mean_us", "run_us", "vruntime_us", "dispatched_us")
+    __slots__ = ("env", "host", "on_lp", "preempt_pending", "dispatch_event", "interruptible",
+                 "proc", "stream", "busy_mean_us", "idle_mean_us", "run_us", "vruntime_us", "dispatched_us", "lp")
 
     def __init__(self, env, host: Host, stream, load: str, duty: float, period_us: float):
         self.env = env
         self.host = host
         self.on_lp = False
         self.preempt_pending = False
-        self.slice_end_us = 0.0
         self.dispatch_event = None
         self.interruptible = False
         self.vruntime_us = 0.0
         self.dispatched_us = 0.0
+        self.lp = None
         self.stream = stream
         if load == "cpu" or duty >= 1.0:
             self.busy_mean_us, self.idle_mean_us = math.inf, 0.0
@@ -211,7 +348,7 @@ class CoTenantVp:
         host.entities += 1
         self.proc = env.process(self._run())
 
-    def kick(self, cancel: bool = False) -> None:
+    def kick(self) -> None:
         if self.interruptible:
             self.interruptible = False
             self.proc.interrupt()

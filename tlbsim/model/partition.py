@@ -18,12 +18,13 @@ from tlbsim.config import Config, ExitSpec
 from tlbsim.model import InvariantError, rng
 from tlbsim.model.accounting import EXIT_REASONS
 from tlbsim.model.guest import make_policy
-from tlbsim.model.host import CoTenantVp, Host
+from tlbsim.model.host import CoTenantVp, Host, SchedParams
 from tlbsim.model.hypervisor import Hypervisor
 from tlbsim.model.locks import InterceptInhibit, TlbLocks, VsmSchedule, VsmTlbLocks
 from tlbsim.model.profiles import profile_for
+from tlbsim.model.spin import SpinYield
 from tlbsim.model.vf import VF_COLUMNS, PhysicalFunction, VirtualFunction
-from tlbsim.model.vp import GUEST, VP, SpinYield
+from tlbsim.model.vp import GUEST, VP
 from tlbsim.model.workload import ClosedLoop, PoissonArrivals, TraceArrivals, TraceEvent
 from tlbsim.records import Records, ShootdownRecorder, vp_tables
 
@@ -116,7 +117,7 @@ class Partition:
         self.profile = profile_for(p.semantics)
         # spill: a sink for recorded rows (results.ShootdownSpill) or None: all rows stay in memory
         self.recorder = ShootdownRecorder(spill, spill.rows_per_group) if spill is not None else ShootdownRecorder()
-        self.host = Host(self.env, p.lps, p.slice_us)
+        self.host = Host(self.env, p.lps, self._sched_params(config))
         streams = rng.vp_streams(seed, p.vps)
         self.spin_yield = self._spin_yield(config)
         self.last_boosted = -1  # the VP the last directed yield went to (kvm_vcpu_on_spin's last_boosted_vcpu)
@@ -156,21 +157,25 @@ class Partition:
 
             vp_class = TracingVP
             trace_recorder(self.recorder, timeline)
+        threads = w.threads or p.vps  # VPs 0 .. threads - 1 run the workload's threads; the rest idle
         for i in range(p.vps):
-            if trace is not None:
+            if i >= threads:  # no thread: idle, no arrivals
+                arrivals = PoissonArrivals(streams[i]["workload"], 0.0, w.burst_size, w.pages, w.full_flush_fraction)
+            elif trace is not None:
                 arrivals = TraceArrivals(per_vp_trace.get(i, []), cr3_of)
             elif w.mode == "closed":
                 work_us = w.closed_work_us or (1000.0 / w.rate_per_ms)
                 arrivals = ClosedLoop(streams[i]["workload"], work_us if i in initiators else math.inf,
                                       w.closed_work_distribution == "fixed", w.burst_size, w.pages,
-                                      w.full_flush_fraction)
+                                      w.full_flush_fraction, w.sleep_us)
             else:
                 rate = w.rate_per_ms if i in initiators else 0.0
                 arrivals = PoissonArrivals(streams[i]["workload"], rate, w.burst_size, w.pages,
                                            w.full_flush_fraction)
-            vp = vp_class(self, i, cr3_of(as_index[i]), streams[i], arrivals)
+            vp = vp_class(self, i, cr3_of(as_index[i]), streams[i], arrivals, i < threads)
             self.vps.append(vp)
-            self.sharers.setdefault(vp.address_space, []).append(vp)
+            if i < threads:  # the active set: VPs that ran the address space
+                self.sharers.setdefault(vp.address_space, []).append(vp)
             if vp.vsm is not None:
                 self.vsm_locks.by_vp[i] = vp
 
@@ -209,9 +214,19 @@ class Partition:
             return None
         cost = config.costs.vmexit_roundtrip_us + sp.yield_cost_us
         if form == "ple":
-            return SpinYield("ple", sp.ple_window_us, sp.ple_window_grow, sp.ple_window_max_us, cost, sp.ipi_aware)
+            return SpinYield("ple", sp.ple_window_us, sp.ple_window_grow, sp.ple_window_max_us, cost, sp.ipi_aware,
+                             sp.candidates == "ready")
         window = sp.notify_retries * sp.spin_iteration_us  # a fixed retry count, then the notification
-        return SpinYield("notify", window, 1.0, window, cost, sp.ipi_aware)
+        return SpinYield("notify", window, 1.0, window, cost, sp.ipi_aware, sp.candidates == "ready")
+
+    def _sched_params(self, config: Config) -> SchedParams:
+        """The host scheduler: [host] scheduler over the profile's."""
+        h = config.host
+        kind = self.profile.scheduler if h.scheduler == "profile" else h.scheduler
+        if kind == "cfs":
+            return SchedParams.cfs(config.partition.lps, h.sched_latency_us, h.sched_min_granularity_us,
+                                   h.sched_wakeup_granularity_us)
+        return SchedParams.hyperv(config.partition.slice_us)
 
     def _as_index(self, vp: int) -> int:
         return address_space_index(self.config, vp)
@@ -318,7 +333,10 @@ class Partition:
             events=events,
             requests_waiting=sum(len(vp.requests) for vp in self.vps),
             host={"dispatches": self.host.dispatches, "preemptions": self.host.preemptions,
+                  "wakeup_preemptions": self.host.wakeup_preemptions,
                   "directed_yields": self.host.yields,
+                  "directed_yields_to_target": self.host.yields_to_target,
+                  "directed_yield_failures": self.host.yield_failures,
                   "cotenant_vps": len(self.cotenants),
                   "cotenant_run_us": sum(c.run_us for c in self.cotenants)},
         )

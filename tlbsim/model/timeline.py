@@ -104,10 +104,10 @@ class TracingVP(VP):
 
     __slots__ = ("timeline", "_exit_name")
 
-    def __init__(self, part, index, address_space, streams, arrivals):
+    def __init__(self, part, index, address_space, streams, arrivals, has_thread: bool = True):
         self.timeline = part.timeline
         self._exit_name = ""
-        super().__init__(part, index, address_space, streams, arrivals)
+        super().__init__(part, index, address_space, streams, arrivals, has_thread)
 
     def _segment(self, until: float) -> None:
         if until > self.since and self.timeline.overlaps(self.since, until):

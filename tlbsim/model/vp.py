@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections import deque
-from functools import partial
 from typing import TYPE_CHECKING
 
 from simpy import Interrupt
@@ -46,7 +45,6 @@ from tlbsim.model.accounting import (
     HYPERCALL,
     I_CANCELED,
     I_HALT,
-    I_HYPERCALL,
     I_MEMORY,
     SPINNING,
     SUSPENDED,
@@ -55,6 +53,7 @@ from tlbsim.model.accounting import (
     TimeAccount,
     VpState,
 )
+from tlbsim.model.spin import SpinYield, spin_until_acked
 from tlbsim.model.tlb import EVERYTHING, FlushScope, Tlb
 
 if TYPE_CHECKING:
@@ -69,31 +68,6 @@ def clock_tolerance(now_us: float) -> float:
     absolute nanosecond-scale floor plus a few ulps of the clock (at 2^24 us
     and beyond, a float clock cannot advance by 1e-9 us any more)."""
     return 1e-9 + now_us * 1e-15
-
-
-class SpinYield:
-    """How a spinning VP gives up its LP (built from [spin] and the profile)."""
-
-    __slots__ = ("form", "base_window_us", "grow", "max_window_us", "exit_cost_us", "ipi_aware")
-
-    def __init__(self, form: str, base_window_us: float, grow: float, max_window_us: float, exit_cost_us: float,
-                 ipi_aware: bool):
-        self.form = form  # "ple" or "notify"
-        self.base_window_us = base_window_us
-        self.grow = grow
-        self.max_window_us = max_window_us
-        self.exit_cost_us = exit_cost_us
-        self.ipi_aware = ipi_aware
-
-    def next_window(self, window_us: float) -> float:
-        grown = window_us * self.grow
-        return grown if grown < self.max_window_us else self.max_window_us
-
-
-def _spin_window_over(vp, epoch: int, _event) -> None:
-    if vp.spin_epoch == epoch and vp.state == SPINNING and vp.interruptible:
-        vp.spin_exit_due = True
-        vp.kick()
 
 
 def flush_pages_by_hypervisor(targets, scope: FlushScope, whole_context: bool, shootdown, now: float, costs,
@@ -188,7 +162,12 @@ class VP(TimeAccount):
         "applied_ids",
         "closed",
         "evicted_entries",
+        "kernel_fraction",
         "left_dispatches",
+        "lp",
+        "preempted_in_kernel",
+        "spin_exit_us",
+        "spin_window_us",
         "op_due_us",
         "part",
         "preempted",
@@ -202,7 +181,6 @@ class VP(TimeAccount):
         "vtl1_budget_us",
         "vtl1_end_us",
         "vruntime_us",
-        "woken",
         "arrivals",
         "collateral_entries",
         "costs",
@@ -216,6 +194,7 @@ class VP(TimeAccount):
         "flushes_applied",
         "halt_idle_mean_us",
         "host",
+        "idle_until_us",
         "index",
         "inhibit",
         "ipi_send_us",
@@ -230,12 +209,11 @@ class VP(TimeAccount):
         "recorder",
         "refill_entries",
         "requests",
-        "slice_end_us",
         "streams",
         "work",
     )
 
-    def __init__(self, part: Partition, index: int, address_space: int, streams, arrivals):
+    def __init__(self, part: Partition, index: int, address_space: int, streams, arrivals, has_thread: bool = True):
         cfg = part.config
         t = cfg.tlb
         super().__init__(part.env, Tlb(address_space, t.capacity, t.working_set_pages, t.global_pages,
@@ -280,14 +258,17 @@ class VP(TimeAccount):
         self.on_lp = False
         self.preempt_pending = False
         self.preempted = False  # descheduled while runnable (KVM's steal-time "preempted")
-        self.woken = False  # goes to the head of the run queue when it next waits for an LP
-        self.slice_end_us = 0.0
+        self.preempted_in_kernel = False  # ... in guest kernel mode (kvm_arch_vcpu_preempted_in_kernel)
+        self.kernel_fraction = cfg.guest.kernel_fraction
+        self.lp = None  # the LP it last ran on
         self.dispatch_event = None
         self.vruntime_us = 0.0  # LP time had (the host's fair queue order)
         self.dispatched_us = 0.0
 
         # Spinning that yields (None: spin until acked or preempted).
         self.spin: SpinYield | None = part.spin_yield
+        self.spin_window_us = self.spin.base_window_us if self.spin is not None else 0.0  # vmx->ple_window
+        self.spin_exit_us = 0.0  # in pause-loop exits / long spin wait notifications
         self.spin_epoch = 0
         self.spin_exit_due = False
         self.spin_exits = 0
@@ -312,6 +293,9 @@ class VP(TimeAccount):
         self.closed = arrivals.closed  # closed loop: the next shootdown after op_due_us of guest work
         self.op_due_us = arrivals.work_us() if self.closed else math.inf
         self.next_arrival_us = arrivals.next_time()
+        # guest load: a VP with no thread idles (halted) for ever but for interrupts; a thread that
+        # sleeps after its operation idles its VP until then (``_idle``)
+        self.idle_until_us = 0.0 if has_thread else math.inf
         self.proc = self.env.process(self._run())
 
     # ------------------------------------------------------------ flushes
@@ -490,92 +474,60 @@ class VP(TimeAccount):
 
     # ------------------------------------------------------------ LP
     def wait_for_lp(self):
-        woken = self.woken or self.state in (HALTED, SUSPENDED)
-        self.woken = False
+        woken = self.state in (HALTED, SUSPENDED)  # out of a sleep: placed as a sleeper, may preempt
         self.set_state(DESCHEDULED)
         host = self.host
         ev = host.acquire(self, woken)
         if ev is not None:
             yield ev
         self.preempted = False
+        if self.spin is not None:  # shrink_ple_window at sched-in (ple_window_shrink 0: back to the base)
+            self.spin_window_us = self.spin.base_window_us
         if self.retained_fraction < 1.0 and host.overcommitted and host.dispatches - self.left_dispatches > 1:
             self._evict()
         if self.deferred:
             self.apply_deferred_flushes()
 
     def give_up_lp(self, state: int) -> None:
+        """Leave the LP to sleep (HALTED, SUSPENDED): not preempted (kvm_sched_out of a task
+        that is not runnable)."""
         self.set_state(state)
         self.kicked = False  # a Canceled exit that led to losing the LP is part of that switch
-        self.preempted = state == DESCHEDULED
+        self.preempted = False
         self.left_dispatches = self.host.dispatches
         self.host.release(self)
 
-    def yield_lp_to(self, target) -> None:
-        """Hand this VP's LP to ``target`` (queued) and wait at the tail of the queue."""
+    def _descheduled_runnable(self) -> None:
+        """Off the LP while runnable (kvm_sched_out: vcpu->preempted, with the guest's mode then:
+        kernel in a flush, spin, handler or hypercall; in guest code, kernel with probability
+        guest.kernel_fraction)."""
+        in_kernel = self.state != GUEST and self.state != EXIT or self.streams["sched"].uniform() < self.kernel_fraction
         self.set_state(DESCHEDULED)
-        self.kicked = False
+        self.kicked = False  # a Canceled exit that led to losing the LP is part of that switch
         self.preempted = True
+        self.preempted_in_kernel = in_kernel
         self.left_dispatches = self.host.dispatches
-        self.spin_yields += 1
+
+    def give_up_lp_preempted(self) -> None:
+        """The host preempts this VP (end of slice, wakeup preemption): back to the run queue."""
+        self._descheduled_runnable()
+        self.host.release(self)
+
+    def yield_lp_to(self, target) -> bool:
+        """A directed yield to ``target`` (Host.yield_to): False when it fails (nothing changed,
+        the VP keeps its LP); True when this VP yielded and must wait for an LP again."""
+        if not self.host.can_yield_to(target):
+            self.host.yield_failures += 1
+            return False
+        self._descheduled_runnable()
         self.host.yield_to(self, target)
+        self.part.last_boosted = target.index
+        self.spin_yields += 1
+        return True
 
     def spin_until_acked(self, acks):
-        """Busy-wait (interrupts on) until every target acked (``acks``:
-        guest.AckWait). With spinning that yields, each ``window`` of
-        spinning ends in a pause-loop exit or a long spin wait notification:
-        the VP hands its LP to a preempted VP of its partition if one waits
-        (IPI-aware: a target of this shootdown first), else spins on, the
-        PLE window growing; it resets when the VP is descheduled."""
-        spin = self.spin
-        window = spin.base_window_us if spin is not None else 0.0
-        while acks.pending:
-            if not self.on_lp:
-                yield from self.wait_for_lp()
-                window = spin.base_window_us if spin is not None else 0.0
-            elif self.preempt_pending:
-                self.give_up_lp(DESCHEDULED)
-            elif self.irqs:
-                yield from self.take_interrupts()
-            else:
-                self.set_state(SPINNING)
-                if spin is not None:
-                    self.spin_epoch += 1
-                    # a window ending after every ack would find the VP no longer spinning (this epoch):
-                    # its timer would do nothing, so it is not set (one event a shootdown fewer)
-                    if not acks.acked_before(self.env.now + window):
-                        self.env.timeout(window).callbacks.append(partial(_spin_window_over, self, self.spin_epoch))
-                self.interruptible = True
-                try:
-                    yield acks.event
-                except Interrupt:
-                    pass
-                self.interruptible = False
-                if self.spin_exit_due:
-                    self.spin_exit_due = False
-                    if acks.pending:
-                        yield from self._spin_exit(acks)
-                        window = spin.next_window(window)
-
-    def _spin_exit(self, acks):
-        """A pause-loop exit (or HvCallNotifyLongSpinWait): its cost, then a
-        directed yield if the host has a candidate."""
-        spin = self.spin
-        self.spin_exits += 1
-        self.exit_index = I_HYPERCALL if spin.form == "notify" else -1
-        if spin.form == "notify":
-            self.record_exit(I_HYPERCALL, 1, spin.exit_cost_us)
-        self.set_state(EXIT)
-        yield self.env.timeout(spin.exit_cost_us)
-        self.exit_index = -1
-        if not acks.pending or not self.on_lp:
-            return
-        prefer = None
-        if spin.ipi_aware:
-            def prefer(vp):
-                return any(a is acks for _, _, a in vp.irqs)
-        target = self.host.yield_candidate(self, prefer)
-        if target is not None:
-            self.yield_lp_to(target)
+        """Busy-wait until every target acked (spin.py)."""
+        return spin_until_acked(self, acks)
 
     # ------------------------------------------------------------ the loop
     def _run(self):
@@ -598,7 +550,7 @@ class VP(TimeAccount):
                 yield from self.wait_for_lp()
                 continue
             if self.preempt_pending:
-                self.give_up_lp(DESCHEDULED)
+                self.give_up_lp_preempted()
                 continue
             if self.irqs:
                 yield from self.take_interrupts()
@@ -608,8 +560,13 @@ class VP(TimeAccount):
                 continue
             if self.requests:
                 yield from policy.shootdown(self, self.requests.popleft())
+                if not self.requests and arrivals.sleep_mean_us:  # the thread sleeps after its operation
+                    self.idle_until_us = env.now + arrivals.sleep_us()
                 continue
             now = env.now
+            if self.idle_until_us > now:  # no runnable thread: HLT until then or an interrupt
+                yield from self._idle()
+                continue
             if self.next_arrival_us <= now:  # open loop: every arrival up to now, with its own time
                 self.requests.extend(arrivals.requests(self, now))
                 self.next_arrival_us = arrivals.next_time()
@@ -677,6 +634,28 @@ class VP(TimeAccount):
         self.set_state(VTL1, now)
         yield self.env.timeout(hold)
         self.vtl1_budget_us = self.vsm.next_gap_us()
+
+    def _idle(self):
+        """No runnable guest thread: the idle loop's HLT (a Halt exit), off the LP until the thread's
+        sleep ends (a timer interrupt) or an interrupt or work arrives; back to the run loop, which
+        idles again while there is still nothing to run."""
+        env = self.env
+        cost = self._exit_cost[I_HALT]
+        self.record_exit(I_HALT, 1, cost)
+        self.exit_index = I_HALT
+        self.set_state(EXIT)
+        yield env.timeout(cost)
+        self.exit_index = -1
+        self.give_up_lp(HALTED)
+        if self.irqs or self.requests or self.work:
+            return
+        self.interruptible = True
+        try:
+            yield env.timeout(max(0.0, min(self.idle_until_us, self.next_arrival_us) - env.now))
+        except Interrupt:
+            self.interruptible = False
+            yield env.timeout(self.costs.halt_wake_us)  # woken by an interrupt
+        self.interruptible = False
 
     def _halt(self):
         """HLT: give up the LP and idle until an interrupt or new work."""

@@ -40,6 +40,7 @@ class PoissonArrivals:
     """Open loop: bursts at Poisson times, whatever the VP is doing."""
 
     closed = False
+    sleep_mean_us = 0.0
 
     def __init__(self, stream, rate_per_ms: float, burst_size: int, pages: int, full_fraction: float):
         self.stream = stream
@@ -71,10 +72,15 @@ class ClosedLoop(PoissonArrivals):
 
     closed = True
 
-    def __init__(self, stream, work_mean_us: float, fixed: bool, burst_size: int, pages: int, full_fraction: float):
+    def __init__(self, stream, work_mean_us: float, fixed: bool, burst_size: int, pages: int, full_fraction: float,
+                 sleep_mean_us: float = 0.0):
         super().__init__(stream, 0.0, burst_size, pages, full_fraction)
         self.work_mean_us = work_mean_us
         self.fixed = fixed
+        self.sleep_mean_us = sleep_mean_us  # the thread sleeps after each operation (0: never)
+
+    def sleep_us(self) -> float:
+        return self.stream.exp(self.sleep_mean_us)
 
     def work_us(self) -> float:
         return self.work_mean_us if self.fixed else self.stream.exp(self.work_mean_us)
@@ -89,6 +95,7 @@ class TraceArrivals:
     """Replays the trace rows of one VP, in time order (open loop)."""
 
     closed = False
+    sleep_mean_us = 0.0
 
     def __init__(self, events: list[TraceEvent], cr3_of):
         self.events = sorted(events, key=lambda e: e.time_us)

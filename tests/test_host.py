@@ -1,0 +1,223 @@
+"""The host scheduler (model/host.py) against hand-worked schedules: Linux's fair class as
+kernel/sched/fair.c and kernel/sched/core.c define it (sched_slice, update_min_vruntime,
+place_entity, check_preempt_wakeup, yield_to), and the hyperv scheduler's fixed slice. Every
+figure below is worked out by hand from those rules; the schedules are deterministic."""
+
+import math
+
+import pytest
+import simpy
+from simpy import Interrupt
+
+from tlbsim.model.host import CoTenantVp, Host, SchedParams, tunable_scaling
+
+# a small CFS: 6 ms latency, 0.75 ms minimum granularity, 1 ms wakeup granularity (Linux's normalised
+# defaults, unscaled)
+CFS = SchedParams.cfs(1, 6000.0, 750.0, 1000.0)
+
+
+class Entity:
+    """A runnable thing for the host: sleeps until ``start``, then needs ``busy`` us of LP time,
+    preempted whenever the host says so; logs when it gets and leaves an LP."""
+
+    def __init__(self, env, host, name, start=0.0, busy=math.inf, woken=False, vruntime=0.0, lp=None):
+        self.env, self.host, self.name = env, host, name
+        self.on_lp = False
+        self.preempt_pending = False
+        self.dispatch_event = None
+        self.vruntime_us = vruntime
+        self.dispatched_us = 0.0
+        self.lp = lp
+        self.interruptible = False
+        self.log = []
+        host.entities += 1
+        self.proc = env.process(self._run(start, busy, woken))
+
+    def kick(self):
+        if self.interruptible:
+            self.interruptible = False
+            self.proc.interrupt()
+
+    def _run(self, start, busy, woken):
+        env, host = self.env, self.host
+        yield env.timeout(start)
+        while busy > 0:
+            ev = host.acquire(self, woken)
+            woken = False
+            if ev is not None:
+                yield ev
+            self.log.append(("on", env.now))
+            t = env.now
+            self.interruptible = True
+            try:
+                yield env.timeout(busy)
+                busy = 0.0
+            except Interrupt:
+                busy -= env.now - t
+            self.interruptible = False
+            host.release(self)
+            self.log.append(("off", env.now))
+
+
+def host_of(n_lps=1, sched=CFS):
+    env = simpy.Environment()
+    return env, Host(env, n_lps, sched)
+
+
+# ------------------------------------------------------------ tunables and slices
+@pytest.mark.parametrize(("lps", "factor"), [(1, 1), (2, 2), (3, 2), (4, 3), (7, 3), (8, 4), (12, 4), (4096, 4)])
+def test_tunables_scale_with_one_plus_ilog2_of_at_most_eight_lps(lps, factor):
+    assert tunable_scaling(lps) == factor
+    p = SchedParams.cfs(lps)
+    assert (p.latency_us, p.min_granularity_us, p.wakeup_granularity_us) == (6000.0 * factor, 750.0 * factor,
+                                                                           1000.0 * factor)
+    assert p.sleeper_credit_us == p.latency_us / 2  # GENTLE_FAIR_SLEEPERS
+
+
+@pytest.mark.parametrize(("nr", "slice_us"), [(1, 6000.0), (2, 3000.0), (3, 2000.0), (8, 750.0), (9, 750.0),
+                                              (16, 750.0)])
+def test_sched_slice_is_the_period_shared_with_a_minimum_granularity(nr, slice_us):
+    # period = max(latency, nr x min_granularity); an equal share of it each
+    assert CFS.slice_for(nr) == slice_us
+
+
+def test_hyperv_slice_is_fixed():
+    assert SchedParams.hyperv(10_000.0).slice_for(5) == 10_000.0
+
+
+# ------------------------------------------------------------ hand-worked schedules
+def test_two_cpu_bound_entities_alternate_in_half_periods():
+    env, host = host_of()
+    a, b = Entity(env, host, "a"), Entity(env, host, "b")
+    env.run(until=10_000.0)
+    # nr_running 2: slices of 3 ms; a 0-3000, b 3000-6000, a 6000-9000, b from 9000
+    assert a.log == [("on", 0.0), ("off", 3000.0), ("on", 6000.0), ("off", 9000.0)]
+    assert b.log == [("on", 3000.0), ("off", 6000.0), ("on", 9000.0)]
+    assert host.preemptions == 3 and host.dispatches == 4
+
+
+def test_three_entities_share_by_virtual_runtime():
+    env, host = host_of()
+    es = [Entity(env, host, n) for n in "abc"]
+    env.run(until=6000.0)
+    # slices of 2 ms, in order of arrival (equal virtual runtimes)
+    assert [e.log[0][1] for e in es] == [0.0, 2000.0, 4000.0]
+
+
+def test_min_vruntime_follows_the_least_run_and_never_goes_back():
+    env, host = host_of()
+    Entity(env, host, "a")
+    seen = []
+
+    def probe():
+        for _ in range(4):
+            yield env.timeout(1000.0)
+            seen.append(host.update_min_vruntime())
+
+    env.process(probe())
+    env.run(until=4500.0)
+    assert seen == [1000.0, 2000.0, 3000.0, 4000.0]  # the running entity's virtual runtime
+
+
+def test_a_woken_sleeper_is_placed_half_a_latency_behind_and_preempts():
+    env, host = host_of()
+    a = Entity(env, host, "a")
+    w = Entity(env, host, "w", start=5000.0, busy=500.0, woken=True, lp=0)
+    env.run(until=20_000.0)
+    # at 5000: min_vruntime 5000, w placed at 5000 - 3000 = 2000; a is ahead by 3000 > 1000: preempted
+    assert host.wakeup_preemptions == 1
+    assert w.log == [("on", 5000.0), ("off", 5500.0)]
+    assert a.log[:3] == [("on", 0.0), ("off", 5000.0), ("on", 5500.0)]
+    assert w.vruntime_us == 2500.0
+
+
+def test_a_sleeper_ahead_keeps_its_virtual_runtime_and_does_not_preempt():
+    env, host = host_of()
+    a = Entity(env, host, "a")
+    w = Entity(env, host, "w", start=5000.0, busy=500.0, woken=True, vruntime=4500.0, lp=0)
+    env.run(until=20_000.0)
+    # a at 5000 is ahead by only 500 < 1000: no preemption; w waits for a's 3 ms slice (nr 2)
+    assert host.wakeup_preemptions == 0
+    assert w.log[0] == ("on", 5000.0 if a.log[1][1] == 5000.0 else a.log[1][1])
+    assert a.log[1] == ("off", 5000.0)  # a has run 5000 > 3000 when w queues: the slice is over at once
+
+
+def test_hyperv_has_no_wakeup_preemption_and_a_fixed_slice():
+    env, host = host_of(sched=SchedParams.hyperv(10_000.0))
+    a = Entity(env, host, "a")
+    w = Entity(env, host, "w", start=5000.0, busy=500.0, woken=True, lp=0)
+    env.run(until=20_000.0)
+    assert host.wakeup_preemptions == 0
+    assert a.log[:2] == [("on", 0.0), ("off", 10_000.0)]
+    assert w.log == [("on", 10_000.0), ("off", 10_500.0)]
+
+
+def test_an_idle_lp_is_taken_first_and_preferably_the_last_one():
+    env, host = host_of(n_lps=4)
+    e = Entity(env, host, "e", busy=10.0, lp=2)
+    env.run(until=20.0)
+    assert e.lp == 2 and host.free_lps == 4
+
+
+# ------------------------------------------------------------ yield_to
+class Stub:
+    """An entity the test moves by hand (no process)."""
+
+    def __init__(self, host, vruntime=0.0):
+        self.on_lp = False
+        self.preempt_pending = False
+        self.dispatch_event = None
+        self.vruntime_us = vruntime
+        self.dispatched_us = 0.0
+        self.lp = None
+        self.kicks = 0
+        host.entities += 1
+
+    def kick(self):
+        self.kicks += 1
+
+
+def test_yield_to_fails_on_a_running_or_sleeping_target():
+    env, host = host_of(n_lps=2)
+    y, running = Stub(host), Stub(host)
+    host.acquire(y)
+    host.acquire(running)
+    sleeping = Stub(host)
+    assert not host.can_yield_to(running) and not host.can_yield_to(sleeping)
+    assert host.yield_to(y, running) is False and host.yield_to(y, sleeping) is False
+    assert y.on_lp and host.yield_failures == 2 and host.yields == 0
+
+
+def test_yield_to_runs_the_target_when_that_is_fair():
+    env, host = host_of()
+    y = Stub(host)
+    host.acquire(y)
+    other = Stub(host, vruntime=100.0)
+    target = Stub(host, vruntime=900.0)  # within 1000 of the leftmost (other)
+    host.acquire(other)
+    host.acquire(target)
+    assert host.yield_to(y, target) is True
+    assert target.on_lp and not y.on_lp and not other.on_lp
+    assert host.queue == [other] and host.yields_to_target == 1
+
+
+def test_yield_to_runs_the_leftmost_when_the_target_is_too_far_ahead():
+    env, host = host_of()
+    y = Stub(host)
+    host.acquire(y)
+    other = Stub(host, vruntime=100.0)
+    target = Stub(host, vruntime=1200.0)  # 1100 ahead of the leftmost: the next buddy is not picked
+    host.acquire(other)
+    host.acquire(target)
+    assert host.yield_to(y, target) is True
+    assert other.on_lp and not target.on_lp and not y.on_lp
+    assert host.yields == 1 and host.yields_to_target == 0
+
+
+def test_cotenants_share_one_lp_by_slices():
+    env, host = host_of()
+    streams = [None, None]
+    cts = [CoTenantVp(env, host, s, "cpu", 1.0, 1.0) for s in streams]
+    env.run(until=12_000.0)
+    assert host.preemptions == 3  # at 3000, 6000, 9000
+    assert [c.run_us for c in cts] == [6000.0, 3000.0]
