@@ -70,7 +70,9 @@ def test_run_writes_tables_and_manifest(tmp_path, capsys):
     assert set(loaded.shootdowns.columns) >= {
         "initiator_vp", "policy", "call_code", "flags", "n_targets", "issue_us", "complete_us", "latency_us",
         "suspensions", "reissues", "status"}
-    assert set(loaded.exits.columns) == {"vp", "reason", "code", "count", "time_us"}
+    assert set(loaded.exits.columns) == {"partition", "vp", "reason", "code", "count", "time_us"}
+    pd.testing.assert_frame_equal(loaded.partitions, again.partitions, check_dtype=False)
+    assert list(loaded.partitions.partition) == [0] and loaded.partitions.loc[0, "policy"] == "mask"
 
 
 def test_run_replications_saves_each_replication_and_the_index(tmp_path, capsys):
@@ -163,3 +165,20 @@ def test_a_failed_spilled_run_leaves_no_partial_files(tmp_path, capsys):
     assert rc == 2 and "run.max_events" in capsys.readouterr().err
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(("overrides", "key", "words"), [
+    ({"host.guests": 3, "host.guest_policies": ["ipi"]}, "host.guest_policies", "1 policies for 2 other"),
+    ({"host.guests": 2, "host.guest_policies": ["nope"]}, "host.guest_policies[0]", "must be one of"),
+    ({"host.guests": 0}, "host.guests", ""),
+    ({"host.guests": 65}, "host.guests", "at most 64"),
+    ({"workload.threads": 17}, "workload.threads", "17 threads, but the partition has 16 VPs"),
+    ({"host.scheduler": "eevdf"}, "host.scheduler", "must be one of"),
+    ({"host.sched_latency_us": 5.0}, "host.sched_latency_us", "10 us to 1 s"),
+    ({"guest.kernel_fraction": 1.5}, "guest.kernel_fraction", ""),
+    ({"spin.candidates": "all"}, "spin.candidates", "must be one of"),
+])
+def test_host_and_guest_load_keys_are_checked(overrides, key, words):
+    with pytest.raises(ConfigError) as err:
+        Config().with_overrides(overrides)
+    assert err.value.key == key and words in str(err.value)

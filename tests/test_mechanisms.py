@@ -465,3 +465,45 @@ def test_directed_yield_candidates_follow_the_kernel_version():
     share = [sum(r["directed_yields"] for r in rs) / sum(r["spin_exits"] for r in rs) for rs in (new, old)]
     assert share[0] > share[1]
     assert sum(r["spinning_us"] for r in old) > sum(r["spinning_us"] for r in new)
+
+
+# ------------------------------------------------------------ guest partitions (issue 21)
+def test_guests_are_one_key_with_a_partition_column_everywhere():
+    res = simulate(make_config(partition__vps=4, partition__lps=8, host__guests=3, host__guest_policies=["ipi", "all"],
+                               partition__duration_us=20_000.0), seed=1)
+    assert sorted(set(res.shootdowns.partition)) == [0, 1, 2]
+    assert list(res.vps.partition) == [0] * 4 + [1] * 4 + [2] * 4
+    assert set(res.exits.partition) == {0, 1, 2}
+    p = res.partitions.set_index("partition")
+    assert list(p.policy) == ["mask", "ipi", "all"]
+    for g in range(3):
+        assert p.loc[g, "shootdowns_completed"] == ((res.shootdowns.partition == g)
+                                                    & (res.shootdowns.status == "SUCCESS")).sum()
+    assert p.shootdowns_completed.sum() == res.summary["shootdowns_completed"]
+    assert res.summary["guest_partitions"] == 3
+    # a shootdown targets VPs of its own partition only: IPIs name the 3 others
+    ipi = res.shootdowns[res.shootdowns.partition == 1]
+    assert (ipi.ipis <= 3).all() and (ipi.ipis == 3).any()
+
+
+def test_adding_a_guest_changes_no_draw_of_the_first():
+    """With an LP for every VP the guests never meet: guest 0's table is the single guest's, bit for bit."""
+    kw = dict(partition__vps=6, partition__lps=12, partition__duration_us=20_000.0)
+    alone = simulate(make_config(**kw), seed=3).shootdowns
+    two = simulate(make_config(host__guests=2, **kw), seed=3).shootdowns
+    first = two[two.partition == 0].reset_index(drop=True).drop(columns="id")
+    pd.testing.assert_frame_equal(first, alone.drop(columns="id"), check_categorical=False)
+    other = two[two.partition == 1]
+    assert len(other) > 20 and not np.array_equal(other.arrival_us.to_numpy()[:20], first.arrival_us.to_numpy()[:20])
+
+
+def test_identical_guests_share_the_lps():
+    # two 8-VP guests, CPU-bound closed loops, on 8 LPs: each runs about half the time
+    res = simulate(make_config(partition__vps=8, partition__lps=8, host__guests=2, workload__mode="closed",
+                               workload__closed_work_us=500.0, partition__duration_us=100_000.0,
+                               exits__x64_halt__rate_per_ms=0.0), seed=1)
+    v = res.vps
+    on_lp = 1 - (v.descheduled_us + v.halted_us + v.suspended_us) / 100_000.0
+    share = on_lp.groupby(v.partition).mean()
+    assert 0.40 < share[0] < 0.60 and 0.40 < share[1] < 0.60
+    assert share.sum() == pytest.approx(1.0, abs=0.05)

@@ -61,6 +61,8 @@ SUMMARY_ROWS = (
     ("ops_per_s", "operations per second (closed loop)", "{:,.0f}"),
     ("refill_us", "refill time, all VPs (us)", "{:.1f}"),
     ("collateral_entries", "collateral TLB entries lost", "{:.0f}"),
+    ("guest_system_us", "guest system time, all VPs (us)", "{:,.0f}"),
+    ("directed_yields", "directed yields (host yield_to that took place)", "{:,}"),
     ("vf_calls", "VF: PF invalidate calls", "{:,}"),
     ("vf_latency_p50_us", "VF: call -> blocks read, p50 (us)", "{:.3f}"),
     ("vf_latency_p99_us", "VF: call -> blocks read, p99 (us)", "{:.3f}"),
@@ -79,6 +81,24 @@ def format_summary(summary: pd.Series) -> str:
             continue
         text = "n/a" if isinstance(value, float) and value != value else fmt.format(value)
         lines.append(f"  {label:<50} {text:>14}")
+    return "\n".join(lines)
+
+
+PARTITION_COLUMNS = (("policy", "{}"), ("shootdowns_completed", "{:,}"), ("latency_p50_us", "{:.2f}"),
+                     ("latency_p99_us", "{:.2f}"), ("ops_per_s", "{:,.0f}"), ("guest_work_fraction", "{:.4f}"),
+                     ("guest_system_us", "{:,.0f}"))
+
+
+def format_partitions(partitions: pd.DataFrame) -> str:
+    """One line per guest partition (the ``partitions`` table)."""
+    head = "  per guest partition:\n  " + f"{'partition':>9} " + " ".join(f"{c:>20}" for c, _ in PARTITION_COLUMNS)
+    lines = [head]
+    for _, row in partitions.iterrows():
+        cells = []
+        for c, fmt in PARTITION_COLUMNS:
+            v = row[c]
+            cells.append(f"{'n/a' if isinstance(v, float) and v != v else fmt.format(v):>20}")
+        lines.append(f"  {row['partition']:>9} " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -112,7 +132,8 @@ def cmd_run(args) -> int:
             writable_directory(out)
         except OSError as e:
             raise UsageError(f"cannot write results to {out}: {e.strerror or e}") from None
-    banner = (f"tlbsim run {args.config} (seed {args.seed}, {config.partition.vps} VPs on "
+    guests = f"{config.host.guests} guest partitions of " if config.host.guests > 1 else ""
+    banner = (f"tlbsim run {args.config} (seed {args.seed}, {guests}{config.partition.vps} VPs on "
               f"{config.partition.lps} LPs" + (f" shared with {config.host.cotenants} co-tenant partition(s) of "
                                                 f"{config.host.cotenant_vps} VPs" if config.host.cotenants else "")
               + f", {config.partition.duration_us:,.0f} us simulated"
@@ -164,6 +185,8 @@ def cmd_run(args) -> int:
               file=sys.stderr)
     if args.replications == 1:
         print(format_summary(result.summary))
+        if config.host.guests > 1:
+            print(format_partitions(result.partitions))
     else:
         print(format_replications([r.summary for r in results]))
     if timeline is not None:

@@ -373,6 +373,12 @@ class HostConfig:
     cotenant_load: str = "cpu"
     cotenant_duty: float = 0.5
     cotenant_period_us: float = 10_000.0  # estimate
+    # guest partitions on the host, each with the [partition] ... [vf] configuration (its own VPs, workload,
+    # address spaces and random streams): N identical guests are one key. Guest 0 is the one VFs, traces
+    # of VF calls and --trace timelines belong to
+    guests: int = 1
+    # the policy of guests 1 .. guests - 1, in order (empty: every guest runs workload.policy)
+    guest_policies: list[str] = field(default_factory=list)
     # the host scheduler: "profile" (kvm: "cfs"; tlfs / openhcl: "hyperv"), "cfs" (Linux's fair class,
     # kernel/sched/fair.c up to 6.5: min_vruntime, sleeper placement, wakeup preemption, sched_slice) or
     # "hyperv" (a fair queue with the fixed partition.slice_us, no wakeup preemption: docs/model.md)
@@ -384,6 +390,14 @@ class HostConfig:
 
     def check(self, key: str) -> None:
         _one_of(self.scheduler, ("profile", "cfs", "hyperv"), f"{key}.scheduler")
+        _positive(self.guests, f"{key}.guests")
+        if self.guests > 64:
+            raise ConfigError(f"{key}.guests", "at most 64 guest partitions")
+        if self.guest_policies and len(self.guest_policies) != self.guests - 1:
+            raise ConfigError(f"{key}.guest_policies", f"{len(self.guest_policies)} policies for "
+                              f"{self.guests - 1} other guest(s): one per guest after the first, or none")
+        for i, policy in enumerate(self.guest_policies):
+            _one_of(policy, POLICIES, f"{key}.guest_policies[{i}]")
         for name in ("sched_latency_us", "sched_min_granularity_us", "sched_wakeup_granularity_us"):
             value = getattr(self, name)
             _finite_non_negative(value, f"{key}.{name}")

@@ -36,12 +36,12 @@ import pandas as pd
 from tlbsim.hv import HvStatus
 
 SHOOTDOWN_COLUMNS = (
-    "id", "initiator_vp", "policy", "origin", "address_space", "pages", "call_code", "flags", "n_targets",
+    "id", "partition", "initiator_vp", "policy", "origin", "address_space", "pages", "call_code", "flags", "n_targets",
     "running_targets", "deferred_targets", "ipis", "arrival_us", "issue_us", "complete_us", "latency_us",
     "queue_us", "suspensions", "reissues", "suspended_us", "hypercall_us", "refill_entries", "collateral_entries",
     "status", "hypercall_status", "stuck_on",
 )
-_INT_COLUMNS = ("id", "initiator_vp", "address_space", "pages", "call_code", "flags", "n_targets",
+_INT_COLUMNS = ("id", "partition", "initiator_vp", "address_space", "pages", "call_code", "flags", "n_targets",
                 "running_targets", "deferred_targets", "ipis", "suspensions", "reissues")
 _FLOAT_COLUMNS = ("arrival_us", "issue_us", "complete_us", "latency_us", "queue_us", "suspended_us",
                   "hypercall_us", "refill_entries", "collateral_entries")
@@ -82,8 +82,9 @@ class _Shootdown:
     stuck_on = ""
     row = -1  # its row once recorded
 
-    def __init__(self, sid: int, initiator: int, policy: str, request, now: float, targets):
+    def __init__(self, sid: int, initiator: int, policy: str, request, now: float, targets, partition: int):
         self.id = sid
+        self.partition = partition
         self.initiator = initiator
         self.policy = policy
         self.address_space = request.address_space
@@ -162,10 +163,11 @@ class ShootdownRecorder:
         self._moves = (sinks, attrgetter(*names))
 
     # ------------------------------------------------------------ entry points
-    def started(self, initiator: int, policy: str, request, now: float, targets) -> _Shootdown:
-        """A VP starts a shootdown of ``request`` whose targets are the VPs ``targets`` (VP objects,
-        kept by reference for the invariant checks; the recorder reads nothing of them)."""
-        sd = _Shootdown(self.issued, initiator, policy, request, now, targets)
+    def started(self, initiator: int, policy: str, request, now: float, targets, partition: int = 0) -> _Shootdown:
+        """VP ``initiator`` of guest ``partition`` starts a shootdown of ``request`` whose targets are
+        the VPs ``targets`` (VP objects, kept by reference for the invariant checks; the recorder
+        reads nothing of them)."""
+        sd = _Shootdown(self.issued, initiator, policy, request, now, targets, partition)
         self.issued += 1
         self.in_flight[sd.id] = sd
         return sd
@@ -345,15 +347,17 @@ def vp_tables(vps) -> tuple[dict[str, list], dict[str, list]]:
     flushes) and the ``exits`` table (per VP and exit reason) of settled VPs."""
     from tlbsim.model.accounting import EXIT_REASONS, TIME_COLUMNS
 
-    table: dict[str, list] = {"vp": [], "address_space": []}
+    table: dict[str, list] = {"partition": [], "vp": [], "address_space": []}
     for name in TIME_COLUMNS:
         table[f"{name}_us"] = []
     extras = ("refill_entries", "collateral_entries", "evicted_entries", "flushes_applied", "deferred_applied",
               "deferred_pending", "spin_exits", "spin_exit_us", "spin_yields", "ipi_send_us", "exits")
     for extra in extras:
         table[extra] = []
-    exits: dict[str, list] = {"vp": [], "reason": [], "code": [], "count": [], "time_us": []}
+    exits: dict[str, list] = {"partition": [], "vp": [], "reason": [], "code": [], "count": [], "time_us": []}
     for vp in vps:
+        partition = vp.part.index
+        table["partition"].append(partition)
         table["vp"].append(vp.index)
         table["address_space"].append(vp.address_space)
         for name, value in zip(TIME_COLUMNS, vp.time_columns(), strict=True):
@@ -370,6 +374,7 @@ def vp_tables(vps) -> tuple[dict[str, list], dict[str, list]]:
         table["ipi_send_us"].append(vp.ipi_send_us)
         table["exits"].append(sum(vp.exit_count))
         for i, reason in enumerate(EXIT_REASONS):
+            exits["partition"].append(partition)
             exits["vp"].append(vp.index)
             exits["reason"].append(reason.name)
             exits["code"].append(int(reason))
@@ -407,7 +412,8 @@ def latency_stats(lat: np.ndarray, prefix: str) -> dict[str, float]:
     return {f"{prefix}_mean_us": float(lat.mean()), f"{prefix}_p50_us": float(p50), f"{prefix}_p99_us": float(p99)}
 
 
-VF_DTYPES = {"vf": "int64", "call": "int64", "block_mask": "uint64", "pf_call_us": "float64", "notification": "int64",
+VF_DTYPES = {"partition": "int64",
+             "vf": "int64", "call": "int64", "block_mask": "uint64", "pf_call_us": "float64", "notification": "int64",
              "sent_us": "float64", "delivered_us": "float64", "read_done_us": "float64", "latency_us": "float64",
              "coalesced": "int64", "dropped": "bool"}
 
@@ -416,8 +422,8 @@ def vf_frame(rec: Records) -> pd.DataFrame:
     """One row per PF call (empty with the VF columns when the VF model is off)."""
     from tlbsim.model.vf import VF_COLUMNS
 
-    data = rec.vf or {c: [] for c in VF_COLUMNS}
-    df = pd.DataFrame(data, columns=list(VF_COLUMNS)).astype(VF_DTYPES)
+    data = rec.vf or {c: [] for c in ("partition", *VF_COLUMNS)}
+    df = pd.DataFrame(data, columns=["partition", *VF_COLUMNS]).astype(VF_DTYPES)
     df["status"] = pd.Categorical(df["status"], categories=["read", "pending", "lost"])
     return df
 
@@ -460,7 +466,7 @@ def censored_latencies(shootdowns: pd.DataFrame, duration_us: float) -> tuple[np
 
 
 #: the shootdown columns ``summarize`` reads (a spilled run reads only these back)
-SUMMARY_COLUMNS = ("status", "origin", "latency_us", "issue_us", "queue_us", "suspensions", "reissues",
+SUMMARY_COLUMNS = ("partition", "status", "origin", "latency_us", "issue_us", "queue_us", "suspensions", "reissues",
                    "suspended_us", "hypercall_us")
 
 

@@ -16,7 +16,8 @@ import pandas as pd
 
 from tlbsim import __version__
 
-TABLES = ("shootdowns", "vps", "exits", "vf")
+TABLES = ("shootdowns", "vps", "exits", "vf", "partitions")
+OPTIONAL_TABLES = ("vf", "partitions")  # a run saved before they existed loads without them
 MANIFEST = "manifest.json"
 
 
@@ -49,6 +50,7 @@ class Result:
     seed: int = 0
     vf: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per PF call (empty: VF model off)
     shootdowns_file: Path | None = None  # the whole shootdown table, when it was spilled
+    partitions: pd.DataFrame = field(default_factory=pd.DataFrame)  # one summary row per guest partition
 
     def manifest(self) -> dict:
         return {
@@ -87,7 +89,7 @@ class Result:
         directory = Path(directory)
         manifest = json.loads((directory / MANIFEST).read_text())
         tables = {name: pd.read_parquet(directory / f"{name}.parquet") for name in TABLES
-                  if (directory / f"{name}.parquet").exists() or name != "vf"}
+                  if (directory / f"{name}.parquet").exists() or name not in OPTIONAL_TABLES}
         return cls(summary=pd.Series(manifest["summary"], dtype=object), config=manifest["config"],
                    seed=manifest["seed"], **tables)
 

@@ -92,8 +92,20 @@ def simulate(config: Config, seed: int = 0, progress=None, timeline=None,
             spill.discard()
         raise
     vps, exits, vf = vps_frame(rec), exits_frame(rec), vf_frame(rec)
+    extra = {"events": rec.events, "requests_waiting": rec.requests_waiting, **rec.host}
+    if config.vf.count:
+        extra.update(vf_summary(vf, vps, rec.vf_stats))
+    summary = _summary(shootdowns, vps, exits, config, rec.duration_us, extra)
+    summary["policy"] = config.workload.policy
+    partitions = partitions_frame(shootdowns, vps, exits, config, rec.duration_us)
+    return Result(shootdowns, vps, exits, summary, config=config.to_dict(), seed=seed, vf=vf,
+                  shootdowns_file=shootdowns_file, partitions=partitions)
+
+
+def _summary(shootdowns, vps, exits, config: Config, duration_us: float, extra: dict):
+    """summarize() with what it needs from the exits table and the configuration."""
     canceled_exit_us = float(exits.loc[exits["reason"] == "CANCELED", "time_us"].sum()) if len(exits) else 0.0
-    extra = {"events": rec.events, "requests_waiting": rec.requests_waiting, **rec.host,
+    extra = {**extra,
              # costs a shootdown causes that the VP time columns do not name apart
              "canceled_exit_us": canceled_exit_us,
              "shootdown_refill_us": float((vps["refill_entries"] + vps["collateral_entries"]).sum()
@@ -105,15 +117,29 @@ def simulate(config: Config, seed: int = 0, progress=None, timeline=None,
     extra["guest_system_us"] = float(
         config.guest.kernel_fraction * vps["guest_us"].sum() + vps["spinning_us"].sum() + vps["spin_exit_us"].sum()
         + vps["ipi_send_us"].sum() + vps["flush_us"].sum() + canceled_exit_us + vps["hypercall_us"].sum())
-    if config.vf.count:
-        extra.update(vf_summary(vf, vps, rec.vf_stats))
-    summary = summarize(shootdowns, vps, rec.duration_us, extra)
-    ops = summary["ops_per_s"] * rec.duration_us * 1e-6  # workload shootdowns completed
+    summary = summarize(shootdowns, vps, duration_us, extra)
+    ops = summary["ops_per_s"] * duration_us * 1e-6  # workload shootdowns completed
     # what a benchmark's `time` shows divided by its operations: comparable across runs of equal work
     summary["guest_system_us_per_op"] = float(summary["guest_system_us"] / ops) if ops else float("nan")
-    summary["policy"] = config.workload.policy
-    return Result(shootdowns, vps, exits, summary, config=config.to_dict(), seed=seed, vf=vf,
-                  shootdowns_file=shootdowns_file)
+    return summary
+
+
+def partitions_frame(shootdowns, vps, exits, config: Config, duration_us: float):
+    """One summary row per guest partition (``partition``, ``policy``, then summarize()'s figures)."""
+    import pandas as pd
+
+    policies = [config.workload.policy, *config.host.guest_policies]
+    rows = []
+    for g in range(config.host.guests):
+        policy = policies[g] if g < len(policies) else config.workload.policy
+        if config.host.guests == 1:
+            sd, v, x = shootdowns, vps, exits
+        else:
+            sd = shootdowns[shootdowns["partition"] == g]
+            v, x = vps[vps["partition"] == g], exits[exits["partition"] == g]
+        row = _summary(sd, v, x, config, duration_us, {})
+        rows.append({"partition": g, "policy": policy, **{k: val for k, val in row.items()}})
+    return pd.DataFrame(rows)
 
 
 def load_vf_trace(path: str | Path, n_vfs: int, n_blocks: int) -> dict[int, list[tuple[float, int]]]:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,8 +280,11 @@ def run_cases(cases: list[Case], out: Path, quick: bool = False, jobs: int | Non
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for case in cases:
-        outcome = run_sweep(case.spec(quick), out / case.name, jobs=jobs, resume=resume, progress=progress,
+        case_dir = out / case.name
+        _forget_if_stale(case_dir, fingerprint([case]))
+        outcome = run_sweep(case.spec(quick), case_dir, jobs=jobs, resume=resume, progress=progress,
                             dask_scheduler=dask_scheduler, dask_local=dask_local)
+        atomic_write_text(case_dir / FINGERPRINT_FILE, fingerprint([case]))
         if outcome.failed:
             point, rep, err = outcome.failed[0]
             raise ConfigError(case.name, f"{len(outcome.failed)} runs failed (point {point} replication {rep}: {err})")
@@ -296,12 +300,30 @@ def run_cases(cases: list[Case], out: Path, quick: bool = False, jobs: int | Non
     return table
 
 
+FINGERPRINT_FILE = "model-fingerprint.txt"
+
+
+def _forget_if_stale(case_dir: Path, stamp: str) -> None:
+    """A case's runs are reused (resumed) only if the model and the case are the ones that made them:
+    a case directory with another fingerprint, or none, is this validation's own stale cache, and is
+    removed so that the case is computed again (resuming would mix old and new model runs)."""
+    if not case_dir.is_dir() or not (case_dir / "spec.json").exists():
+        return
+    stamp_file = case_dir / FINGERPRINT_FILE
+    old = stamp_file.read_text().strip() if stamp_file.exists() else ""
+    if old != stamp:
+        print(f"tlbsim validate: {case_dir.name}: the model or the case changed since its runs; computing it again",
+              file=sys.stderr)
+        shutil.rmtree(case_dir)
+
+
 def fingerprint(cases: list[Case]) -> str:
     """A hash of the model's source and the case files: docs/validation.md records the one its numbers
     came from, and a test fails when either changed since (the doc cannot drift from the code)."""
     h = hashlib.sha256()
     model = Path(__file__).resolve().parent
-    for f in sorted([*model.glob("model/*.py"), model / "config.py", model / "records.py", model / "hv.py"]):
+    for f in sorted([*model.glob("model/*.py"), model / "config.py", model / "records.py", model / "hv.py",
+                     model / "runner.py"]):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     for c in sorted(cases, key=lambda c: c.name):

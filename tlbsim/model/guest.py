@@ -97,7 +97,7 @@ class Policy:
         """One shootdown by ``vp`` (a generator): its own flush, then the remote part."""
         part = self.part
         targets = part.targets_of(vp, request.address_space)
-        sd = self.recorder.started(vp.index, self.name, request, self.env.now, targets)
+        sd = self.recorder.started(vp.index, self.name, request, self.env.now, targets, part.index)
         local = self._local.get((request.address_space, request.pages))
         if local is None:
             local = self._local[(request.address_space, request.pages)] = (

@@ -11,29 +11,22 @@ from __future__ import annotations
 import math
 from itertools import chain, islice
 
-import simpy
+import numpy as np
 
 from tlbsim import hv
 from tlbsim.config import Config, ExitSpec
 from tlbsim.model import InvariantError, rng
 from tlbsim.model.accounting import EXIT_REASONS
 from tlbsim.model.guest import make_policy
-from tlbsim.model.host import CoTenantVp, Host, SchedParams
 from tlbsim.model.hypervisor import Hypervisor
 from tlbsim.model.locks import InterceptInhibit, TlbLocks, VsmSchedule, VsmTlbLocks
+from tlbsim.model.machine import CountingEnvironment, EventBudgetExceeded, Machine  # noqa: F401 (re-exported)
 from tlbsim.model.profiles import profile_for
 from tlbsim.model.spin import SpinYield
-from tlbsim.model.vf import VF_COLUMNS, PhysicalFunction, VirtualFunction
+from tlbsim.model.vf import PhysicalFunction, VirtualFunction
 from tlbsim.model.vp import GUEST, VP
 from tlbsim.model.workload import ClosedLoop, PoissonArrivals, TraceArrivals, TraceEvent
-from tlbsim.records import Records, ShootdownRecorder, vp_tables
-
-_schedule = simpy.Environment.schedule  # bound once: cheaper than super() on every event
-
-
-class EventBudgetExceeded(Exception):
-    """The run scheduled more events than run.max_events allows."""
-
+from tlbsim.records import Records
 
 #: Up to this many sharers of an address space, each VP's targets among them are a list of its own
 #: (0.5 MB at 256 VPs): iterating a list beats the chained islices of an ``OtherVPs`` view by about
@@ -61,27 +54,6 @@ class OtherVPs:
         return len(self._vps) - 1
 
 
-class CountingEnvironment(simpy.Environment):
-    """A SimPy environment that counts the events it schedules (the bench's
-    and the summary's ``events``): every event passes through ``schedule``.
-    Past ``max_events`` it raises EventBudgetExceeded: no configuration can
-    make a run go on for hours unnoticed."""
-
-    def __init__(self, initial_time: float = 0, max_events: int = 1 << 62):
-        super().__init__(initial_time)
-        self.events_scheduled = 0
-        self.max_events = max_events
-
-    def schedule(self, event, priority=simpy.core.NORMAL, delay=0) -> None:
-        self.events_scheduled += 1
-        if self.events_scheduled > self.max_events:
-            raise EventBudgetExceeded(
-                f"the run scheduled more than run.max_events = {self.max_events:,} SimPy events at "
-                f"{self.now:,.1f} us of simulated time; shorten partition.duration_us, lower the rates, "
-                "or raise run.max_events")
-        _schedule(self, event, priority, delay)
-
-
 class _LosingList(list):
     """run.inject_fault = "drop_deferred_flush": a deferred-flush list that loses what it is given."""
 
@@ -105,19 +77,31 @@ def cr3_of(as_index: int) -> int:
 
 
 class Partition:
-    def __init__(self, config: Config, seed: int = 0, trace: list[TraceEvent] | None = None,
-                 vf_trace: dict[int, list[tuple[float, int]]] | None = None, timeline=None, spill=None):
+    """One guest partition: its VPs, workload, policy, hypervisor service, TLB locks and VFs. The
+    host they run on (environment, LPs, scheduler, recorder, co-tenants, other guests) is the
+    ``Machine``: a Partition built without one builds it, with itself as guest 0 and, with
+    ``host.guests`` > 1, the other guest partitions (identical but for ``host.guest_policies``,
+    each with its own random streams) after it."""
+
+    def __init__(self, config: Config, seed: int | np.random.SeedSequence = 0, trace: list[TraceEvent] | None = None,
+                 vf_trace: dict[int, list[tuple[float, int]]] | None = None, timeline=None, spill=None,
+                 machine: Machine | None = None, index: int = 0):
+        owner = machine is None
+        if owner:
+            machine = Machine(config, spill)
+        self.machine = machine
+        self.index = index  # the partition column of every table
+        machine.guests.append(self)
         self.config = config
         self.timeline = timeline  # model.timeline.Timeline, or None (no tracing: the plain VP class)
-        self.env = CountingEnvironment(max_events=config.run.max_events)
+        self.env = machine.env
         p = config.partition
         w = config.workload
         lk = config.locks
         self.check = config.run.check_invariants
         self.profile = profile_for(p.semantics)
-        # spill: a sink for recorded rows (results.ShootdownSpill) or None: all rows stay in memory
-        self.recorder = ShootdownRecorder(spill, spill.rows_per_group) if spill is not None else ShootdownRecorder()
-        self.host = Host(self.env, p.lps, self._sched_params(config))
+        self.recorder = machine.recorder
+        self.host = machine.host
         streams = rng.vp_streams(seed, p.vps)
         self.spin_yield = self._spin_yield(config)
         self.last_boosted = -1  # the VP the last directed yield went to (kvm_vcpu_on_spin's last_boosted_vcpu)
@@ -156,7 +140,7 @@ class Partition:
             from tlbsim.model.timeline import TracingVP, trace_recorder
 
             vp_class = TracingVP
-            trace_recorder(self.recorder, timeline)
+            trace_recorder(self.recorder, timeline, index)
         threads = w.threads or p.vps  # VPs 0 .. threads - 1 run the workload's threads; the rest idle
         for i in range(p.vps):
             if i >= threads:  # no thread: idle, no arrivals
@@ -179,11 +163,8 @@ class Partition:
             if vp.vsm is not None:
                 self.vsm_locks.by_vp[i] = vp
 
-        # Co-tenants: other partitions' VPs on the same LPs, under the same scheduler.
-        h = config.host
-        self.cotenants = [CoTenantVp(self.env, self.host, stream, h.cotenant_load, h.cotenant_duty,
-                                     h.cotenant_period_us)
-                          for stream in rng.cotenant_streams(seed, h.cotenants * h.cotenant_vps)]
+        if owner:  # co-tenants start here, after guest 0's VPs and before its VFs (the order of their events)
+            machine.start_cotenants(seed)
         if config.run.inject_fault == "drop_deferred_flush":
             for vp in self.vps:
                 vp.deferred = _LosingList()
@@ -202,6 +183,12 @@ class Partition:
                 self.vfs.append(VirtualFunction(self.env, j, vp, self.pf, v, vf_streams[j],
                                                 config.run.check_invariants, replay))
 
+        if owner:
+            for g in range(1, config.host.guests):
+                policies = config.host.guest_policies
+                config_g = config.with_overrides({"workload.policy": policies[g - 1]}) if policies else config
+                Partition(config_g, rng.guest_seed(seed, g), trace, None, None, None, machine, g)
+
     def vsm_for(self, vp_index: int) -> VsmSchedule | None:
         """The VTL1 entry schedule of a VP, or None if it has no VTL1."""
         return self._vsm.get(vp_index)
@@ -218,15 +205,6 @@ class Partition:
                              sp.candidates == "ready")
         window = sp.notify_retries * sp.spin_iteration_us  # a fixed retry count, then the notification
         return SpinYield("notify", window, 1.0, window, cost, sp.ipi_aware, sp.candidates == "ready")
-
-    def _sched_params(self, config: Config) -> SchedParams:
-        """The host scheduler: [host] scheduler over the profile's."""
-        h = config.host
-        kind = self.profile.scheduler if h.scheduler == "profile" else h.scheduler
-        if kind == "cfs":
-            return SchedParams.cfs(config.partition.lps, h.sched_latency_us, h.sched_min_granularity_us,
-                                   h.sched_wakeup_granularity_us)
-        return SchedParams.hyperv(config.partition.slice_us)
 
     def _as_index(self, vp: int) -> int:
         return address_space_index(self.config, vp)
@@ -272,77 +250,23 @@ class Partition:
                     f"neither flushed nor holds it pending (state {t.state})"
                 )
 
-    def _check_end(self, duration: float) -> None:
+    def check_end(self, duration: float) -> None:
+        """Every VP's time sums to the run; every VF's bits are accounted (run.check_invariants)."""
         for vp in self.vps:
             total = vp.total_us()
             if not math.isclose(total, duration, rel_tol=1e-9, abs_tol=1e-6):
-                raise InvariantError(f"VP {vp.index}: time by state sums to {total} us, not {duration} us")
-        ids = self.recorder.ids()
-        if len(ids) != len(set(ids)) or len(ids) != self.recorder.issued:
-            raise InvariantError(f"shootdowns lost or duplicated: {len(ids)} recorded of {self.recorder.issued} issued")
+                raise InvariantError(f"partition {self.index} VP {vp.index}: time by state sums to {total} us, "
+                                     f"not {duration} us")
         for vf in self.vfs:
             vf.check_end()
 
-    # ------------------------------------------------------------ running
     def run(self, progress=None, steps: int = 100) -> Records:
-        """Run to the configured duration. ``progress(fraction)``, if given, is
-        called as simulated time passes each 1/``steps`` of the duration, by a
-        process of its own: the model's events keep their relative order, so
-        the records are identical, and its events are not counted."""
-        duration = self.config.partition.duration_us
-        reporting_events = 0
-        if progress is not None:
-            self.env.process(self._report(progress, steps, duration))
-            reporting_events = steps + 1  # its Initialize event and one timeout per step (the last never fires)
-        self.env.run(until=duration)
-        if progress is not None:
-            progress(1.0)
-        for vp in self.vps:
-            vp.settle()
-        if self.timeline is not None:
-            for vp in self.vps:
-                vp.close(duration)
-        if self.config.run.check_invariants:
-            self._check_end(duration)
-        return self._records(duration, self.env.events_scheduled - reporting_events)
-
-    def _report(self, progress, steps: int, duration: float):
-        for i in range(1, steps + 1):
-            yield self.env.timeout(duration / steps)
-            progress(i / steps)
-
-    def _records(self, duration: float, events: int) -> Records:
-        self.recorder.finish()
-        cols = self.recorder.columns()
-        vps, exits = vp_tables(self.vps)
-        vf_rows = None
-        vf_stats: dict[str, int] = {}
-        if self.vfs:
-            rows = [r for vf in self.vfs for r in vf.rows()]
-            vf_rows = {c: [r[i] for r in rows] for i, c in enumerate(VF_COLUMNS)}
-            vf_stats = {
-                "vf_notifications": sum(len(vf.notifications) for vf in self.vfs),
-                "vf_notifications_dropped": sum(n.dropped for vf in self.vfs for n in vf.notifications),
-                "vf_block_reads": sum(len(r) for vf in self.vfs for r in vf.reads),
-                "pf_other_oids": self.pf.other_oids,
-                "vf_oid_backlog_max": max(vf.oid_backlog_max for vf in self.vfs),
-            }
-        return Records(
-            vf=vf_rows, vf_stats=vf_stats,
-            shootdowns=cols, vps=vps, exits=exits, duration_us=duration,
-            events=events,
-            requests_waiting=sum(len(vp.requests) for vp in self.vps),
-            host={"dispatches": self.host.dispatches, "preemptions": self.host.preemptions,
-                  "wakeup_preemptions": self.host.wakeup_preemptions,
-                  "directed_yields": self.host.yields,
-                  "directed_yields_to_target": self.host.yields_to_target,
-                  "directed_yield_failures": self.host.yield_failures,
-                  "cotenant_vps": len(self.cotenants),
-                  "cotenant_run_us": sum(c.run_us for c in self.cotenants)},
-        )
+        """Run the machine this partition is on (every guest) to the configured duration."""
+        return self.machine.run(progress, steps)
 
 
 def simulate_records(config: Config, seed: int = 0, trace: list[TraceEvent] | None = None,
                      vf_trace: dict[int, list[tuple[float, int]]] | None = None, progress=None,
                      timeline=None, spill=None) -> Records:
     return Partition(config, seed, trace, vf_trace, timeline, spill).run(progress)
+

@@ -86,3 +86,13 @@ def vf_streams(seed: int | np.random.SeedSequence, n_vfs: int) -> tuple[list[dic
         out.append(dict(zip(VF_PURPOSES, (Stream(s) for s in base.spawn(len(VF_PURPOSES))), strict=True)))
     pf = Stream(np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, VF_KEY + 1)))
     return out, pf
+
+
+GUEST_KEY = VF_KEY + 3
+
+
+def guest_seed(seed: int | np.random.SeedSequence, index: int) -> np.random.SeedSequence:
+    """The seed of guest partition ``index`` >= 1 (guest 0 uses the run's own): a spawn key of its
+    own, so adding guests changes no draw of the first one."""
+    root = _root(seed)
+    return np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, GUEST_KEY, index))

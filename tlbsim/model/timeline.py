@@ -137,13 +137,14 @@ class TracingVP(VP):
         self._segment(end_us)
 
 
-def trace_recorder(recorder, timeline: Timeline) -> None:
-    """Also write each shootdown's start and completion into the timeline (instance-level wrappers)."""
+def trace_recorder(recorder, timeline: Timeline, partition: int = 0) -> None:
+    """Also write each shootdown of guest ``partition`` (the one traced) into the timeline: its start
+    and completion (instance-level wrappers)."""
     started, completed, finish = recorder.started, recorder.completed, recorder.finish
 
-    def traced_started(initiator, policy, request, now, targets):
-        sd = started(initiator, policy, request, now, targets)
-        if timeline.start_us <= now <= timeline.end_us:
+    def traced_started(initiator, policy, request, now, targets, part=0):
+        sd = started(initiator, policy, request, now, targets, part)
+        if part == partition and timeline.start_us <= now <= timeline.end_us:
             timeline.shootdowns.append([sd.id, initiator, now, None, policy])
         return sd
 
