@@ -518,6 +518,13 @@ class Config:
             bad = [v for v in vps if not 0 <= v < n]
             if bad:
                 raise ConfigError(key, f"VP {bad[0]} does not exist (the partition has VPs 0..{n - 1})")
+        scheduler = self.host.scheduler
+        if scheduler == "profile":
+            scheduler = "cfs" if self.partition.semantics == "kvm" else "hyperv"
+        if scheduler == "cfs" and self.partition.slice_us != PartitionConfig.slice_us:
+            raise ConfigError("partition.slice_us", "has no effect under the cfs host scheduler (the kvm profile's), "
+                              "which sets its slices from host.sched_latency_us and host.sched_min_granularity_us; "
+                              "set those, or host.scheduler = \"hyperv\" for a fixed slice")
         if self.workload.threads > n:
             raise ConfigError("workload.threads", f"{self.workload.threads} threads, but the partition has {n} VPs "
                               "(one thread per VP; 0: one on every VP)")

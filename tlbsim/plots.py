@@ -31,6 +31,7 @@ LABELS = {
     "ops_per_s": "operations (work + shootdown) per second",
     "shootdown_time_fraction": "share of VP time taken by shootdowns",
     "host.cotenants": "co-tenant partitions",
+    "host.guests": "guest partitions",
     "partition.vps": "virtual processors",
     "fraction_targeted": "fraction of VPs targeted",
     "cost_per_shootdown_us": "guest time lost per shootdown, all VPs (us)",
@@ -85,8 +86,10 @@ def load_sweep(directory: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]
 def add_derived(points: pd.DataFrame) -> pd.DataFrame:
     p = points.copy()
     vps = p["partition.vps"]
-    # every VP on the host: the partition's and its co-tenants'
-    host_vps = vps + (p["host.cotenants"] * p["host.cotenant_vps"] if "host.cotenants" in p else 0)
+    guests = p["host.guests"] if "host.guests" in p else 1
+    guest_vps = vps * guests  # every guest partition's VPs (the summary covers them all)
+    # every VP on the host: the guests' and the co-tenants'
+    host_vps = guest_vps + (p["host.cotenants"] * p["host.cotenant_vps"] if "host.cotenants" in p else 0)
     p["vps_per_lp"] = host_vps / p["partition.lps"].clip(upper=host_vps)
     group = np.where(p["workload.sharing"] == "groups", p["workload.group_size"].clip(upper=vps),
                      np.where(p["workload.sharing"] == "all", vps, 1))
@@ -98,8 +101,8 @@ def add_derived(points: pd.DataFrame) -> pd.DataFrame:
     # useful guest work as a fraction of the partition's fair share of the LPs (its VPs' share of all the
     # host's VPs): 1.0 = its share of the LPs busy with useful guest work. guest_work_fraction is the
     # share of the partition's VP time (it cannot exceed LPs / VPs under overcommit).
-    fair_lps = p["partition.lps"].clip(upper=host_vps) * vps / host_vps
-    p["lp_work_fraction"] = p["guest_work_fraction"] * vps / fair_lps
+    fair_lps = p["partition.lps"].clip(upper=host_vps) * guest_vps / host_vps
+    p["lp_work_fraction"] = p["guest_work_fraction"] * guest_vps / fair_lps
     return p
 
 
