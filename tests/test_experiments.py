@@ -22,12 +22,12 @@ def test_every_shipped_spec_is_valid(path):
 
 @pytest.fixture(scope="module")
 def small_sweep(tmp_path_factory):
-    """The headline spec, shrunk: 2 replications, 20 ms, 8 VPs with 0, 1 and 3 co-tenants of 8 VPs on 8 LPs."""
+    """The headline spec, shrunk: 2 replications, 20 ms, 1, 2 and 4 identical 8-VP guests on 8 LPs."""
     spec = SweepSpec.from_toml(ROOT / "experiments" / "overcommit.toml", replications=2)
     source = dict(spec.source)
     source["fixed"] = {**source["fixed"], "partition.duration_us": 20000.0, "partition.vps": 8,
-                       "partition.lps": 8, "host.cotenant_vps": 8}
-    source["grid"] = {**source["grid"], "host.cotenants": [0, 1, 3]}
+                       "partition.lps": 8}
+    source["grid"] = {**source["grid"], "host.guests": [1, 2, 4]}
     source["replications"] = 2
     source["base"] = str(ROOT / "experiments" / "configs" / "default.toml")
     out = tmp_path_factory.mktemp("sweep") / "overcommit"

@@ -86,7 +86,7 @@ def load_sweep(directory: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]
 def add_derived(points: pd.DataFrame) -> pd.DataFrame:
     p = points.copy()
     vps = p["partition.vps"]
-    guests = p["host.guests"] if "host.guests" in p else 1
+    guests = p.get("host.guests", 1)
     guest_vps = vps * guests  # every guest partition's VPs (the summary covers them all)
     # every VP on the host: the guests' and the co-tenants'
     host_vps = guest_vps + (p["host.cotenants"] * p["host.cotenant_vps"] if "host.cotenants" in p else 0)
