@@ -9,7 +9,7 @@ import pytest
 import simpy
 from simpy import Interrupt
 
-from tlbsim.model.host import CoTenantVp, Host, SchedParams, tunable_scaling
+from tlbsim.model.host import CoTenantVp, EevdfHost, SchedParams, make_host, tunable_scaling
 
 # a small CFS: 6 ms latency, 0.75 ms minimum granularity, 1 ms wakeup granularity (Linux's normalised
 # defaults, unscaled)
@@ -20,7 +20,7 @@ class Entity:
     """A runnable thing for the host: sleeps until ``start``, then needs ``busy`` us of LP time,
     preempted whenever the host says so; logs when it gets and leaves an LP."""
 
-    def __init__(self, env, host, name, start=0.0, busy=math.inf, woken=False, vruntime=0.0, lp=None):
+    def __init__(self, env, host, name, start=0.0, busy=math.inf, woken=False, vruntime=0.0, lp=None, then=None):
         self.env, self.host, self.name = env, host, name
         self.on_lp = False
         self.preempt_pending = False
@@ -28,9 +28,12 @@ class Entity:
         self.vruntime_us = vruntime
         self.dispatched_us = 0.0
         self.lp = lp
+        self.deadline_us = 0.0
+        self.vlag_us = 0.0
         self.interruptible = False
         self.log = []
         host.entities += 1
+        self.then = then  # (sleep_us, busy_us): after its work, sleep, then work again (woken)
         self.proc = env.process(self._run(start, busy, woken))
 
     def kick(self):
@@ -39,6 +42,11 @@ class Entity:
             self.proc.interrupt()
 
     def _run(self, start, busy, woken):
+        yield from self._work(start, busy, woken)
+        if self.then is not None:
+            yield from self._work(self.then[0], self.then[1], True)
+
+    def _work(self, start, busy, woken):
         env, host = self.env, self.host
         yield env.timeout(start)
         while busy > 0:
@@ -61,7 +69,7 @@ class Entity:
 
 def host_of(n_lps=1, sched=CFS):
     env = simpy.Environment()
-    return env, Host(env, n_lps, sched)
+    return env, make_host(env, n_lps, sched)
 
 
 # ------------------------------------------------------------ tunables and slices
@@ -170,6 +178,8 @@ class Stub:
         self.vruntime_us = vruntime
         self.dispatched_us = 0.0
         self.lp = None
+        self.deadline_us = 0.0
+        self.vlag_us = 0.0
         self.kicks = 0
         host.entities += 1
 
@@ -221,3 +231,80 @@ def test_cotenants_share_one_lp_by_slices():
     env.run(until=12_000.0)
     assert host.preemptions == 3  # at 3000, 6000, 9000
     assert [c.run_us for c in cts] == [6000.0, 3000.0]
+
+
+# ------------------------------------------------------------ EEVDF (Linux 6.6+)
+EEVDF = SchedParams.eevdf(1, 3000.0)
+
+
+def test_eevdf_base_slice_scales_like_the_other_tunables():
+    assert SchedParams.eevdf(1).latency_us == 750.0 and SchedParams.eevdf(12).latency_us == 3000.0
+    env, host = host_of(sched=EEVDF)
+    assert isinstance(host, EevdfHost) and not isinstance(host_of()[1], EevdfHost)
+
+
+def test_eevdf_two_cpu_bound_entities_alternate_in_base_slices():
+    # a: deadline 3000; at 3000 V = 1500, b eligible with the earlier deadline (3000 < 6000): b runs;
+    # at 6000 both at 3000 with deadlines 6000: the waiting one wins the tie (curr only if strictly earlier)
+    env, host = host_of(sched=EEVDF)
+    a, b = Entity(env, host, "a"), Entity(env, host, "b")
+    env.run(until=10_000.0)
+    assert a.log == [("on", 0.0), ("off", 3000.0), ("on", 6000.0), ("off", 9000.0)]
+    assert b.log == [("on", 3000.0), ("off", 6000.0), ("on", 9000.0)]
+
+
+def test_eevdf_slices_do_not_shrink_with_load():
+    # CFS would give 4 entities 1.5 ms each of a 6 ms period; EEVDF gives each its 3 ms base slice
+    env, host = host_of(sched=EEVDF)
+    es = [Entity(env, host, n) for n in "abcd"]
+    env.run(until=12_000.0)
+    assert [e.log[0][1] for e in es] == [0.0, 3000.0, 6000.0, 9000.0]
+
+
+def test_eevdf_keeps_a_sleepers_lag_and_an_eligible_runner_its_slice():
+    env, host = host_of(sched=EEVDF)
+    a = Entity(env, host, "a")
+    w = Entity(env, host, "w", start=5000.0, busy=500.0, woken=True, lp=0)
+    env.run(until=20_000.0)
+    # w never ran (lag 0): placed at V = 5000 with deadline 8000. a (v 5000, eligible, deadline renewed
+    # to 6000 at 3000) keeps its slice (RUN_TO_PARITY): no wakeup preemption; at 6000 a is past V
+    assert host.wakeup_preemptions == 0
+    assert a.log[:2] == [("on", 0.0), ("off", 6000.0)]
+    assert w.log == [("on", 6000.0), ("off", 6500.0)]
+
+
+def test_eevdf_wakeup_preempts_an_ineligible_runner():
+    env, host = host_of(sched=EEVDF)
+    a = Entity(env, host, "a")
+    b = Entity(env, host, "b", busy=1000.0, then=(500.0, 100.0))
+    env.run(until=20_000.0)
+    # 0-3000 a; 3000-4000 b, which sleeps at v 1000 with V = (3000 + 1000) / 2: lag 1000; a runs from 4000.
+    # At 4500 b wakes: lag 1000 x (1 + 1) / 1 = 2000 behind V = 3500: v 1500, deadline 4500. Now
+    # V = 2500, a (3500) is no longer eligible and b's deadline is earlier than a's (6000): a is preempted
+    assert host.wakeup_preemptions == 1
+    assert b.log == [("on", 3000.0), ("off", 4000.0), ("on", 4500.0), ("off", 4600.0)]
+    assert a.log[2:5] == [("on", 4000.0), ("off", 4500.0), ("on", 4600.0)]
+
+
+def test_eevdf_directed_yield_ignores_the_buddy():
+    env, host = host_of(sched=EEVDF)
+    y = Stub(host)
+    host.acquire(y)
+    other, target = Stub(host, vruntime=0.0), Stub(host, vruntime=0.0)
+    other.deadline_us, target.deadline_us = 3100.0, 5000.0  # both eligible; other's deadline is earlier
+    host.acquire(other)
+    host.acquire(target)
+    assert host.yield_takes_lp(y) and host.yield_to(y, target) is True
+    assert other.on_lp and not target.on_lp and host.yields_to_target == 0
+
+
+def test_eevdf_yield_changes_nothing_when_the_yielder_is_still_the_pick():
+    env, host = host_of(sched=EEVDF)
+    y = Stub(host)
+    host.acquire(y)
+    y.deadline_us = 100.0
+    target = Stub(host, vruntime=50_000.0)  # far ahead of V: not eligible
+    target.deadline_us = 53_000.0
+    host.acquire(target)
+    assert host.can_yield_to(target) and not host.yield_takes_lp(y)
+    assert y.deadline_us == 3100.0  # yield_task_fair moved its deadline a slice on

@@ -379,17 +379,20 @@ class HostConfig:
     guests: int = 1
     # the policy of guests 1 .. guests - 1, in order (empty: every guest runs workload.policy)
     guest_policies: list[str] = field(default_factory=list)
-    # the host scheduler: "profile" (kvm: "cfs"; tlfs / openhcl: "hyperv"), "cfs" (Linux's fair class,
-    # kernel/sched/fair.c up to 6.5: min_vruntime, sleeper placement, wakeup preemption, sched_slice) or
-    # "hyperv" (a fair queue with the fixed partition.slice_us, no wakeup preemption: docs/model.md)
+    # the host scheduler: "profile" (kvm: "eevdf"; tlfs / openhcl: "hyperv"), "eevdf" (Linux 6.6+'s fair
+    # class: lag, eligibility, virtual deadlines), "cfs" (Linux's fair class up to 6.5: min_vruntime, sleeper
+    # placement, wakeup preemption, sched_slice) or "hyperv" (a fair queue with the fixed partition.slice_us,
+    # no wakeup preemption); docs/model.md "Host scheduling"
     scheduler: str = "profile"
     # cfs tunables, us; 0: Linux's default x (1 + ilog2(min(LPs, 8))) (6 ms, 0.75 ms, 1 ms; fair.c)
     sched_latency_us: float = 0.0
     sched_min_granularity_us: float = 0.0
     sched_wakeup_granularity_us: float = 0.0
+    # eevdf sysctl_sched_base_slice, us; 0: 750 x (1 + ilog2(min(LPs, 8))) (kernel/sched/fair.c, 6.6)
+    sched_base_slice_us: float = 0.0
 
     def check(self, key: str) -> None:
-        _one_of(self.scheduler, ("profile", "cfs", "hyperv"), f"{key}.scheduler")
+        _one_of(self.scheduler, ("profile", "eevdf", "cfs", "hyperv"), f"{key}.scheduler")
         _positive(self.guests, f"{key}.guests")
         if self.guests > 64:
             raise ConfigError(f"{key}.guests", "at most 64 guest partitions")
@@ -398,7 +401,8 @@ class HostConfig:
                               f"{self.guests - 1} other guest(s): one per guest after the first, or none")
         for i, policy in enumerate(self.guest_policies):
             _one_of(policy, POLICIES, f"{key}.guest_policies[{i}]")
-        for name in ("sched_latency_us", "sched_min_granularity_us", "sched_wakeup_granularity_us"):
+        for name in ("sched_latency_us", "sched_min_granularity_us", "sched_wakeup_granularity_us",
+                     "sched_base_slice_us"):
             value = getattr(self, name)
             _finite_non_negative(value, f"{key}.{name}")
             if value and not 10.0 <= value <= 1e6:
@@ -520,11 +524,12 @@ class Config:
                 raise ConfigError(key, f"VP {bad[0]} does not exist (the partition has VPs 0..{n - 1})")
         scheduler = self.host.scheduler
         if scheduler == "profile":
-            scheduler = "cfs" if self.partition.semantics == "kvm" else "hyperv"
-        if scheduler == "cfs" and self.partition.slice_us != PartitionConfig.slice_us:
-            raise ConfigError("partition.slice_us", "has no effect under the cfs host scheduler (the kvm profile's), "
-                              "which sets its slices from host.sched_latency_us and host.sched_min_granularity_us; "
-                              "set those, or host.scheduler = \"hyperv\" for a fixed slice")
+            scheduler = "eevdf" if self.partition.semantics == "kvm" else "hyperv"
+        if scheduler in ("cfs", "eevdf") and self.partition.slice_us != PartitionConfig.slice_us:
+            raise ConfigError("partition.slice_us", f"has no effect under the {scheduler} host scheduler (the kvm "
+                              "profile's is eevdf), which sets its slices from host.sched_base_slice_us (eevdf) or "
+                              "host.sched_latency_us and host.sched_min_granularity_us (cfs); set those, or "
+                              "host.scheduler = \"hyperv\" for a fixed slice")
         if self.workload.threads > n:
             raise ConfigError("workload.threads", f"{self.workload.threads} threads, but the partition has {n} VPs "
                               "(one thread per VP; 0: one on every VP)")

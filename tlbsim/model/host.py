@@ -3,9 +3,10 @@
 Owns one question: "when does a VP run, wait for an LP, get preempted or
 yield its LP?". Everything that runs on the host's LPs (the partition's VPs
 and the co-tenants' VPs) is an *entity* with a virtual runtime (the LP time
-it has had). The rules are Linux's fair class, from kernel/sched/fair.c
-(CFS, Linux 4.x-6.5: the kernels of the published KVM measurements), with
-names kept so that a reader can find each one there:
+it has had). The rules are Linux's fair class, from kernel/sched/fair.c:
+``EevdfHost`` (below) for EEVDF (Linux 6.6+, the kvm profile's default) and
+``Host`` for CFS (Linux 4.x-6.5: the kernels of the published KVM
+measurements), with names kept so that a reader can find each one there:
 
 - ``update_min_vruntime``: the host's ``min_vruntime_us`` follows the least
   virtual runtime among the running entities and the leftmost queued one,
@@ -70,7 +71,7 @@ def tunable_scaling(n_lps: int) -> int:
 class SchedParams:
     """The host scheduler's rules and tunables, us (built from [host] and the profile)."""
 
-    kind: str  # "cfs" or "hyperv"
+    kind: str  # "cfs", "eevdf" or "hyperv"
     latency_us: float  # sysctl_sched_latency (cfs); the fixed slice (hyperv)
     min_granularity_us: float  # sysctl_sched_min_granularity (cfs)
     wakeup_granularity_us: float  # sysctl_sched_wakeup_granularity (cfs); inf: no wakeup preemption
@@ -84,6 +85,13 @@ class SchedParams:
         latency = latency_us or 6000.0 * f
         return cls("cfs", latency, min_granularity_us or 750.0 * f, wakeup_granularity_us or 1000.0 * f,
                    latency / 2)
+
+    @classmethod
+    def eevdf(cls, n_lps: int, base_slice_us: float = 0.0) -> SchedParams:
+        """EEVDF (Linux 6.6+): the base slice (sysctl_sched_base_slice 0.75 ms x tunable_scaling) where 0;
+        ``latency_us`` holds it."""
+        base = base_slice_us or 750.0 * tunable_scaling(n_lps)
+        return cls("eevdf", base, base, math.inf, base)
 
     @classmethod
     def hyperv(cls, slice_us: float) -> SchedParams:
@@ -219,10 +227,14 @@ class Host:
         least-run waiting entity, or idles."""
         lp = self._put_prev(entity)
         if self._queue:
-            self._dispatch_waiting(self._queue.pop(0)[2], lp)
+            self._dispatch_waiting(self._pick(), lp)
         else:
             self._lp_curr[lp] = None
             self._idle_set.add(lp)
+
+    def _pick(self):
+        """The waiting entity an LP runs next, taken off the queue (CFS: the least-run)."""
+        return self._queue.pop(0)[2]
 
     def _put_prev(self, entity) -> int:
         del self.running[entity]
@@ -245,6 +257,11 @@ class Host:
         self.dispatches += 1
 
     # ------------------------------------------------------------ directed yield
+    def yield_takes_lp(self, yielder) -> bool:
+        """Does a directed yield by ``yielder`` (to a queued target) move it off its LP? Under CFS
+        always: the skip buddy makes its LP run another entity."""
+        return True
+
     @staticmethod
     def can_yield_to(target) -> bool:
         """yield_to's test: the target is runnable and not running (queued for an LP)."""
@@ -291,7 +308,7 @@ class Host:
         candidates = [v for v in self.running if not v.preempt_pending]
         if not candidates:
             return
-        first = min(v.dispatched_us for v in candidates) + self.slice_us_now()
+        first = self._first_slice_end(candidates)
         if self._timer_armed and first >= self._timer_due:
             return
         delay = first - self.env.now
@@ -314,12 +331,180 @@ class Host:
         for vp in sorted(self.running, key=lambda v: v.dispatched_us):
             if waiting <= 0:
                 break
-            if not vp.preempt_pending and vp.dispatched_us + slice_us <= now:
+            if not vp.preempt_pending and self._slice_over(vp, slice_us, now):
                 vp.preempt_pending = True
                 self.preemptions += 1
                 waiting -= 1
                 vp.kick()
         self._arm()
+
+    def _first_slice_end(self, candidates) -> float:
+        """When the first of ``candidates`` (running) has used its slice (CFS: all have the same)."""
+        return min(v.dispatched_us for v in candidates) + self.slice_us_now()
+
+    def _slice_over(self, entity, slice_us: float, now: float) -> bool:
+        """check_preempt_tick: ``entity`` has run its slice and, someone waiting, is preempted."""
+        return entity.dispatched_us + slice_us <= now
+
+
+class EevdfHost(Host):
+    """Linux's EEVDF fair class (kernel/sched/fair.c, 6.6 to 6.13; names as there), in the same one
+    queue for every LP:
+
+    - ``avg_vruntime``: V, the mean virtual runtime of the runnable entities (running ones at their
+      current virtual runtime; equal weights), kept as running sums, O(1).
+    - an entity is *eligible* when its virtual runtime is at most V (lag >= 0);
+      ``pick_eevdf``: the eligible waiting entity with the earliest virtual deadline, where the
+      deadline is the virtual runtime plus the base slice (sysctl_sched_base_slice 0.75 ms x
+      tunable_scaling: 3 ms on 8 LPs or more).
+    - ``update_deadline``: a running entity whose virtual runtime reaches its deadline gets a new
+      one a slice later and is preempted if an eligible waiting entity has an earlier deadline.
+    - ``place_entity`` with PLACE_LAG: an entity keeps its lag across a sleep
+      (``update_entity_lag`` at dequeue, clamped to twice the slice) and is placed at
+      ``V - lag x (n + 1) / n`` when it wakes, with a fresh deadline.
+    - wakeup preemption (check_preempt_wakeup_fair with RUN_TO_PARITY): the woken entity preempts
+      the one on its last LP only if that one is no longer eligible and the woken one is, with an
+      earlier deadline: an eligible running entity keeps its slice.
+    - ``yield_to`` / ``yield_task_fair``: the yielder's deadline moves a slice later; the next
+      buddy the target becomes is not honoured at pick time before PICK_BUDDY (NEXT_BUDDY is off):
+      the LP goes to pick_eevdf's choice, the yielder included (then the yield changes nothing).
+    - DELAY_DEQUEUE (6.12+) and PICK_BUDDY are not modelled."""
+
+    def __init__(self, env, n_lps: int, sched: SchedParams):
+        super().__init__(env, n_lps, sched)
+        self.slice_us = sched.latency_us
+        self._queued_sum = 0.0  # sum of the waiting entities' virtual runtimes
+        self._running_base = 0.0  # sum over running entities of (virtual runtime at dispatch - dispatch time)
+
+    # ------------------------------------------------------------ V and eligibility
+    def _renew_deadline(self, entity, v_now: float) -> None:
+        """update_deadline, lazily: while the entity's virtual runtime has reached its deadline, the
+        deadline moves one slice on (the kernel does it at the tick that finds it reached)."""
+        d = entity.deadline_us
+        floor = v_now + 1e-9 + v_now * 1e-15  # a deadline within rounding of now is reached
+        if d <= floor:
+            slice_us = self.sched.latency_us
+            d += (math.floor((v_now - d) / slice_us) + 1) * slice_us
+            while d <= floor:  # the division rounded down at an exact multiple
+                d += slice_us
+            entity.deadline_us = d
+
+    def avg_vruntime(self) -> float:
+        n = len(self._queue) + len(self.running)
+        if not n:
+            return self.min_vruntime_us
+        return (self._queued_sum + self._running_base + len(self.running) * self.env.now) / n
+
+    def _enqueue(self, entity) -> None:
+        super()._enqueue(entity)
+        self._queued_sum += entity.vruntime_us
+
+    def _unqueue(self, index: int):
+        v, _, entity = self._queue.pop(index)
+        self._queued_sum -= v
+        return entity
+
+    def _dispatch(self, entity, lp: int) -> None:
+        super()._dispatch(entity, lp)
+        self._running_base += entity.vruntime_us - entity.dispatched_us
+
+    def _put_prev(self, entity) -> int:
+        v_now = entity.vruntime_us + (self.env.now - entity.dispatched_us)
+        limit = 2.0 * self.sched.latency_us
+        lag = self.avg_vruntime() - v_now  # update_entity_lag, with the entity still counted
+        entity.vlag_us = limit if lag > limit else -limit if lag < -limit else lag
+        self._renew_deadline(entity, v_now)
+        self._running_base -= entity.vruntime_us - entity.dispatched_us
+        lp = super()._put_prev(entity)
+        self.min_vruntime_us = max(self.min_vruntime_us, min(v_now, self._queue[0][0]) if self._queue else v_now)
+        return lp
+
+    def _best(self, also=None):
+        """pick_eevdf over the waiting entities (and ``also``, if given): (index in the queue or -1
+        for ``also``, entity). The eligible one with the earliest deadline; if none is eligible, the
+        least-run."""
+        big_v = self.avg_vruntime()
+        best, best_i, best_d = None, 0, math.inf
+        for i, (v, _, e) in enumerate(self._queue):
+            if v > big_v:
+                break  # sorted by virtual runtime: the rest are not eligible
+            if e.deadline_us < best_d:
+                best, best_i, best_d = e, i, e.deadline_us
+        if also is not None and also.vruntime_us <= big_v and also.deadline_us < best_d:
+            return -1, also
+        if best is None:
+            return 0, self._queue[0][2]
+        return best_i, best
+
+    def _pick(self):
+        i, _ = self._best()
+        return self._unqueue(i)
+
+    # ------------------------------------------------------------ placement and preemption
+    def _place_woken(self, entity) -> None:
+        n = len(self._queue) + len(self.running)
+        lag = entity.vlag_us * (n + 1) / n if n else 0.0
+        entity.vruntime_us = self.avg_vruntime() - lag
+        entity.deadline_us = entity.vruntime_us + self.sched.latency_us
+
+    def acquire(self, entity, woken: bool = False):
+        if not woken and entity.deadline_us <= entity.vruntime_us:  # first run, or its slice used up
+            entity.deadline_us = entity.vruntime_us + self.sched.latency_us
+        return super().acquire(entity, woken)
+
+    def _check_preempt_wakeup(self, woken) -> None:
+        if woken.lp is None:
+            return
+        curr = self._lp_curr[woken.lp]
+        if curr is None or curr.preempt_pending:
+            return
+        big_v = self.avg_vruntime()
+        v_curr = self.vruntime_now(curr)
+        self._renew_deadline(curr, v_curr)
+        if v_curr > big_v and woken.vruntime_us <= big_v and woken.deadline_us < curr.deadline_us:
+            curr.preempt_pending = True
+            self.wakeup_preemptions += 1
+            curr.kick()
+
+    # ------------------------------------------------------------ slices
+    def _first_slice_end(self, candidates) -> float:
+        return min(v.dispatched_us + max(0.0, v.deadline_us - v.vruntime_us) for v in candidates)
+
+    def _slice_over(self, entity, slice_us: float, now: float) -> bool:
+        """update_deadline: past its deadline the entity gets a new one; it is preempted if pick_eevdf
+        would now choose a waiting entity over it."""
+        if entity.dispatched_us + (entity.deadline_us - entity.vruntime_us) > now:
+            return False
+        v_now = self.vruntime_now(entity)
+        self._renew_deadline(entity, v_now)
+        saved, entity.vruntime_us = entity.vruntime_us, v_now  # compared at its current virtual runtime
+        i, chosen = self._best(also=entity)
+        entity.vruntime_us = saved
+        return i >= 0
+
+    # ------------------------------------------------------------ directed yield
+    def yield_takes_lp(self, yielder) -> bool:
+        """yield_task_fair: the yielder's deadline moves a slice later; then would pick_eevdf run
+        another entity (True) or the yielder again (False: the yield changes nothing else)?"""
+        v_now = self.vruntime_now(yielder)
+        self._renew_deadline(yielder, v_now)
+        yielder.deadline_us += self.sched.latency_us
+        saved, yielder.vruntime_us = yielder.vruntime_us, v_now
+        i, _ = self._best(also=yielder)
+        yielder.vruntime_us = saved
+        return i >= 0
+
+    def yield_to(self, yielder, target) -> bool:
+        if not self.can_yield_to(target):
+            self.yield_failures += 1
+            return False
+        self.yields += 1
+        lp = self._put_prev(yielder)
+        chosen = self._pick()  # the next buddy is not honoured (NEXT_BUDDY off, no PICK_BUDDY)
+        if chosen is target:
+            self.yields_to_target += 1
+        self._dispatch_waiting(chosen, lp)
+        return True
 
 
 class CoTenantVp:
@@ -327,7 +512,8 @@ class CoTenantVp:
     CPU-bound), halted in between; takes LPs from the host like any VP."""
 
     __slots__ = ("env", "host", "on_lp", "preempt_pending", "dispatch_event", "interruptible",
-                 "proc", "stream", "busy_mean_us", "idle_mean_us", "run_us", "vruntime_us", "dispatched_us", "lp")
+                 "proc", "stream", "busy_mean_us", "idle_mean_us", "run_us", "vruntime_us", "dispatched_us", "lp",
+                 "deadline_us", "vlag_us")
 
     def __init__(self, env, host: Host, stream, load: str, duty: float, period_us: float):
         self.env = env
@@ -339,6 +525,8 @@ class CoTenantVp:
         self.vruntime_us = 0.0
         self.dispatched_us = 0.0
         self.lp = None
+        self.deadline_us = 0.0  # EEVDF's virtual deadline
+        self.vlag_us = 0.0  # EEVDF's lag, kept across a sleep
         self.stream = stream
         if load == "cpu" or duty >= 1.0:
             self.busy_mean_us, self.idle_mean_us = math.inf, 0.0
@@ -379,3 +567,8 @@ class CoTenantVp:
             if self.idle_mean_us > 0:
                 yield env.timeout(self.stream.exp(self.idle_mean_us))
                 woken = True
+
+
+def make_host(env, n_lps: int, sched: SchedParams) -> Host:
+    """The host with ``sched``'s rules: EevdfHost for "eevdf", else Host (cfs, hyperv)."""
+    return (EevdfHost if sched.kind == "eevdf" else Host)(env, n_lps, sched)

@@ -14,7 +14,7 @@ import simpy
 
 from tlbsim.config import Config
 from tlbsim.model import InvariantError, rng
-from tlbsim.model.host import CoTenantVp, Host, SchedParams
+from tlbsim.model.host import CoTenantVp, SchedParams, make_host
 from tlbsim.model.profiles import profile_for
 from tlbsim.model.vf import VF_COLUMNS
 from tlbsim.records import Records, ShootdownRecorder, vp_tables
@@ -54,6 +54,8 @@ def sched_params(config: Config) -> SchedParams:
     if kind == "cfs":
         return SchedParams.cfs(config.partition.lps, h.sched_latency_us, h.sched_min_granularity_us,
                                h.sched_wakeup_granularity_us)
+    if kind == "eevdf":
+        return SchedParams.eevdf(config.partition.lps, h.sched_base_slice_us)
     return SchedParams.hyperv(config.partition.slice_us)
 
 
@@ -63,7 +65,7 @@ class Machine:
         self.env = CountingEnvironment(max_events=config.run.max_events)
         # spill: a sink for recorded rows (results.ShootdownSpill) or None: all rows stay in memory
         self.recorder = ShootdownRecorder(spill, spill.rows_per_group) if spill is not None else ShootdownRecorder()
-        self.host = Host(self.env, config.partition.lps, sched_params(config))
+        self.host = make_host(self.env, config.partition.lps, sched_params(config))
         self.guests: list = []  # partition.Partition, in index order
         self.cotenants: list[CoTenantVp] = []
 

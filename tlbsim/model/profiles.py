@@ -39,8 +39,8 @@ class HypervisorProfile:
     #: directed yield) or "notify" (the guest's HvCallNotifyLongSpinWait after the CPUID-recommended
     #: retries; the hypervisor may run another VP of the partition)
     spin_yield: str = "notify"
-    #: the host scheduler (host.py): "cfs" (Linux's fair class: KVM runs on Linux) or "hyperv" (a fair
-    #: queue with the fixed partition.slice_us; Hyper-V's scheduler is not public beyond that)
+    #: the host scheduler (host.py): "eevdf" (Linux 6.6+'s fair class: KVM runs on Linux), "cfs" (before
+    #: 6.6) or "hyperv" (a fair queue with the fixed partition.slice_us; Hyper-V's is not public beyond that)
     scheduler: str = "hyperv"
 
     def validate(self, call: hv.FlushCall, n_vps: int) -> hv.Validation:
@@ -55,7 +55,7 @@ class HypervisorProfile:
 TLFS = HypervisorProfile("tlfs", validation="tlfs")
 #: KVM emulating the Hyper-V flush hypercalls for a Windows (or Linux-on-Hyper-V) guest.
 KVM = HypervisorProfile("kvm", validation="kvm", lock_wait="none", flush_whole_tlb=True, flush_queue_ranges=16,
-                        spin_yield="ple", scheduler="cfs")
+                        spin_yield="ple", scheduler="eevdf")
 #: Hyper-V with the OpenHCL paravisor handling VTL TLB locks (openvmm).
 OPENHCL = HypervisorProfile("openhcl", validation="tlfs", lock_wait="snapshot")
 

@@ -180,6 +180,7 @@ class VP(TimeAccount):
         "vsm",
         "vtl1_budget_us",
         "vtl1_end_us",
+        "vlag_us",
         "vruntime_us",
         "arrivals",
         "collateral_entries",
@@ -187,6 +188,7 @@ class VP(TimeAccount):
         "deferred",
         "deferred_applied",
         "dispatch_event",
+        "deadline_us",
         "dispatched_us",
         "exit_budget_us",
         "exit_gap_mean_us",
@@ -261,6 +263,8 @@ class VP(TimeAccount):
         self.preempted_in_kernel = False  # ... in guest kernel mode (kvm_arch_vcpu_preempted_in_kernel)
         self.kernel_fraction = cfg.guest.kernel_fraction
         self.lp = None  # the LP it last ran on
+        self.deadline_us = 0.0  # EEVDF's virtual deadline
+        self.vlag_us = 0.0  # EEVDF's lag, kept across a sleep
         self.dispatch_event = None
         self.vruntime_us = 0.0  # LP time had (the host's fair queue order)
         self.dispatched_us = 0.0
@@ -516,8 +520,13 @@ class VP(TimeAccount):
     def yield_lp_to(self, target) -> bool:
         """A directed yield to ``target`` (Host.yield_to): False when it fails (nothing changed,
         the VP keeps its LP); True when this VP yielded and must wait for an LP again."""
-        if not self.host.can_yield_to(target):
-            self.host.yield_failures += 1
+        host = self.host
+        if not host.can_yield_to(target):
+            host.yield_failures += 1
+            return False
+        if not host.yield_takes_lp(self):  # EEVDF picks the yielder again: the yield changes nothing else
+            host.yields += 1
+            self.part.last_boosted = target.index
             return False
         self._descheduled_runnable()
         self.host.yield_to(self, target)
