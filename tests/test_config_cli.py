@@ -183,3 +183,17 @@ def test_host_and_guest_load_keys_are_checked(overrides, key, words):
     with pytest.raises(ConfigError) as err:
         Config().with_overrides(overrides)
     assert err.value.key == key and words in str(err.value)
+
+
+@pytest.mark.parametrize(("overrides", "key", "words"), [
+    ({"workload.sleep_us": 50.0}, "workload.sleep_us", "closed loop only"),
+    ({"host.sched_base_slice_us": 3000.0}, "host.sched_base_slice_us", "no effect under the hyperv"),
+    ({"partition.semantics": "kvm", "host.sched_latency_us": 6000.0}, "host.sched_latency_us",
+     "it uses host.sched_base_slice_us"),
+    ({"workload.threads": 4, "workload.initiators": [5]}, "workload.initiators", "VP 5 has no thread"),
+    ({"host.guests": 64, "partition.vps": 2048}, "host.guests", "at most 65,536 guest VPs"),
+])
+def test_keys_that_would_do_nothing_are_refused(overrides, key, words):
+    with pytest.raises(ConfigError) as err:
+        Config().with_overrides(overrides)
+    assert err.value.key == key and words in str(err.value)

@@ -308,3 +308,36 @@ def test_eevdf_yield_changes_nothing_when_the_yielder_is_still_the_pick():
     host.acquire(target)
     assert host.can_yield_to(target) and not host.yield_takes_lp(y)
     assert y.deadline_us == 3100.0  # yield_task_fair moved its deadline a slice on
+
+
+def test_a_cotenant_preempted_before_it_resumes_gives_the_lp_back():
+    """Review finding: a co-tenant dispatched by a release and preempted by a wakeup in the same instant
+    (before its process resumed, so the kick found it not interruptible) must still leave its LP."""
+    env, host = host_of()
+    x = Stub(host)
+    host.acquire(x)
+    cotenant = CoTenantVp(env, host, None, "cpu", 1.0, 1.0)
+    env.run(until=1.0)  # the co-tenant queues behind x
+    cotenant.vruntime_us = 10_000.0  # far ahead: a woken x preempts it
+
+    def switch():
+        yield env.timeout(99.0)
+        host.release(x)  # the co-tenant is dispatched ...
+        host.acquire(x, woken=True)  # ... and x, woken at once, preempts it (placed at 10,000 - 3,000)
+        assert cotenant.preempt_pending and not cotenant.interruptible
+
+    env.process(switch())
+    env.run(until=200.0)
+    assert x.on_lp and not cotenant.on_lp and cotenant.run_us == 0.0
+    assert host.wakeup_preemptions == 1
+
+
+def test_eevdf_slices_end_at_large_simulated_times():
+    """Slices keep their length at large clock values (deadlines are also renewed in wall time: in virtual
+    time alone a renewal could round short of the slice end and re-arm the timer at the same instant)."""
+    env = simpy.Environment(initial_time=1e8)
+    host = make_host(env, 1, EEVDF)
+    a, b = Entity(env, host, "a", vruntime=5e6), Entity(env, host, "b", vruntime=5e6)
+    env.run(until=1e8 + 30_000.0)
+    assert len(a.log) + len(b.log) == 19  # 10 slices of 3 ms, alternating (b still runs the last)
+    assert all(t2 - t1 == pytest.approx(3000.0) for (_, t1), (_, t2) in zip(a.log[::2], a.log[1::2], strict=True))

@@ -103,8 +103,8 @@ def test_pv_sched_yield_is_a_kvm_guest_option():
     hc = {name: r.exits[r.exits.reason == "HYPERCALL"]["count"].sum() for name, r in
           (("on", on), ("off", off), ("tlfs", tlfs))}
     assert hc["on"] > hc["off"] and on.summary["directed_yields"] > off.summary["directed_yields"]
-    # with pause-loop exits already yielding within microseconds, it changes little (and costs no work)
-    assert on.summary["guest_work_fraction"] > off.summary["guest_work_fraction"] - 0.01
+    # with pause-loop exits already yielding within microseconds, it changes little: within 5 % of the work
+    assert on.summary["guest_work_fraction"] > 0.95 * off.summary["guest_work_fraction"]
     assert tlfs.vps.spin_yields.sum() <= tlfs.summary["directed_yields"]
     off_tlfs = simulate(make_config(guest__pv_sched_yield="off", **tlfs_kw), seed=2)
     assert hc["tlfs"] == off_tlfs.exits[off_tlfs.exits.reason == "HYPERCALL"]["count"].sum()  # auto: not on Hyper-V
@@ -511,3 +511,10 @@ def test_identical_guests_share_the_lps():
     share = on_lp.groupby(v.partition).mean()
     assert 0.40 < share[0] < 0.60 and 0.40 < share[1] < 0.60
     assert share.sum() == pytest.approx(1.0, abs=0.05)
+
+
+def test_vps_without_a_thread_do_not_make_the_host_overcommitted():
+    from tlbsim.model.partition import Partition
+
+    part = Partition(make_config(partition__vps=16, partition__lps=8, workload__threads=8), 0)
+    assert part.host.entities == 8 and not part.host.overcommitted

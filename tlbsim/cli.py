@@ -190,7 +190,8 @@ def cmd_run(args) -> int:
     else:
         print(format_replications([r.summary for r in results]))
     if timeline is not None:
-        vf_rows = result.vf.to_dict("records") if len(result.vf) else None
+        vf0 = result.vf[result.vf["partition"] == 0] if len(result.vf) else result.vf  # the guest drawn
+        vf_rows = vf0.to_dict("records") if len(vf0) else None
         if args.trace:
             timeline.write_json(args.trace, config.partition.vps, vf_rows)
             print(f"timeline ({timeline.start_us:,.0f}-{timeline.end_us:,.0f} us) written to {args.trace}: "

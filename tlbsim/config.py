@@ -374,8 +374,8 @@ class HostConfig:
     cotenant_duty: float = 0.5
     cotenant_period_us: float = 10_000.0  # estimate
     # guest partitions on the host, each with the [partition] ... [vf] configuration (its own VPs, workload,
-    # address spaces and random streams): N identical guests are one key. Guest 0 is the one VFs, traces
-    # of VF calls and --trace timelines belong to
+    # address spaces, VFs and random streams; traces are replayed in each): N identical guests are one key.
+    # --trace / --timeline draw guest 0
     guests: int = 1
     # the policy of guests 1 .. guests - 1, in order (empty: every guest runs workload.policy)
     guest_policies: list[str] = field(default_factory=list)
@@ -530,9 +530,28 @@ class Config:
                               "profile's is eevdf), which sets its slices from host.sched_base_slice_us (eevdf) or "
                               "host.sched_latency_us and host.sched_min_granularity_us (cfs); set those, or "
                               "host.scheduler = \"hyperv\" for a fixed slice")
+        used = {"cfs": ("sched_latency_us", "sched_min_granularity_us", "sched_wakeup_granularity_us"),
+                "eevdf": ("sched_base_slice_us",), "hyperv": ()}[scheduler]
+        for name in ("sched_latency_us", "sched_min_granularity_us", "sched_wakeup_granularity_us",
+                     "sched_base_slice_us"):
+            if getattr(self.host, name) and name not in used:
+                raise ConfigError(f"host.{name}", f"has no effect under the {scheduler} host scheduler"
+                                  + (f" (it uses {', '.join('host.' + u for u in used)})" if used else
+                                     " (it uses partition.slice_us)"))
+        if self.workload.sleep_us and self.workload.mode != "closed":
+            raise ConfigError("workload.sleep_us", "a thread sleeps after each operation of a closed loop only "
+                              "(workload.mode = \"closed\")")
+        if self.host.guests * n > 65536:
+            raise ConfigError("host.guests", f"{self.host.guests} guests of {n} VPs: at most 65,536 guest VPs in all")
         if self.workload.threads > n:
             raise ConfigError("workload.threads", f"{self.workload.threads} threads, but the partition has {n} VPs "
                               "(one thread per VP; 0: one on every VP)")
+        threads = self.workload.threads or n
+        for key, vps in (("workload.initiators", self.workload.initiators), ("locks.vsm_vps", self.locks.vsm_vps)):
+            idle = [v for v in vps if v >= threads]
+            if idle:
+                raise ConfigError(key, f"VP {idle[0]} has no thread (workload.threads = {threads}: VPs "
+                                  f"0..{threads - 1} run one)")
         mask = self.workload.processor_mask
         if mask:
             bad = [v for v in hv.mask_to_vps(mask) if v >= n]

@@ -433,7 +433,7 @@ def vf_summary(vf: pd.DataFrame, vps: pd.DataFrame, stats: dict) -> dict:
     read = vf[vf["status"] == "read"]
     lat = read["latency_us"].to_numpy(dtype=float)
     sent = vf[vf["notification"] >= 0]
-    notifications = sent.groupby(["vf", "notification"]).ngroups
+    notifications = sent.groupby(["partition", "vf", "notification"]).ngroups
     return {
         "vf_calls": int(len(vf)),
         "vf_calls_read": int(len(read)),

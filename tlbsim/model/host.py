@@ -228,6 +228,7 @@ class Host:
         lp = self._put_prev(entity)
         if self._queue:
             self._dispatch_waiting(self._pick(), lp)
+            self._arm()  # entities still wait: the one just dispatched has a slice to time
         else:
             self._lp_curr[lp] = None
             self._idle_set.add(lp)
@@ -392,6 +393,7 @@ class EevdfHost(Host):
     def avg_vruntime(self) -> float:
         n = len(self._queue) + len(self.running)
         if not n:
+            self._queued_sum = self._running_base = 0.0  # nothing runnable: drop the sums' rounding
             return self.min_vruntime_us
         return (self._queued_sum + self._running_base + len(self.running) * self.env.now) / n
 
@@ -424,6 +426,7 @@ class EevdfHost(Host):
         for ``also``, entity). The eligible one with the earliest deadline; if none is eligible, the
         least-run."""
         big_v = self.avg_vruntime()
+        big_v += 1e-9 + abs(big_v) * 1e-12  # eligible within the running sums' rounding
         best, best_i, best_d = None, 0, math.inf
         for i, (v, _, e) in enumerate(self._queue):
             if v > big_v:
@@ -459,6 +462,7 @@ class EevdfHost(Host):
         if curr is None or curr.preempt_pending:
             return
         big_v = self.avg_vruntime()
+        big_v += 1e-9 + abs(big_v) * 1e-12  # eligible within the running sums' rounding
         v_curr = self.vruntime_now(curr)
         self._renew_deadline(curr, v_curr)
         if v_curr > big_v and woken.vruntime_us <= big_v and woken.deadline_us < curr.deadline_us:
@@ -477,6 +481,8 @@ class EevdfHost(Host):
             return False
         v_now = self.vruntime_now(entity)
         self._renew_deadline(entity, v_now)
+        while entity.dispatched_us + (entity.deadline_us - entity.vruntime_us) <= now:  # rounding at large times
+            entity.deadline_us += self.sched.latency_us
         saved, entity.vruntime_us = entity.vruntime_us, v_now  # compared at its current virtual runtime
         i, chosen = self._best(also=entity)
         entity.vruntime_us = saved
@@ -554,6 +560,9 @@ class CoTenantVp:
                 woken = False
                 if ev is not None:
                     yield ev
+                if self.preempt_pending:  # preempted (a wakeup) before it could resume: back to the queue
+                    host.release(self)
+                    continue
                 start = env.now
                 self.interruptible = True
                 try:

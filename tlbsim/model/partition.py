@@ -187,7 +187,7 @@ class Partition:
             for g in range(1, config.host.guests):
                 policies = config.host.guest_policies
                 config_g = config.with_overrides({"workload.policy": policies[g - 1]}) if policies else config
-                Partition(config_g, rng.guest_seed(seed, g), trace, None, None, None, machine, g)
+                Partition(config_g, rng.guest_seed(seed, g), trace, vf_trace, None, None, machine, g)
 
     def vsm_for(self, vp_index: int) -> VsmSchedule | None:
         """The VTL1 entry schedule of a VP, or None if it has no VTL1."""

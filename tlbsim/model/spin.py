@@ -24,9 +24,12 @@ commit d73eb57b, "KVM: Boost vCPUs that are delivering interrupts", Linux
 the rule before it). A preempted candidate that was in user mode when
 descheduled is skipped by a spinner in kernel mode (Linux 4.13+,
 kvm_arch_vcpu_in_kernel), since 5.3 unless it has an interrupt pending
-(kvm_arch_dy_has_pending_interrupt, with the ``ready`` rule). The first candidate gets
-``Host.yield_to``, which can fail (the spinner spins on) and, when it
-succeeds, does not hand the LP over: see host.py. KVM also skips a VP
+(kvm_arch_dy_has_pending_interrupt, with the ``ready`` rule). Candidates
+get ``Host.yield_to`` in that order until one yield takes place (a
+candidate that is no longer ready fails and the next is tried); a yield that
+takes place does not hand the LP over (host.py), and under EEVDF it may
+leave the spinner on its LP. A VP in a shootdown of its own is in kernel
+mode whatever its state (``VP.in_shootdown``). KVM also skips a VP
 preempted inside its own kvm_vcpu_on_spin every other time (in_spin_loop /
 dy_eligible); a VP is in that handler for about a microsecond, so the model
 does not track it. Hyper-V's choice of VP on a notification is not public:
@@ -43,6 +46,10 @@ from functools import partial
 from simpy import Interrupt
 
 from tlbsim.model.accounting import EXIT, I_HYPERCALL, SPINNING
+
+#: VP.yield_lp_to's outcomes: the target was not ready (nothing changed); the yield took place but the
+#: scheduler runs the yielder again (EEVDF); the yielder left its LP
+YIELD_FAILED, YIELD_KEPT_LP, YIELD_LEFT_LP = 0, 1, 2
 
 
 class SpinYield:
@@ -125,8 +132,8 @@ def _spin_exit(vp, acks):
     if spin.ipi_aware:
         def prefer(candidate):
             return any(a is acks for _, _, a in candidate.irqs)
-    for target in yield_candidates(vp, prefer):
-        if vp.yield_lp_to(target):
+    for target in yield_candidates(vp, prefer):  # up to the first yield that takes place (kvm_vcpu_on_spin)
+        if vp.yield_lp_to(target) != YIELD_FAILED:
             return
 
 

@@ -53,7 +53,7 @@ from tlbsim.model.accounting import (
     TimeAccount,
     VpState,
 )
-from tlbsim.model.spin import SpinYield, spin_until_acked
+from tlbsim.model.spin import YIELD_FAILED, YIELD_KEPT_LP, YIELD_LEFT_LP, SpinYield, spin_until_acked
 from tlbsim.model.tlb import EVERYTHING, FlushScope, Tlb
 
 if TYPE_CHECKING:
@@ -197,6 +197,7 @@ class VP(TimeAccount):
         "halt_idle_mean_us",
         "host",
         "idle_until_us",
+        "in_shootdown",
         "index",
         "inhibit",
         "ipi_send_us",
@@ -222,7 +223,8 @@ class VP(TimeAccount):
                                        t.fill_rate_per_us, t.start_warm))
         self.part = part
         self.host = part.host
-        self.host.entities += 1
+        if has_thread:  # a VP that only wakes for interrupts does not make the host overcommitted
+            self.host.entities += 1
         self.policy = part.policy
         self.recorder = part.recorder
         self.inhibit = part.intercept_inhibit  # TlbFlushInhibit source, None when that lock is off
@@ -261,6 +263,7 @@ class VP(TimeAccount):
         self.preempt_pending = False
         self.preempted = False  # descheduled while runnable (KVM's steal-time "preempted")
         self.preempted_in_kernel = False  # ... in guest kernel mode (kvm_arch_vcpu_preempted_in_kernel)
+        self.in_shootdown = False  # in a shootdown of its own (kernel mode, whatever its state)
         self.kernel_fraction = cfg.guest.kernel_fraction
         self.lp = None  # the LP it last ran on
         self.deadline_us = 0.0  # EEVDF's virtual deadline
@@ -505,7 +508,8 @@ class VP(TimeAccount):
         """Off the LP while runnable (kvm_sched_out: vcpu->preempted, with the guest's mode then:
         kernel in a flush, spin, handler or hypercall; in guest code, kernel with probability
         guest.kernel_fraction)."""
-        in_kernel = self.state != GUEST and self.state != EXIT or self.streams["sched"].uniform() < self.kernel_fraction
+        in_kernel = (self.in_shootdown or self.state != GUEST and self.state != EXIT
+                     or self.streams["sched"].uniform() < self.kernel_fraction)
         self.set_state(DESCHEDULED)
         self.kicked = False  # a Canceled exit that led to losing the LP is part of that switch
         self.preempted = True
@@ -517,22 +521,22 @@ class VP(TimeAccount):
         self._descheduled_runnable()
         self.host.release(self)
 
-    def yield_lp_to(self, target) -> bool:
-        """A directed yield to ``target`` (Host.yield_to): False when it fails (nothing changed,
-        the VP keeps its LP); True when this VP yielded and must wait for an LP again."""
+    def yield_lp_to(self, target) -> int:
+        """A directed yield to ``target`` (Host.yield_to). Returns YIELD_FAILED (the target is not
+        ready: nothing changed), YIELD_KEPT_LP (the yield took place but the scheduler runs this VP
+        again: EEVDF) or YIELD_LEFT_LP (this VP yielded its LP and must wait for one again)."""
         host = self.host
         if not host.can_yield_to(target):
             host.yield_failures += 1
-            return False
+            return YIELD_FAILED
+        self.part.last_boosted = target.index
         if not host.yield_takes_lp(self):  # EEVDF picks the yielder again: the yield changes nothing else
             host.yields += 1
-            self.part.last_boosted = target.index
-            return False
+            return YIELD_KEPT_LP
         self._descheduled_runnable()
-        self.host.yield_to(self, target)
-        self.part.last_boosted = target.index
+        host.yield_to(self, target)
         self.spin_yields += 1
-        return True
+        return YIELD_LEFT_LP
 
     def spin_until_acked(self, acks):
         """Busy-wait until every target acked (spin.py)."""
@@ -568,7 +572,9 @@ class VP(TimeAccount):
                 yield from self.run_work()
                 continue
             if self.requests:
+                self.in_shootdown = True
                 yield from policy.shootdown(self, self.requests.popleft())
+                self.in_shootdown = False
                 if not self.requests and arrivals.sleep_mean_us:  # the thread sleeps after its operation
                     self.idle_until_us = env.now + arrivals.sleep_us()
                 continue
