@@ -46,9 +46,11 @@ validate: $(STAMP)
 validate-quick: $(STAMP)
 	$(BIN)/tlbsim validate --quick --no-progress
 
-# Which estimated parameters decide the policy answers (Morris screening; about a minute on 2 cores).
+# Which estimated parameters decide the policy answers (Morris screening, Hyper-V and KVM hosts; about two
+# minutes on 2 cores).
 sensitivity: $(STAMP)
 	$(BIN)/tlbsim sensitivity experiments/sensitivity/policy_choice.toml --resume
+	$(BIN)/tlbsim sensitivity experiments/sensitivity/policy_choice_kvm.toml --resume
 
 bench: $(STAMP)
 	$(BIN)/tlbsim bench --compare benchmarks/reference.json
