@@ -9,7 +9,16 @@ import pytest
 import simpy
 from simpy import Interrupt
 
-from tlbsim.model.host import CoTenantVp, EevdfHost, SchedParams, make_host, tunable_scaling
+from tlbsim.model.host import (
+    YIELD_FAILED,
+    YIELD_KEPT_LP,
+    YIELD_LEFT_LP,
+    CoTenantVp,
+    EevdfHost,
+    SchedParams,
+    make_host,
+    tunable_scaling,
+)
 
 # a small CFS: 6 ms latency, 0.75 ms minimum granularity, 1 ms wakeup granularity (Linux's normalised
 # defaults, unscaled)
@@ -146,7 +155,7 @@ def test_a_sleeper_ahead_keeps_its_virtual_runtime_and_does_not_preempt():
     env.run(until=20_000.0)
     # a at 5000 is ahead by only 500 < 1000: no preemption; w waits for a's 3 ms slice (nr 2)
     assert host.wakeup_preemptions == 0
-    assert w.log[0] == ("on", 5000.0 if a.log[1][1] == 5000.0 else a.log[1][1])
+    assert w.log[0] == ("on", 5000.0)
     assert a.log[1] == ("off", 5000.0)  # a has run 5000 > 3000 when w queues: the slice is over at once
 
 
@@ -186,6 +195,9 @@ class Stub:
     def kick(self):
         self.kicks += 1
 
+    def descheduled_runnable(self):
+        self.told_descheduled = True
+
 
 def test_yield_to_fails_on_a_running_or_sleeping_target():
     env, host = host_of(n_lps=2)
@@ -194,7 +206,7 @@ def test_yield_to_fails_on_a_running_or_sleeping_target():
     host.acquire(running)
     sleeping = Stub(host)
     assert not host.can_yield_to(running) and not host.can_yield_to(sleeping)
-    assert host.yield_to(y, running) is False and host.yield_to(y, sleeping) is False
+    assert host.yield_to(y, running) == YIELD_FAILED and host.yield_to(y, sleeping) == YIELD_FAILED
     assert y.on_lp and host.yield_failures == 2 and host.yields == 0
 
 
@@ -206,7 +218,7 @@ def test_yield_to_runs_the_target_when_that_is_fair():
     target = Stub(host, vruntime=900.0)  # within 1000 of the leftmost (other)
     host.acquire(other)
     host.acquire(target)
-    assert host.yield_to(y, target) is True
+    assert host.yield_to(y, target) == YIELD_LEFT_LP and y.told_descheduled
     assert target.on_lp and not y.on_lp and not other.on_lp
     assert host.queue == [other] and host.yields_to_target == 1
 
@@ -219,7 +231,7 @@ def test_yield_to_runs_the_leftmost_when_the_target_is_too_far_ahead():
     target = Stub(host, vruntime=1200.0)  # 1100 ahead of the leftmost: the next buddy is not picked
     host.acquire(other)
     host.acquire(target)
-    assert host.yield_to(y, target) is True
+    assert host.yield_to(y, target) == YIELD_LEFT_LP and y.told_descheduled
     assert other.on_lp and not target.on_lp and not y.on_lp
     assert host.yields == 1 and host.yields_to_target == 0
 
@@ -294,7 +306,7 @@ def test_eevdf_directed_yield_ignores_the_buddy():
     other.deadline_us, target.deadline_us = 3100.0, 5000.0  # both eligible; other's deadline is earlier
     host.acquire(other)
     host.acquire(target)
-    assert host.yield_takes_lp(y) and host.yield_to(y, target) is True
+    assert host.yield_to(y, target) == YIELD_LEFT_LP
     assert other.on_lp and not target.on_lp and host.yields_to_target == 0
 
 
@@ -306,7 +318,8 @@ def test_eevdf_yield_changes_nothing_when_the_yielder_is_still_the_pick():
     target = Stub(host, vruntime=50_000.0)  # far ahead of V: not eligible
     target.deadline_us = 53_000.0
     host.acquire(target)
-    assert host.can_yield_to(target) and not host.yield_takes_lp(y)
+    assert host.can_yield_to(target) and host.yield_to(y, target) == YIELD_KEPT_LP
+    assert y.on_lp and not target.on_lp and host.yields == 1
     assert y.deadline_us == 3100.0  # yield_task_fair moved its deadline a slice on
 
 

@@ -102,7 +102,8 @@ def simulate(config: Config, seed: int = 0, progress=None, timeline=None,
         extra.update(vf_summary(vf, vps, rec.vf_stats))
     summary = _summary(shootdowns, vps, exits, config, rec.duration_us, extra)
     summary["policy"] = config.workload.policy
-    partitions = partitions_frame(shootdowns, vps, exits, config, rec.duration_us)
+    partitions = partitions_frame(shootdowns, vps, exits, config, rec.duration_us,
+                                  summary.drop(list(extra)) if config.host.guests == 1 else None)
     return Result(shootdowns, vps, exits, summary, config=config.to_dict(), seed=seed, vf=vf,
                   shootdowns_file=shootdowns_file, partitions=partitions)
 
@@ -131,21 +132,21 @@ def _summary(shootdowns, vps, exits, config: Config, duration_us: float, extra: 
     return summary
 
 
-def partitions_frame(shootdowns, vps, exits, config: Config, duration_us: float):
-    """One summary row per guest partition (``partition``, ``policy``, then summarize()'s figures)."""
+def partitions_frame(shootdowns, vps, exits, config: Config, duration_us: float, only=None):
+    """One summary row per guest partition (``partition``, ``policy``, then summarize()'s figures).
+    ``only``: the one guest's summary, already computed (a run's summary less the host's figures)."""
     import pandas as pd
 
     policies = [config.workload.policy, *config.host.guest_policies]
     rows = []
     for g in range(config.host.guests):
-        policy = policies[g] if g < len(policies) else config.workload.policy
-        if config.host.guests == 1:
-            sd, v, x = shootdowns, vps, exits
+        if only is not None:
+            row = only.drop("policy")
         else:
             sd = shootdowns[shootdowns["partition"] == g]
             v, x = vps[vps["partition"] == g], exits[exits["partition"] == g]
-        row = _summary(sd, v, x, config, duration_us, {})
-        rows.append({"partition": g, "policy": policy, **{k: val for k, val in row.items()}})
+            row = _summary(sd, v, x, config, duration_us, {})
+        rows.append({"partition": g, "policy": policies[g] if policies[g:] else config.workload.policy, **row})
     return pd.DataFrame(rows)
 
 

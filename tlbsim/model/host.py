@@ -61,6 +61,10 @@ from functools import partial
 
 from simpy import Interrupt
 
+#: Host.yield_to's outcomes: the target was not ready (nothing changed); the yield took place but the
+#: scheduler runs the yielder again (EEVDF); the yielder left its LP
+YIELD_FAILED, YIELD_KEPT_LP, YIELD_LEFT_LP = 0, 1, 2
+
 
 def tunable_scaling(n_lps: int) -> int:
     """SCHED_TUNABLESCALING_LOG (kernel/sched/fair.c get_update_sysctl_factor): 1 + ilog2(min(LPs, 8))."""
@@ -258,40 +262,48 @@ class Host:
         self.dispatches += 1
 
     # ------------------------------------------------------------ directed yield
-    def yield_takes_lp(self, yielder) -> bool:
-        """Does a directed yield by ``yielder`` (to a queued target) move it off its LP? Under CFS
-        always: the skip buddy makes its LP run another entity."""
-        return True
-
     @staticmethod
     def can_yield_to(target) -> bool:
         """yield_to's test: the target is runnable and not running (queued for an LP)."""
         return target.dispatch_event is not None and not target.on_lp
 
-    def yield_to(self, yielder, target) -> bool:
-        """yield_to(): ``yielder`` (on an LP) yields with ``target`` as the next buddy. Fails (returns
-        False, nothing changes) when ``target`` is running or not runnable (not queued). Otherwise
-        the yielder goes back to the queue by its virtual runtime (skipped once: the skip buddy) and
-        its LP runs the target if that is fair (pick_next_entity: the next buddy's virtual runtime
-        within the wakeup granularity of the leftmost's), else the leftmost entity. Returns True:
-        the yield took place, and the yielder is off its LP either way."""
+    def yield_to(self, yielder, target) -> int:
+        """yield_to(): ``yielder`` (on an LP) yields with ``target`` as the next buddy. Returns
+        YIELD_FAILED when ``target`` is running or not runnable (nothing changes); YIELD_KEPT_LP when
+        the yield took place but the scheduler runs the yielder again (``_yield_task``: EEVDF);
+        YIELD_LEFT_LP when the yielder left its LP (it has been told, ``descheduled_runnable``, and
+        queues again by its own acquire: the skip buddy, after this pick) and the LP runs
+        ``_yield_pick``'s choice."""
         if not self.can_yield_to(target):
             self.yield_failures += 1
-            return False
+            return YIELD_FAILED
         self.yields += 1
+        if not self._yield_task(yielder):
+            return YIELD_KEPT_LP
+        yielder.descheduled_runnable()
         lp = self._put_prev(yielder)
+        chosen = self._yield_pick(target)
+        if chosen is target:
+            self.yields_to_target += 1
+        self._dispatch_waiting(chosen, lp)
+        return YIELD_LEFT_LP
+
+    def _yield_task(self, yielder) -> bool:
+        """yield_task_fair: does the yielder leave its LP? Under CFS always (the skip buddy makes the
+        LP run another entity)."""
+        return True
+
+    def _yield_pick(self, target):
+        """The entity the yielder's LP runs, taken off the queue: CFS's pick_next_entity runs the
+        next buddy (``target``) if its virtual runtime is within the wakeup granularity of the
+        leftmost's, else the leftmost."""
         leftmost = self._queue[0][2]
         gran = self.sched.wakeup_granularity_us
         if gran == math.inf:  # no buddy rule published (hyperv): the yield goes to the target
             gran = self.sched.latency_us
-        if target is leftmost or target.vruntime_us - leftmost.vruntime_us <= gran:
-            chosen = target
-            self.yields_to_target += 1
-        else:
-            chosen = leftmost
+        chosen = target if target is leftmost or target.vruntime_us - leftmost.vruntime_us <= gran else leftmost
         self._queue = [e for e in self._queue if e[2] is not chosen]
-        self._dispatch_waiting(chosen, lp)
-        return True  # the yielder queues again by its own acquire (the skip buddy: after this pick)
+        return chosen
 
     # ------------------------------------------------------------ slices
     def slice_us_now(self) -> float:
@@ -489,8 +501,8 @@ class EevdfHost(Host):
         return i >= 0
 
     # ------------------------------------------------------------ directed yield
-    def yield_takes_lp(self, yielder) -> bool:
-        """yield_task_fair: the yielder's deadline moves a slice later; then would pick_eevdf run
+    def _yield_task(self, yielder) -> bool:
+        """yield_task_fair: the yielder's deadline moves a slice later; then does pick_eevdf run
         another entity (True) or the yielder again (False: the yield changes nothing else)?"""
         v_now = self.vruntime_now(yielder)
         self._renew_deadline(yielder, v_now)
@@ -500,18 +512,8 @@ class EevdfHost(Host):
         yielder.vruntime_us = saved
         return i >= 0
 
-    def yield_to(self, yielder, target) -> bool:
-        if not self.can_yield_to(target):
-            self.yield_failures += 1
-            return False
-        self.yields += 1
-        lp = self._put_prev(yielder)
-        chosen = self._pick()  # the next buddy is not honoured (NEXT_BUDDY off, no PICK_BUDDY)
-        if chosen is target:
-            self.yields_to_target += 1
-        self._dispatch_waiting(chosen, lp)
-        return True
-
+    def _yield_pick(self, target):
+        return self._pick()  # the next buddy is not honoured (NEXT_BUDDY off, no PICK_BUDDY)
 
 class CoTenantVp:
     """A VP of another partition: runnable for busy periods (forever if

@@ -46,10 +46,7 @@ from functools import partial
 from simpy import Interrupt
 
 from tlbsim.model.accounting import EXIT, I_HYPERCALL, SPINNING
-
-#: VP.yield_lp_to's outcomes: the target was not ready (nothing changed); the yield took place but the
-#: scheduler runs the yielder again (EEVDF); the yielder left its LP
-YIELD_FAILED, YIELD_KEPT_LP, YIELD_LEFT_LP = 0, 1, 2
+from tlbsim.model.host import YIELD_FAILED
 
 
 class SpinYield:
@@ -147,17 +144,12 @@ def yield_candidates(spinner, prefer=None):
     n = len(vps)
     start = part.last_boosted + 1
     ready_rule = spinner.spin.ready_candidates
-    found = []
-    for i in range(n):
-        vp = vps[(start + i) % n]
-        if vp is spinner or vp.dispatch_event is None:  # running, halted or suspended: not ready
-            continue
-        if not ready_rule and not vp.preempted:
-            continue
-        # a user-mode preempted candidate is skipped, since 5.3 unless an interrupt is pending for it
-        if vp.preempted and not vp.preempted_in_kernel and not (ready_rule and vp.irqs):
-            continue
-        found.append(vp)
-    if prefer is not None:
-        found.sort(key=lambda vp: not prefer(vp))  # stable: round-robin order within each group
-    return found
+    found = (vp for vp in (vps[(start + i) % n] for i in range(n))
+             # running, halted or suspended: not ready
+             if vp is not spinner and vp.dispatch_event is not None
+             and (ready_rule or vp.preempted)
+             # a user-mode preempted candidate is skipped, since 5.3 unless an interrupt is pending for it
+             and not (vp.preempted and not vp.preempted_in_kernel and not (ready_rule and vp.irqs)))
+    if prefer is None:
+        return found  # lazily: the scan usually stops at the first candidate
+    return sorted(found, key=lambda vp: not prefer(vp))  # stable: round-robin order within each group

@@ -53,7 +53,8 @@ from tlbsim.model.accounting import (
     TimeAccount,
     VpState,
 )
-from tlbsim.model.spin import YIELD_FAILED, YIELD_KEPT_LP, YIELD_LEFT_LP, SpinYield, spin_until_acked
+from tlbsim.model.host import YIELD_FAILED, YIELD_LEFT_LP
+from tlbsim.model.spin import SpinYield, spin_until_acked
 from tlbsim.model.tlb import EVERYTHING, FlushScope, Tlb
 
 if TYPE_CHECKING:
@@ -504,7 +505,7 @@ class VP(TimeAccount):
         self.left_dispatches = self.host.dispatches
         self.host.release(self)
 
-    def _descheduled_runnable(self) -> None:
+    def descheduled_runnable(self) -> None:
         """Off the LP while runnable (kvm_sched_out: vcpu->preempted, with the guest's mode then:
         kernel in a flush, spin, handler or hypercall; in guest code, kernel with probability
         guest.kernel_fraction)."""
@@ -518,25 +519,18 @@ class VP(TimeAccount):
 
     def give_up_lp_preempted(self) -> None:
         """The host preempts this VP (end of slice, wakeup preemption): back to the run queue."""
-        self._descheduled_runnable()
+        self.descheduled_runnable()
         self.host.release(self)
 
     def yield_lp_to(self, target) -> int:
-        """A directed yield to ``target`` (Host.yield_to). Returns YIELD_FAILED (the target is not
-        ready: nothing changed), YIELD_KEPT_LP (the yield took place but the scheduler runs this VP
-        again: EEVDF) or YIELD_LEFT_LP (this VP yielded its LP and must wait for one again)."""
-        host = self.host
-        if not host.can_yield_to(target):
-            host.yield_failures += 1
-            return YIELD_FAILED
-        self.part.last_boosted = target.index
-        if not host.yield_takes_lp(self):  # EEVDF picks the yielder again: the yield changes nothing else
-            host.yields += 1
-            return YIELD_KEPT_LP
-        self._descheduled_runnable()
-        host.yield_to(self, target)
-        self.spin_yields += 1
-        return YIELD_LEFT_LP
+        """A directed yield to ``target``: Host.yield_to's outcome (host.YIELD_*). On YIELD_LEFT_LP
+        this VP must wait for an LP again."""
+        outcome = self.host.yield_to(self, target)
+        if outcome != YIELD_FAILED:
+            self.part.last_boosted = target.index
+            if outcome == YIELD_LEFT_LP:
+                self.spin_yields += 1
+        return outcome
 
     def spin_until_acked(self, acks):
         """Busy-wait until every target acked (spin.py)."""
