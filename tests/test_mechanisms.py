@@ -39,7 +39,7 @@ def test_pause_loop_exits_follow_the_vps_own_growing_window():
     # kvm profile, 1:1, the last target's Canceled exit made long: the initiator spins ~20 us
     canceled = 20.0
     res = simulate(quiet_config(workload__policy="ipi", partition__semantics="kvm", **{**ONE, **MORE},
-                                exits__canceled__cost_us=canceled), seed=1)
+                                exits__canceled__cost_us=canceled, partition__apic_emulation="user"), seed=1)
     sd = res.shootdowns
     spin_us = canceled + C.local_flush_cost_us(1)  # the last IPI lands when the sends end
     # never descheduled (1:1, no halts): the window grows on and later spins exit less, then never
@@ -56,7 +56,8 @@ def test_the_ple_window_shrinks_back_when_the_vp_is_scheduled_in():
     """With halts (the VP leaves its LP and is loaded again) the window goes back to the base
     (shrink_ple_window, ple_window_shrink 0): spins after a halt exit as the first spin did."""
     canceled = 20.0
-    kw = dict(workload__policy="ipi", partition__semantics="kvm", **{**ONE, **MORE}, exits__canceled__cost_us=canceled)
+    kw = dict(workload__policy="ipi", partition__semantics="kvm", **{**ONE, **MORE}, exits__canceled__cost_us=canceled,
+              partition__apic_emulation="user", guest__lazy_tlb="off")  # every target gets its IPI: a long spin
     never = simulate(quiet_config(**kw), seed=1)
     halting = simulate(quiet_config(**kw, exits__x64_halt__rate_per_ms=50.0), seed=1)
     per_sd_never = never.vps.spin_exits.sum() / len(never.shootdowns)
@@ -66,12 +67,13 @@ def test_the_ple_window_shrinks_back_when_the_vp_is_scheduled_in():
 
 def test_long_spin_wait_notification_only_after_the_retries():
     window = SPIN.notify_retries * SPIN.spin_iteration_us
-    short = simulate(quiet_config(workload__policy="ipi", **ONE, exits__canceled__cost_us=window / 2), seed=1)
-    long = simulate(quiet_config(workload__policy="ipi", **ONE, exits__canceled__cost_us=window * 1.5), seed=1)
+    user = dict(workload__policy="ipi", partition__apic_emulation="user", **ONE)  # the Canceled exit sets the spin
+    short = simulate(quiet_config(exits__canceled__cost_us=window / 2, **user), seed=1)
+    long = simulate(quiet_config(exits__canceled__cost_us=window * 1.5, **user), seed=1)
     assert short.vps.spin_exits.sum() == 0
     assert long.vps.spin_exits.sum() == len(long.shootdowns)  # one notification per shootdown
-    hypercalls = long.exits.set_index(["vp", "reason"])["count"]
-    assert hypercalls[(0, "HYPERCALL")] == len(long.shootdowns)  # HvCallNotifyLongSpinWait
+    # HvCallNotifyLongSpinWait is handled by the hypervisor: no exit reaches the stack for it
+    assert long.exits[long.exits.reason == "HYPERCALL"]["count"].sum() == 0
 
 
 def test_directed_yield_hands_the_lp_to_a_waiting_target():
@@ -99,15 +101,18 @@ def test_pv_sched_yield_is_a_kvm_guest_option():
     off = simulate(make_config(guest__pv_sched_yield="off", **kw), seed=2)
     tlfs_kw = {**kw, "partition__semantics": "tlfs", "host__scheduler": "profile"}
     tlfs = simulate(make_config(**tlfs_kw), seed=2)
-    # KVM_HC_SCHED_YIELD is a hypercall exit on the sender, once per send with a preempted target
-    hc = {name: r.exits[r.exits.reason == "HYPERCALL"]["count"].sum() for name, r in
-          (("on", on), ("off", off), ("tlfs", tlfs))}
+    # KVM_HC_SCHED_YIELD: a hypercall the hypervisor handles, once per send with a preempted target
+    hc = {name: r.vps.sched_yield_hypercalls.sum() for name, r in (("on", on), ("off", off), ("tlfs", tlfs))}
+    assert on.exits[on.exits.reason == "HYPERCALL"]["count"].sum() == 0  # no exit to the stack
     assert hc["on"] > hc["off"] and on.summary["directed_yields"] > off.summary["directed_yields"]
-    # with pause-loop exits already yielding within microseconds, it changes little: within 5 % of the work
-    assert on.summary["guest_work_fraction"] > 0.95 * off.summary["guest_work_fraction"]
+    # with pause-loop exits already yielding within microseconds, it changes little: one seed's run is too
+    # noisy to say (0.29-0.42 of the time is work at seeds 2-7, either way), six seeds' means agree within 15 %
+    work = {k: np.mean([simulate(make_config(**kw, **extra), seed=s).summary["guest_work_fraction"]
+                        for s in range(2, 8)]) for k, extra in (("on", {}), ("off", {"guest__pv_sched_yield": "off"}))}
+    assert 0.85 < work["on"] / work["off"] < 1.15, work
     assert tlfs.vps.spin_yields.sum() <= tlfs.summary["directed_yields"]
     off_tlfs = simulate(make_config(guest__pv_sched_yield="off", **tlfs_kw), seed=2)
-    assert hc["tlfs"] == off_tlfs.exits[off_tlfs.exits.reason == "HYPERCALL"]["count"].sum()  # auto: not on Hyper-V
+    assert hc["tlfs"] == off_tlfs.vps.sched_yield_hypercalls.sum() == 0  # auto: not on Hyper-V
 
 
 # ------------------------------------------------------------ co-tenants
@@ -222,8 +227,11 @@ def test_openhcl_profile_waits_by_snapshot():
     a = simulate(make_config(partition__semantics="openhcl", partition__vps=8, locks__vsm_rate_per_ms=10.0,
                              locks__vsm_hold_mean_us=60.0, workload__rate_per_ms=1.0,
                              partition__duration_us=30_000.0), seed=1)
-    b = _lock_storm("snapshot", 1)
+    b = simulate(make_config(partition__semantics="openhcl", partition__vps=8, locks__vsm_rate_per_ms=10.0,
+                             locks__vsm_hold_mean_us=60.0, workload__rate_per_ms=1.0, locks__wait="snapshot",
+                             partition__duration_us=30_000.0), seed=1)
     assert a.summary["suspensions"] > 0 and (a.shootdowns.reissues == 0).all()
+    assert a.shootdowns.suspensions.max() <= 1
     pd.testing.assert_series_equal(a.shootdowns.latency_us, b.shootdowns.latency_us)
 
 
@@ -241,7 +249,7 @@ def test_short_locks_are_waited_for_on_the_lp():
 def test_kvm_flush_queue_overflow_becomes_a_full_flush():
     # 4 VPs on 1 LP, page flushes: a descheduled VP collects more than 16 deferred range flushes
     kw = dict(partition__vps=4, partition__lps=1, workload__policy="mask", workload__rate_per_ms=5.0,
-              partition__duration_us=40_000.0, partition__slice_us=3000.0, tlb__retained_fraction=1.0)
+              partition__duration_us=40_000.0, partition__slice_us=3000.0, tlb__retention_tau_us=math.inf)
     cfs = {k: v for k, v in kw.items() if k != "partition__slice_us"}  # the kvm profile's CFS sets its own slices
     kvm = simulate(make_config(partition__semantics="kvm", **cfs), seed=1)
     tlfs = simulate(make_config(**kw), seed=1)
@@ -252,16 +260,30 @@ def test_kvm_flush_queue_overflow_becomes_a_full_flush():
 
 
 # ------------------------------------------------------------ TLB contents across descheduling
-def test_eviction_while_descheduled():
-    kw = dict(partition__vps=8, partition__lps=4, workload__policy="mask", partition__duration_us=30_000.0)
-    kept = simulate(make_config(tlb__retained_fraction=1.0, **kw), seed=1)
-    evicted = simulate(make_config(tlb__retained_fraction=0.2, **kw), seed=1)
-    assert kept.summary["evicted_entries"] == 0 and evicted.summary["evicted_entries"] > 0
-    # a deferred flush is not charged for entries already gone
-    assert evicted.vps.refill_entries.sum() < kept.vps.refill_entries.sum()
-    # 1:1: no VP runs on another's LP, nothing is evicted
+def test_eviction_follows_the_foreign_time_on_the_lp():
+    """Two VPs alternate on one LP in 100 us slices (no exits, no shootdowns): each return finds the
+    other's 100 us on the LP, so a VP keeps exp(-100 / tau) of its full TLB, tau = capacity / fill
+    rate. Each VP refills in its slice (20 entries a us), so every return evicts the same amount: 8
+    returns in 1 ms (the first dispatch of each evicts nothing)."""
+    kw = dict(partition__vps=2, partition__lps=1, partition__slice_us=100.0, partition__duration_us=1000.0,
+              workload__rate_per_ms=1e-9)
+    res = simulate(quiet_config(**kw), seed=1)
+    t = Config().tlb
+    tau = t.capacity / t.fill_rate_per_us
+    full = t.working_set_pages + t.global_pages  # both fit the capacity: the caps are the page counts
+    assert res.summary["evicted_entries"] == pytest.approx(8 * full * (1 - math.exp(-100.0 / tau)), rel=1e-9)
+    assert simulate(quiet_config(tlb__retention_tau_us=50.0, **kw), seed=1).summary["evicted_entries"] == (
+        pytest.approx(8 * full * (1 - math.exp(-100.0 / 50.0)), rel=1e-9))
+    assert simulate(quiet_config(tlb__retention_tau_us=math.inf, **kw), seed=1).summary["evicted_entries"] == 0
+    # 1:1: every VP returns to its own LP, which ran nothing else meanwhile: nothing is evicted
     alone = simulate(make_config(partition__vps=8, partition__lps=8, partition__duration_us=30_000.0), seed=1)
     assert alone.summary["evicted_entries"] == 0
+    # overcommitted: evictions, and a deferred flush is not charged for entries already gone
+    over = dict(partition__vps=8, partition__lps=4, workload__policy="mask", partition__duration_us=30_000.0)
+    kept = simulate(make_config(tlb__retention_tau_us=math.inf, **over), seed=1)
+    evicted = simulate(make_config(**over), seed=1)
+    assert kept.summary["evicted_entries"] == 0 and evicted.summary["evicted_entries"] > 0
+    assert evicted.vps.refill_entries.sum() < kept.vps.refill_entries.sum()
 
 
 # ------------------------------------------------------------ lazy TLB
@@ -453,7 +475,7 @@ def test_guest_system_time_counts_spinning_and_the_kernel_share_of_work():
     s, v, x = res.summary, res.vps, res.exits
     canceled = x[x.reason == "CANCELED"].time_us.sum()
     expected = (Config().guest.kernel_fraction * v.guest_us.sum() + v.spinning_us.sum() + v.spin_exit_us.sum()
-                + v.ipi_send_us.sum() + v.flush_us.sum() + canceled + v.hypercall_us.sum())
+                + v.ipi_send_us.sum() + v.flush_us.sum() + canceled + v.ipi_interrupt_us.sum() + v.hypercall_us.sum())
     assert s["guest_system_us"] == pytest.approx(expected, rel=1e-12)
     assert s["guest_system_us"] > v.spinning_us.sum() > 0
 

@@ -32,7 +32,14 @@ K = 7  # running targets
 LOCAL = C.local_flush_cost_us(1)  # the initiator's own 1-page flush
 ENTRY = C.vmexit_roundtrip_us + C.hypercall_decode_us
 CANCELED = EXIT_COST.canceled.cost_us
-LIST1 = C.list_per_range_us + C.invlpg_us  # a List call's one range of one page
+LIST1 = C.list_per_range_us  # a List call's one range (its page is the targets' work)
+IPI_HIT = C.target_interrupt_us + C.vmexit_roundtrip_us  # an IPI target: the hypervisor's interruption, its EOI trap
+
+
+def fanout(k, pages=1):
+    """IPIs sent back to back, then the slowest acknowledgement: its round trip, the target's
+    interruption and its INVLPGs (docs/model.md "Hypervisor fan-out")."""
+    return k * C.hv_ipi_send_us + C.hv_ipi_roundtrip_us + C.target_interrupt_us + pages * C.invlpg_us
 
 
 @pytest.mark.parametrize(
@@ -40,21 +47,47 @@ LIST1 = C.list_per_range_us + C.invlpg_us  # a List call's one range of one page
     [
         # local flush, exit+decode, mask walk over K VPs, K running targets flushed; 1 page: the List
         # call, one range and one INVLPG
-        ("mask", LOCAL + ENTRY + K * C.mask_per_vp_us + K * C.flush_per_running_target_us + LIST1),
-        # ALL_PROCESSORS: no walk, the same per running target
-        ("all", LOCAL + ENTRY + K * C.flush_per_running_target_us + LIST1),
+        ("mask", LOCAL + ENTRY + K * C.mask_per_vp_us + LIST1 + fanout(K)),
+        # ALL_PROCESSORS: no walk, the same fan-out
+        ("all", LOCAL + ENTRY + LIST1 + fanout(K)),
         # all 8 VPs share the mm -> ALL_PROCESSORS, 1 page -> List call
-        ("linux", LOCAL + ENTRY + K * C.flush_per_running_target_us + LIST1),
-        # local, K trapped ICR writes; the last target takes a Canceled exit and flushes
-        ("ipi", LOCAL + K * C.vipi_us() + CANCELED + LOCAL),
-        # local, one PV send-IPI hypercall, then a Canceled exit + flush on each target
-        ("kvm-pv", LOCAL + C.vmexit_roundtrip_us + K * C.pv_ipi_per_target_us + CANCELED + LOCAL),
+        ("linux", LOCAL + ENTRY + LIST1 + fanout(K)),
+        # local, K trapped ICR writes; the last target is interrupted by the hypervisor, flushes and
+        # EOIs (a trap: no posted interrupts)
+        ("ipi", LOCAL + K * C.vipi_us() + IPI_HIT + LOCAL),
+        # local, one PV send-IPI hypercall, then the same on each target
+        ("kvm-pv", LOCAL + C.vmexit_roundtrip_us + K * C.pv_ipi_per_target_us + IPI_HIT + LOCAL),
     ],
 )
 def test_latency_with_k_running_targets_is_the_closed_form(policy, expected_us):
     sd = latencies(policy)
     np.testing.assert_allclose(sd.latency_us, expected_us, rtol=0, atol=1e-9)
     assert (sd.n_targets == K).all()
+
+
+@pytest.mark.parametrize(
+    "apic,posted,expected_us,stack_exits",
+    [
+        # in-hypervisor APIC, no posted interrupts: interruption + EOI trap, no exit reaches the stack
+        ("hypervisor", False, LOCAL + K * C.vipi_send_us + IPI_HIT + LOCAL, {}),
+        # posted interrupts (APICv / IPIv): the sender's discount, and a running target takes no exit at all
+        ("hypervisor", True, LOCAL + K * C.vipi_us_posted() + LOCAL, {}),
+        # a user-mode APIC: each ICR write is an X64MsrAccess exit, each delivery a Canceled exit
+        ("user", False, LOCAL + K * C.vipi_send_us + CANCELED + LOCAL, {"X64_MSR_ACCESS": K, "CANCELED": K}),
+    ],
+)
+def test_interrupt_delivery(apic, posted, expected_us, stack_exits):
+    sd = latencies("ipi", partition__apic_emulation=apic, costs__posted_interrupts=posted)
+    np.testing.assert_allclose(sd.latency_us, expected_us, rtol=0, atol=1e-9)
+    res = simulate(quiet_config(workload__policy="ipi", partition__apic_emulation=apic,
+                                costs__posted_interrupts=posted, **BASE), seed=3)
+    n = len(res.shootdowns)
+    exits = res.exits.groupby("reason")["count"].sum()
+    assert {r: int(c) for r, c in exits.items() if c} == {r: c * n for r, c in stack_exits.items()}
+    vps = res.vps
+    assert vps.ipis_received.sum() == K * n
+    assert vps.icr_writes.sum() == (0 if apic == "user" else K * n)
+    assert vps.eoi_traps.sum() == (K * n if apic == "hypervisor" and not posted else 0)
 
 
 @pytest.mark.parametrize(
@@ -174,13 +207,17 @@ def test_batched_page_flush_agrees_with_flushing_each_target():
             rows[-1].refill_entries = 3.25
         a, b = parts
         flushed = []
+        debt, defer_idle = [0.0, 1.23][trial % 2], trial % 3 != 0  # a broadcast: no debt, idle VPs flushed now
         for t in a.vps[1:]:
             if t.on_lp:
-                flushed.append(t.flush_by_hypervisor(scope, rows[0], True, now))
-            else:
+                flushed.append(t.flush_by_hypervisor(scope, rows[0], True, now, debt))
+            elif defer_idle:
                 t.defer_flush(scope, rows[0], True)
+            else:
+                t.flush_now_idle(scope, rows[0], True)
         a.recorder.running_flushed(rows[0], flushed)
-        required, deferred = flush_pages_by_hypervisor(b.vps[1:], scope, True, rows[1], now, config.costs, True)
+        required, deferred = flush_pages_by_hypervisor(b.vps[1:], scope, True, rows[1], now, debt,
+                                                       config.costs.refill_us, True, defer_idle)
         b.recorder.running_flushed_pages(rows[1], required)
         b.recorder.deferred(rows[1], deferred)
 
@@ -194,7 +231,7 @@ def test_batched_page_flush_agrees_with_flushing_each_target():
             assert [(sc, w) for _, sc, w in x.deferred] == [(sc, w) for _, sc, w in y.deferred]
         fields = ("running_targets", "deferred_targets", "refill_entries", "collateral_entries")
         assert [getattr(rows[0], f) for f in fields] == [getattr(rows[1], f) for f in fields]
-        assert rows[0].running_targets > 0 and rows[0].deferred_targets > 0
+        assert rows[0].running_targets > 0 and (rows[0].deferred_targets > 0) == defer_idle
 
 
 def test_lock_holders_agree_with_asking_every_target():
@@ -261,11 +298,10 @@ def test_ex_call_when_a_target_index_is_64_or_more():
                    workload__group_size=130, workload__rate_per_ms=0.5, partition__duration_us=20_000.0)
     assert (sd.call_code == HvCallCode.FLUSH_VIRTUAL_ADDRESS_LIST_EX).all()
     # 129 targets named in 3 banks: exit+decode, the walk over 129 VPs, 3 bank words, 129 running targets
-    call = ENTRY + 129 * C.mask_per_vp_us + 3 * C.vp_set_per_bank_us + 129 * C.flush_per_running_target_us + LIST1
-    # a rep call returns to the guest after ~continuation_limit_us and is reissued: one exit round trip each
-    continuations = math.ceil(call / C.continuation_limit_us) - 1
-    assert continuations == 2
-    np.testing.assert_allclose(sd.latency_us, LOCAL + call + continuations * C.vmexit_roundtrip_us, atol=1e-9)
+    call = ENTRY + 129 * C.mask_per_vp_us + 3 * C.vp_set_per_bank_us + LIST1 + fanout(129)
+    # one range: a rep call can only return at a rep boundary, so however long it runs it never continues
+    assert (sd.continuations == 0).all()
+    np.testing.assert_allclose(sd.latency_us, LOCAL + call, atol=1e-9)
 
 
 def test_no_hypercall_without_targets():
@@ -420,7 +456,8 @@ def test_ipi_latency_explodes_with_overcommit_while_paravirtual_flushes_do_not()
 def test_all_processors_vs_mask_crossover_follows_from_the_walk_and_the_collateral():
     """ALL_PROCESSORS and a ProcessorMask cost the same per running target; ALL saves the mask walk
     but interrupts every running VP. When every VP shares the address space, ALL is cheaper by exactly
-    the walk; with small groups, the mask is cheaper by the extra VPs ALL interrupts."""
+    the walk; with small groups, the mask is cheaper by the sends to the extra VPs ALL interrupts,
+    less its walk (the slowest acknowledgement costs both the same), and ALL's extra targets pay."""
     n = 16
     dense = {p: latencies(p, partition__vps=n) for p in ("mask", "all")}
     walk = (n - 1) * C.mask_per_vp_us
@@ -428,7 +465,12 @@ def test_all_processors_vs_mask_crossover_follows_from_the_walk_and_the_collater
                                atol=1e-9)
     kw = dict(partition__vps=n, workload__sharing="groups", workload__group_size=2, workload__rate_per_ms=0.5)
     sparse = {p: simulate(quiet_config(workload__policy=p, **kw), seed=1) for p in ("mask", "all")}
-    assert sparse["mask"].summary["latency_p50_us"] < sparse["all"].summary["latency_p50_us"] / 2
+    gap = sparse["all"].summary["latency_p50_us"] - sparse["mask"].summary["latency_p50_us"]
+    assert gap == pytest.approx((n - 2) * C.hv_ipi_send_us - C.mask_per_vp_us, abs=1e-9)
+    hit = C.target_interrupt_us + C.invlpg_us  # what each interrupted target owes
+    assert sparse["all"].vps.hv_flush_us.sum() > 5 * sparse["mask"].vps.hv_flush_us.sum()
+    assert sparse["all"].vps.hv_flush_us.sum() == pytest.approx(
+        hit * (sparse["all"].shootdowns.running_targets.sum()), rel=0.01)
     # the Space call drops each interrupted VP's working set: ALL's non-sharers pay it as collateral
     space = {p: simulate(quiet_config(workload__policy=p, guest__call_form="space", **kw), seed=1)
              for p in ("mask", "all")}

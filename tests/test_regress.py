@@ -60,10 +60,10 @@ def test_unchanged_model_passes_both_tiers(baseline_dir, capsys):
 
 
 def test_a_20_percent_cost_change_is_flagged_by_both_tiers_naming_latency(baseline_dir, capsys):
-    # flush_per_running_target_us 1.0 -> 1.2 (+20 %): every mask shootdown with
-    # k running targets gets 0.2 k us slower; with ~15 targets about +3 us on ~16 us.
+    # hv_ipi_roundtrip_us 0.5 -> 1.0: every mask shootdown with a running target waits 0.5 us
+    # longer for its slowest acknowledgement: about +0.5 us on ~3.6 us.
     rc, out = run_json(capsys, "--baseline", str(baseline_dir), "--scenario", "small_mask",
-                       "--set", "costs.flush_per_running_target_us=1.2")
+                       "--set", "costs.hv_ipi_roundtrip_us=1.0")
     assert rc == 1 and not out["ok"]
     changed = {(r["tier"], r["metric"]) for r in out["rows"] if r["verdict"] == "CHANGED"}
     for tier in ("exact", "statistical"):
@@ -77,7 +77,7 @@ def test_a_20_percent_cost_change_is_flagged_by_both_tiers_naming_latency(baseli
 
 def test_human_table_names_the_regression(baseline_dir, capsys):
     rc = main(["check", "--baseline", str(baseline_dir), "--scenario", "small_mask", "--tier", "statistical",
-               "--set", "costs.flush_per_running_target_us=1.2"])
+               "--set", "costs.hv_ipi_roundtrip_us=1.0"])
     text = capsys.readouterr().out
     assert rc == 1
     assert "REGRESSION" in text and "small_mask/latency_mean_us (statistical)" in text
@@ -156,11 +156,11 @@ def test_update_round_trips(baseline_dir, tmp_path, capsys):
     # an update with a changed model prints what moved, then the new baseline holds
     capsys.readouterr()
     assert main(["check", "--baseline", str(d), "--update", "--scenario", "small_mask",
-                 "--set", "costs.flush_per_running_target_us=1.2"]) == 0
+                 "--set", "costs.hv_ipi_roundtrip_us=1.0"]) == 0
     out = capsys.readouterr().out
     assert "small_mask: baseline rewritten; what changed" in out and "latency_mean_us" in out
     assert main(["check", "--baseline", str(d), "--scenario", "small_mask",
-                 "--set", "costs.flush_per_running_target_us=1.2"]) == 0
+                 "--set", "costs.hv_ipi_roundtrip_us=1.0"]) == 0
     # that baseline was made with a different configuration: checking it as the scenario stands is refused
     # (exit 2, one line) rather than reported as a regression of the model
     capsys.readouterr()

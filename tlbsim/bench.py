@@ -296,7 +296,7 @@ def naive_simpy_us_per_ms(vps: int, duration_us: float, seed: int = 0) -> tuple[
                 yield env.timeout(next_shootdown)
                 next_exit -= next_shootdown
                 flushes = [env.process(target_flush(t)) for t in range(vps) if t != i]
-                yield env.timeout(call_us + c.flush_per_running_target_us * (vps - 1))
+                yield env.timeout(call_us + c.hv_ipi_send_us * (vps - 1) + c.hv_ipi_roundtrip_us)
                 yield env.all_of(flushes)
                 next_shootdown = rng.exponential(1000.0 / cfg.workload.rate_per_ms)
 

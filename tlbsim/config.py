@@ -29,9 +29,14 @@ SEMANTICS = ("tlfs", "kvm", "openhcl")
 #: keys that existed once and were removed, with what to do instead
 REMOVED_KEYS = {
     "costs.flush_all_broadcast_us": "ALL_PROCESSORS now costs what the mask path costs per running target "
-    "(flush_per_running_target_us), with no mask walk; no source gives it an extra fixed cost (docs/model.md)",
-    "costs.flush_all_per_running_target_us": "ALL_PROCESSORS targets now cost flush_per_running_target_us like "
+    "(hv_ipi_send_us), with no mask walk; hardware broadcast is host.broadcast_flush (docs/model.md)",
+    "costs.flush_all_per_running_target_us": "ALL_PROCESSORS targets now cost hv_ipi_send_us like "
     "mask targets: each target LP is interrupted and acknowledges either way (docs/model.md)",
+    "costs.flush_per_running_target_us": "a hypervisor flush now sends its IPIs back to back "
+    "(costs.hv_ipi_send_us per running target) and waits once for the slowest acknowledgement "
+    "(costs.hv_ipi_roundtrip_us + the target's exit and flush work); docs/model.md \"Hypervisor fan-out\"",
+    "tlb.retained_fraction": "what a VP keeps of its TLB now depends on how long others ran on its LP while it "
+    "was away: exp(-foreign time / tlb.retention_tau_us); docs/model.md \"TLB contents across descheduling\"",
 }
 #: Upper bounds on counts and sizes, so no input can make a run take forever or exhaust memory.
 MAX_COUNT = 1 << 20
@@ -83,6 +88,14 @@ class PartitionConfig:
     # hypervisor profile (model/profiles.py): "tlfs" (Hyper-V), "kvm" (KVM emulating the Hyper-V
     # calls), "openhcl" (Hyper-V with the OpenHCL paravisor's TLB-lock waits)
     semantics: str = "tlfs"
+    # where the partition runs under OpenHCL: "profile" (openhcl: "snp"; others: "none"), "snp" (AMD SEV-SNP: the
+    # paravisor in VTL2 handles the flush hypercall with INVLPGB + TLBSYNC, openvmm processor/snp), "tdx" (Intel
+    # TDX: it queues the flush per target and kicks the running targets into VTL2, processor/tdx/tlb_flush.rs)
+    isolation: str = "profile"
+    # where the local APIC is emulated: "hypervisor" (Hyper-V's and KVM's in-kernel APIC: an ICR write, an IPI's
+    # delivery and its EOI are the hypervisor's business, no exit to the virtualization stack) or "user" (a
+    # user-mode APIC in the stack: each ICR write is an X64MsrAccess exit, each delivery a Canceled exit)
+    apic_emulation: str = "hypervisor"
     slice_us: float = 10_000.0  # src: calibration "host scheduler slice", Hyper-V 10 ms
     duration_us: float = 100_000.0  # simulated time per run
 
@@ -94,6 +107,14 @@ class PartitionConfig:
         if self.lps > MAX_COUNT:
             raise ConfigError(f"{key}.lps", f"at most {MAX_COUNT:,} LPs")
         _one_of(self.semantics, SEMANTICS, f"{key}.semantics")
+        _one_of(self.isolation, ("profile", "none", "snp", "tdx"), f"{key}.isolation")
+        if self.isolation in ("snp", "tdx") and self.semantics != "openhcl":
+            raise ConfigError(f"{key}.isolation", f"\"{self.isolation}\" is a confidential VM under the OpenHCL "
+                              "paravisor: set partition.semantics = \"openhcl\"")
+        if self.isolation == "none" and self.semantics == "openhcl":
+            raise ConfigError(f"{key}.isolation", "the openhcl profile models a hardware-isolated VM (its TLB-lock "
+                              "wait is hardware_cvm's): \"snp\" or \"tdx\"; a VBS partition is the tlfs profile")
+        _one_of(self.apic_emulation, ("hypervisor", "user"), f"{key}.apic_emulation")
         _positive(self.slice_us, f"{key}.slice_us")
         if self.slice_us < 10.0:
             raise ConfigError(f"{key}.slice_us", "at least 10 us (host schedulers slice in milliseconds)")
@@ -108,15 +129,34 @@ class CostConfig:
 
     vmexit_roundtrip_us: float = 0.6  # src: calibration "VM exit + entry round trip"
     hypercall_decode_us: float = 0.1  # estimate: decode + validate the input block
-    # src: calibration "hypervisor flush of one running target"; the same for a ProcessorMask and for
-    # HV_FLUSH_ALL_PROCESSORS (each target LP is interrupted and acknowledges either way)
-    flush_per_running_target_us: float = 1.0
+    # Hypervisor fan-out (docs/model.md "Hypervisor fan-out"): the IPIs go out back to back, one
+    # hv_ipi_send_us each, and the caller waits once for the slowest acknowledgement: hv_ipi_roundtrip_us
+    # + the target's interruption (target_interrupt_us) + its flush work (invlpg_us per page, or
+    # hv_context_flush_us for a whole space). A ProcessorMask and HV_FLUSH_ALL_PROCESSORS alike.
+    # src: Amit 2019 (calibration): bare-metal MADV_DONTNEED + touch, 1,436 ns at 2 threads, 1,571 at 4:
+    # (1,571 - 1,436) / 2 = 67.5 ns per further target
+    hv_ipi_send_us: float = 0.07
+    # src: Amit 2019: one remote target adds 1,436 - 661 = 775 ns (IPI, its handler, the ack); less the
+    # handler's flush (local_flush_us 0.28): the split is an estimate
+    hv_ipi_roundtrip_us: float = 0.5
+    hv_context_flush_us: float = 0.4  # estimate: INVVPID single-context on a target (order of full_flush_us)
+    # OpenHCL on SNP / TDX: a flush hypercall exits to the paravisor in VTL2 user mode and back; a TDX target
+    # kicked by it does too. estimate: no public figure (openvmm issue 1145 calls the path "significantly slower")
+    vtl2_roundtrip_us: float = 5.0
+    # Hardware broadcast invalidation (host.broadcast_flush): one INVLPGB (or RAR payload) per range, then
+    # one wait. src: Linux commit 4afeb0ed1753 (will-it-scale tlb_flush2_threads, 72-CPU Milan): 4 threads
+    # 4 / 1,032k = 3.88 us a loop against 1 / 304k = 3.29 us alone: 0.59 us for a broadcast flush of one
+    # page (issue + TLBSYNC); the split between the two is an estimate
+    broadcast_issue_us: float = 0.05
+    broadcast_sync_us: float = 0.54
     mask_per_vp_us: float = 0.02  # estimate: walking one set bit of a ProcessorMask / VP set
     vp_set_per_bank_us: float = 0.05  # estimate: reading one HV_VP_SET bank word
     list_per_range_us: float = 0.05  # estimate: one GVA range entry
     continuation_limit_us: float = 50.0  # src: calibration "hypercall continuation limit" (TLFS)
     target_interrupt_us: float = 0.6  # src: calibration VM exit round trip: a running target's LP is interrupted
-    deferred_flush_us: float = 0.28  # src: calibration "local single-page flush path": applied at next entry
+    # estimate: the hypervisor's flush of a target that was not on an LP, before its next VM entry (an
+    # INVVPID; the local flush path's order of size, calibration "local single-page flush path")
+    deferred_flush_us: float = 0.28
     invlpg_us: float = 0.08  # src: calibration "INVLPG, one page"
     local_flush_us: float = 0.28  # src: calibration "local single-page flush path"
     full_flush_us: float = 0.4  # estimate: CR3 reload path (local path + a CR3 write)
@@ -126,6 +166,11 @@ class CostConfig:
     posted_interrupt_discount: float = 0.20  # src: calibration "posted interrupts / IPIv discount"
     pv_ipi_per_target_us: float = 1.0  # src: calibration "KVM PV IPI hypercall, ~1 us per target"
     halt_wake_us: float = 2.5  # estimate: waking a halted VP (same order as a unicast virtual IPI)
+    # estimate: OpenHCL's last TLB-lock holder wakes the halted caller (wake_vtl2: a cross-VP wake, the
+    # order of a unicast virtual IPI)
+    lock_release_wake_us: float = 2.5
+    # estimate: KVM_HC_SCHED_YIELD beyond its exit round trip (kvm_sched_yield: find the target, yield_to)
+    sched_yield_hypercall_us: float = 1.0
     refill_us: float = 0.036  # src: calibration "refill cost, nested" (90 cycles, estimate)
 
     def check(self, key: str) -> None:
@@ -139,8 +184,11 @@ class CostConfig:
             raise ConfigError(f"{key}.posted_interrupt_discount", "must be in [0, 1)")
 
     def vipi_us(self) -> float:
-        discount = self.posted_interrupt_discount if self.posted_interrupts else 0.0
-        return self.vipi_send_us * (1.0 - discount)
+        """A virtual IPI's cost to its sender, per target (the IPIv discount with posted interrupts)."""
+        return self.vipi_us_posted() if self.posted_interrupts else self.vipi_send_us
+
+    def vipi_us_posted(self) -> float:
+        return self.vipi_send_us * (1.0 - self.posted_interrupt_discount)
 
     def local_flush_cost_us(self, pages: int | None) -> float:
         """A guest's own flush: INVLPG per page up to the ceiling, else a full flush."""
@@ -159,11 +207,12 @@ class TlbConfig:
     start_warm: bool = True  # TLBs start full to their working set (no warm-up transient)
     hypervisor_flush: str = "vpid"  # "vpid": an address-space flush by the hypervisor drops every
     # non-global entry of the VP (INVVPID single-context); "exact": only the named address space
-    # Fraction of a VP's TLB entries still there when it is dispatched again after something else ran
-    # on the LPs meanwhile (VPID-tagged entries are not flushed on a switch but evicted by the other
-    # working set). estimate (docs/calibration.md): a 1,536-entry STLB is largely replaced within a few
-    # ms of another working set; slices are 3-10 ms. 1.0: nothing is evicted (the old model).
-    retained_fraction: float = 0.2
+    # What a VP keeps of its TLB when it runs again: VPID-tagged entries survive a switch but the other
+    # working sets that ran on its LP meanwhile evict them. A VP back on the LP it left keeps
+    # exp(-t / retention_tau_us) of its entries, t the time others ran on that LP meanwhile; a VP on another
+    # LP keeps none. 0: tau = capacity / fill_rate_per_us (the time another working set takes to refill the
+    # whole STLB: 77 us by default; estimate). inf: nothing is evicted.
+    retention_tau_us: float = 0.0
 
     def check(self, key: str) -> None:
         _positive(self.capacity, f"{key}.capacity")
@@ -172,7 +221,9 @@ class TlbConfig:
             if getattr(self, name) > MAX_COUNT:
                 raise ConfigError(f"{key}.{name}", f"at most {MAX_COUNT:,} entries")
         _finite_non_negative(self.fill_rate_per_us, f"{key}.fill_rate_per_us")
-        _fraction(self.retained_fraction, f"{key}.retained_fraction")
+        if not (self.retention_tau_us >= 0):  # inf allowed: nothing is evicted
+            raise ConfigError(f"{key}.retention_tau_us", "must be >= 0 (0: capacity / fill_rate_per_us; inf: no "
+                              "eviction)")
         _one_of(self.hypervisor_flush, ("vpid", "exact"), f"{key}.hypervisor_flush")
 
 
@@ -390,8 +441,23 @@ class HostConfig:
     sched_wakeup_granularity_us: float = 0.0
     # eevdf sysctl_sched_base_slice, us; 0: 750 x (1 + ilog2(min(LPs, 8))) (kernel/sched/fair.c, 6.6)
     sched_base_slice_us: float = 0.0
+    # how the hypervisor flushes running targets (docs/model.md "Hardware broadcast invalidation"): "none"
+    # (an IPI to each target's LP), "invlpgb" (AMD: INVLPGB + TLBSYNC, every LP at once, no target
+    # interrupted) or "rar" (Intel Remote Action Request: a payload to the targets' LPs, handled by
+    # microcode; Linux RFC 2025, unmerged). Broadcast is used when more than broadcast_min_cpus - 1 CPUs
+    # run the flushed context (src: Linux 6.15 arch/x86/mm/tlb.c, mm_active_cpus_exceeds(mm, 3): 4)
+    broadcast_flush: str = "none"
+    broadcast_min_cpus: int = 4
+    # pages one INVLPGB covers (CPUID 0x80000008 EDX[15:0] + 1; the value for Milan / Genoa is not public:
+    # estimate); a RAR payload covers 63 (RAR_INVLPG_MAX_PAGES, the 2025 RFC)
+    invlpgb_max_pages: int = 8
 
     def check(self, key: str) -> None:
+        _one_of(self.broadcast_flush, ("none", "invlpgb", "rar"), f"{key}.broadcast_flush")
+        _positive(self.broadcast_min_cpus, f"{key}.broadcast_min_cpus")
+        _positive(self.invlpgb_max_pages, f"{key}.invlpgb_max_pages")
+        if self.invlpgb_max_pages > 65536:
+            raise ConfigError(f"{key}.invlpgb_max_pages", "at most 65,536 (a 16-bit CPUID field + 1)")
         _one_of(self.scheduler, ("profile", "eevdf", "cfs", "hyperv"), f"{key}.scheduler")
         _positive(self.guests, f"{key}.guests")
         if self.guests > 64:

@@ -38,11 +38,12 @@ from tlbsim.hv import HvStatus
 SHOOTDOWN_COLUMNS = (
     "id", "partition", "initiator_vp", "policy", "origin", "address_space", "pages", "call_code", "flags", "n_targets",
     "running_targets", "deferred_targets", "ipis", "arrival_us", "issue_us", "complete_us", "latency_us",
-    "queue_us", "suspensions", "reissues", "suspended_us", "hypercall_us", "refill_entries", "collateral_entries",
+    "queue_us", "suspensions", "reissues", "continuations", "suspended_us", "hypercall_us", "refill_entries",
+    "collateral_entries",
     "status", "hypercall_status", "stuck_on",
 )
 _INT_COLUMNS = ("id", "partition", "initiator_vp", "address_space", "pages", "call_code", "flags", "n_targets",
-                "running_targets", "deferred_targets", "ipis", "suspensions", "reissues")
+                "running_targets", "deferred_targets", "ipis", "suspensions", "reissues", "continuations")
 _FLOAT_COLUMNS = ("arrival_us", "issue_us", "complete_us", "latency_us", "queue_us", "suspended_us",
                   "hypercall_us", "refill_entries", "collateral_entries")
 _STR_COLUMNS = ("policy", "origin", "status", "hypercall_status", "stuck_on")
@@ -73,6 +74,7 @@ class _Shootdown:
     ipis = 0
     suspensions = 0
     reissues = 0
+    continuations = 0
     suspended_us = 0.0
     hypercall_us = 0.0
     refill_entries = 0.0
@@ -236,6 +238,10 @@ class ShootdownRecorder:
         shootdown.suspended_us += suspended_us
         shootdown.reissues += 1
 
+    def continued(self, shootdown: _Shootdown) -> None:
+        """Its rep call returned to the caller at a rep boundary and was continued (a new entry)."""
+        shootdown.continuations += 1
+
     def waited(self, shootdown: _Shootdown, suspended_us: float) -> None:
         """Its caller waited ``suspended_us`` for lock holders and goes on without reissuing (OpenHCL)."""
         shootdown.suspended_us += suspended_us
@@ -351,7 +357,8 @@ def vp_tables(vps) -> tuple[dict[str, list], dict[str, list]]:
     for name in TIME_COLUMNS:
         table[f"{name}_us"] = []
     extras = ("refill_entries", "collateral_entries", "evicted_entries", "flushes_applied", "deferred_applied",
-              "deferred_pending", "spin_exits", "spin_exit_us", "spin_yields", "ipi_send_us", "exits")
+              "deferred_pending", "spin_exits", "spin_exit_us", "spin_yields", "ipi_send_us", "icr_writes",
+              "pv_ipi_hypercalls", "sched_yield_hypercalls", "ipis_received", "eoi_traps", "ipi_interrupt_us", "exits")
     for extra in extras:
         table[extra] = []
     exits: dict[str, list] = {"partition": [], "vp": [], "reason": [], "code": [], "count": [], "time_us": []}
@@ -372,6 +379,9 @@ def vp_tables(vps) -> tuple[dict[str, list], dict[str, list]]:
         table["spin_exit_us"].append(vp.spin_exit_us)
         table["spin_yields"].append(vp.spin_yields)
         table["ipi_send_us"].append(vp.ipi_send_us)
+        for name in ("icr_writes", "pv_ipi_hypercalls", "sched_yield_hypercalls", "ipis_received", "eoi_traps",
+                     "ipi_interrupt_us"):
+            table[name].append(getattr(vp, name))
         table["exits"].append(sum(vp.exit_count))
         for i, reason in enumerate(EXIT_REASONS):
             exits["partition"].append(partition)
@@ -467,7 +477,7 @@ def censored_latencies(shootdowns: pd.DataFrame, duration_us: float) -> tuple[np
 
 #: the shootdown columns ``summarize`` reads (a spilled run reads only these back)
 SUMMARY_COLUMNS = ("partition", "status", "origin", "latency_us", "issue_us", "queue_us", "suspensions", "reissues",
-                   "suspended_us", "hypercall_us")
+                   "continuations", "suspended_us", "hypercall_us")
 
 
 def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, extra: dict) -> pd.Series:
@@ -514,6 +524,8 @@ def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, e
         "spinning_us": float(vps["spinning_us"].sum()),
         "vtl1_us": float(vps["vtl1_us"].sum()),
         "ipi_send_us": float(vps["ipi_send_us"].sum()),
+        "ipi_interrupt_us": float(vps["ipi_interrupt_us"].sum()),
+        "continuations": int(shootdowns["continuations"].sum()) if len(shootdowns) else 0,
         "flush_us": float(vps["flush_us"].sum()),
         "collateral_entries": float(vps["collateral_entries"].sum()),
         "evicted_entries": float(vps["evicted_entries"].sum()),
@@ -528,7 +540,8 @@ def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, e
     # and flush handlers (and the initiator's own flush), spinning for acks, flush hypercalls, time
     # suspended on locked TLBs, hypervisor interruptions, and refilling what the flushes removed
     # (not what co-tenants evicted). The cost per shootdown and its share of VP time derive from it.
-    cost = (out["ipi_send_us"] + out.get("canceled_exit_us", 0.0) + out["flush_us"] + out["spinning_us"]
+    cost = (out["ipi_send_us"] + out.get("canceled_exit_us", 0.0) + out.get("ipi_interrupt_us", 0.0)
+            + out["flush_us"] + out["spinning_us"]
             + out["hypercall_us"] + out["suspended_us"] + out["hv_flush_us"]
             + out.get("shootdown_refill_us", out["refill_us"]))
     out["shootdown_cost_us"] = float(cost)

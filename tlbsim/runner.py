@@ -124,6 +124,7 @@ def _summary(shootdowns, vps, exits, config: Config, duration_us: float, extra: 
     extra["guest_system_us"] = float(
         config.guest.kernel_fraction * vps["guest_us"].sum() + vps["spinning_us"].sum() + vps["spin_exit_us"].sum()
         + vps["ipi_send_us"].sum() + vps["flush_us"].sum() + vps["vf_us"].sum() + canceled_exit_us
+        + vps["ipi_interrupt_us"].sum()
         + vps["hypercall_us"].sum())
     summary = summarize(shootdowns, vps, duration_us, extra)
     ops = summary["ops_per_s"] * duration_us * 1e-6  # workload shootdowns completed

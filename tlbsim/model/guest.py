@@ -92,6 +92,7 @@ class Policy:
         self.pv_sched_yield = g.pv_sched_yield == "on" or (
             g.pv_sched_yield == "auto" and self.name in ("ipi", "kvm-pv") and part.profile.name == "kvm")
         self._local: dict = {}  # (address space, pages) -> (FlushScope, local flush cost in us)
+        self.user_apic = part.config.partition.apic_emulation == "user"  # ICR writes exit to the stack
 
     def shootdown(self, vp, request):
         """One shootdown by ``vp`` (a generator): its own flush, then the remote part."""
@@ -107,11 +108,11 @@ class Policy:
             vp.set_state(FLUSH)
             yield self.env.timeout(local_us)
             vp.flush_locally(scope, sd)
-        if self.lazy_tlb and targets:  # idle (halted) VPs are in lazy-TLB mode: flushed when they next run
-            active = []
+        if self.lazy_tlb and targets and not self.flushes_every_vp(targets):
+            active = []  # idle (halted) VPs are in lazy-TLB mode: they flush when they next run
             for t in targets:
                 if t.state == HALTED:
-                    t.defer_flush(scope, sd, False)
+                    t.defer_flush(scope, sd, None)  # the guest's own deferral (None: not the hypervisor's)
                 else:
                     active.append(t)
             targets = active
@@ -121,6 +122,11 @@ class Policy:
         self.recorder.completed(sd, status, self.env.now)
         if self.check:
             part.check_flush_guarantee(sd)
+
+    def flushes_every_vp(self, targets) -> bool:
+        """The guest flushes every VP whatever their lazy state (Linux: mm_cpumask is every present
+        CPU, tested before lazy CPUs are skipped)."""
+        return False
 
     def remote(self, vp, sd, scope, targets):
         raise NotImplementedError
@@ -134,8 +140,11 @@ class Policy:
         acks.pending = k
         # The IPI delivered when the send ends rides on the sender's own timeout (its callback runs
         # first, then the sender resumes): one event a shootdown fewer, the same order (see _sent).
-        if staggered:  # one trapped ICR write per target, each an exit
-            vp.record_exit(exit_index, k, per_target_us * k)
+        if staggered:  # one trapped ICR write per target: an exit to the stack only with a user-mode APIC
+            if self.user_apic:
+                vp.record_exit(exit_index, k, per_target_us * k)
+            else:
+                vp.icr_writes += k
             last = k - 1
             for i, t in enumerate(targets):
                 if i < last:
@@ -144,18 +153,18 @@ class Policy:
             sent = _sent(env, send_us, partial(_deliver, t, sd, scope, acks))  # t: the last target (k >= 1)
         else:  # one PV send-IPI hypercall for all of them
             send_us = self.costs.vmexit_roundtrip_us + per_target_us * k
-            vp.record_exit(exit_index, 1, send_us)
+            vp.pv_ipi_hypercalls += 1  # handled in the hypervisor (KVM): not an exit to the stack
             sent = _sent(env, send_us, partial(_deliver_all, targets, sd, scope, acks))
         vp.ipi_send_us += send_us
-        vp.exit_index = exit_index
+        vp.exit_index = exit_index if self.user_apic and staggered else -1
         vp.set_state(EXIT)
         yield sent
         vp.exit_index = -1
         if self.pv_sched_yield:  # kvm_smp_send_call_func_ipi: yield to the first preempted target, once
             for t in targets:
                 if t.preempted and not t.on_lp:
-                    cost = self.costs.vmexit_roundtrip_us + self.part.config.spin.yield_cost_us
-                    vp.record_exit(I_HYPERCALL, 1, cost)  # KVM_HC_SCHED_YIELD
+                    cost = self.costs.vmexit_roundtrip_us + self.costs.sched_yield_hypercall_us
+                    vp.sched_yield_hypercalls += 1  # KVM_HC_SCHED_YIELD, handled in the hypervisor
                     vp.set_state(EXIT)
                     yield env.timeout(cost)
                     if t.dispatch_event is not None and vp.on_lp and not vp.preempt_pending:
@@ -281,6 +290,13 @@ class AllPolicy(WindowsStylePolicy):
 
 class LinuxPolicy(HypercallPolicy):
     name = "linux"
+
+    def flushes_every_vp(self, targets) -> bool:
+        """hyperv_flush_tlb_multi (arch/x86/hyperv/mmu.c) tests cpumask_equal(cpus, cpu_present_mask)
+        first and sends HV_FLUSH_ALL_PROCESSORS then; only a partial mask skips lazy CPUs
+        (cpu_is_lazy, in the mask loop and in cpumask_to_vpset_skip). ``targets`` are mm_cpumask
+        without the initiator."""
+        return len(targets) + 1 == self.part.config.partition.vps
 
     def build(self, vp, sd, scope, targets):
         n_vps = self.part.config.partition.vps

@@ -125,6 +125,7 @@ class Host:
         self.running: dict = {}
         self._lp_curr: list = [None] * n_lps  # the entity on each LP
         self._idle_set: set[int] = set(range(n_lps))  # (set.pop on ints is deterministic)
+        self.lp_busy_us = [0.0] * n_lps  # time each LP ran entities (to the last one that left it)
         self._timer_armed = False
         self._timer_due = math.inf
         self._timer_generation = 0
@@ -245,8 +246,13 @@ class Host:
         del self.running[entity]
         entity.on_lp = False
         entity.preempt_pending = False
-        entity.vruntime_us += self.env.now - entity.dispatched_us
-        return entity.lp
+        ran = self.env.now - entity.dispatched_us
+        entity.vruntime_us += ran
+        lp = entity.lp
+        busy = self.lp_busy_us[lp] + ran
+        self.lp_busy_us[lp] = busy
+        entity.left_busy_us = busy  # what ran on the LP after it is what evicts its TLB entries there
+        return lp
 
     def _dispatch_waiting(self, entity, lp: int) -> None:
         self._dispatch(entity, lp)
@@ -521,7 +527,7 @@ class CoTenantVp:
 
     __slots__ = ("env", "host", "on_lp", "preempt_pending", "dispatch_event", "interruptible",
                  "proc", "stream", "busy_mean_us", "idle_mean_us", "run_us", "vruntime_us", "dispatched_us", "lp",
-                 "deadline_us", "vlag_us")
+                 "deadline_us", "vlag_us", "left_busy_us")
 
     def __init__(self, env, host: Host, stream, load: str, duty: float, period_us: float):
         self.env = env
@@ -533,6 +539,7 @@ class CoTenantVp:
         self.vruntime_us = 0.0
         self.dispatched_us = 0.0
         self.lp = None
+        self.left_busy_us = 0.0
         self.deadline_us = 0.0  # EEVDF's virtual deadline
         self.vlag_us = 0.0  # EEVDF's lag, kept across a sleep
         self.stream = stream

@@ -1,37 +1,47 @@
 """The hypervisor's flush hypercall service.
 
-One call: decode and validate (under the partition's profile), check the TLB
-locks of the targets, then flush: targets on an LP are interrupted (IPI to
-the LP, flush, ack: the caller waits for them), targets that are not on an
-LP get the flush deferred to their next entry and are not waited for. The
-call costs the caller:
+One call: entry and decode (under the partition's profile), the lock check,
+then the flush, in one or more segments (docs/model.md "Hypervisor
+fan-out"). A segment costs the caller
 
-    vmexit_roundtrip + hypercall_decode
-      + mask_per_vp x |named VPs|              (ProcessorMask or VP set walk; none with ALL_PROCESSORS)
-      + vp_set_per_bank x |bank words|         (Ex calls)
-      + flush_per_running_target x k_running   (every running target, mask or ALL_PROCESSORS alike)
-      + list_per_range x reps + invlpg x pages (List calls)
-      + vmexit_roundtrip x (continuations)     (rep calls longer than the ~50 us limit)
+    entry  = vmexit_roundtrip + hypercall_decode [+ vtl2_roundtrip: OpenHCL on SNP / TDX]
+             + mask_per_vp x |named VPs| (none with ALL_PROCESSORS) + vp_set_per_bank x |bank words|
+    + list_per_range x (its reps)                                   (List calls)
+    + fan-out, by how the running targets are reached:
+      IPIs       hv_ipi_send_us x k + (k > 0) x (hv_ipi_roundtrip_us + target_interrupt_us
+                 [+ vtl2_roundtrip: TDX] + target work)
+                 target work = invlpg x (its pages), or hv_context_flush for a whole space:
+                 sent back to back, acknowledged in parallel: the slowest target is any one
+      INVLPGB    broadcast_issue x (instructions) + broadcast_sync          (host.broadcast_flush, SNP)
+      RAR        hv_ipi_send_us x k + broadcast_issue x (payloads) + broadcast_sync
 
-A ProcessorMask and HV_FLUSH_ALL_PROCESSORS reach each running target the
-same way (its LP is interrupted and acknowledges); what differs is the mask
-walk (mask only) and which VPs are flushed (ALL: every running VP of the
-partition, sharers or not: collateral interruptions and refills).
+The targets' side is arithmetic (no event per target): a running target
+interrupted by an IPI owes its interruption and flush work as debt; a
+broadcast interrupts nobody; a target off its LP gets the flush at its next
+entry (``deferred_flush_us``), except under INVLPGB, which reaches every LP.
 
-If a target *requires* the flush and its TLB is locked (locks.TlbLocks
-answers), the caller waits as the profile says: ``reissue`` (TLFS: pays the
-entry and decode, is suspended off its LP until the lock lifts, then
-reissues the whole call, which may find another lock: starvation is
-possible) or ``snapshot`` (OpenHCL: waits, halted, only for the holders at
-call time, is woken by the last to release, then flushes everyone). A lock
-due to lift within ``locks.wait_spin_us`` is waited for on the LP. Applying
-flushes to targets costs no events. What the shootdown's row says goes
-through the recorder (records.py).
+A rep (List) call returns to its caller at a rep boundary once a segment has
+run ``continuation_limit_us`` (TLFS: "The hypervisor attempts to limit
+hypercall execution to 50us or less before returning control", rep calls
+continue from RepStartIndex): at most reps - 1 continuations, each a real
+return to the guest (the host may preempt the caller there) and a new entry.
+A Space call is a simple hypercall: the TLFS gives it no continuation ("a
+small number of simple hypercalls might require more time"), so it runs to
+the end however many targets it has.
+
+If a target *requires* the flush (drawn from its TLB's occupancy: locks.py)
+and its TLB is locked when decode ends, the caller waits as the profile says:
+``reissue`` (TLFS: the running targets that are not locked are flushed and
+interrupted, the caller is suspended until the first lock lifts, then the
+whole call is reissued, re-interrupting them: starvation is possible) or
+``snapshot`` (OpenHCL, hardware_cvm/tlb_lock.rs: the flush is done, then the
+caller halts until the holders at that moment release, woken by the last).
+A wait for a lock due to lift within ``locks.wait_spin_us`` is spent spinning
+on the LP. What the shootdown's row says goes through the recorder.
 """
 
 from __future__ import annotations
 
-import math
 from bisect import bisect_left
 from operator import attrgetter
 from typing import TYPE_CHECKING
@@ -39,30 +49,42 @@ from typing import TYPE_CHECKING
 from tlbsim import hv
 from tlbsim.hv import FlushCall, HvStatus
 from tlbsim.model.tlb import EVERYTHING, FlushScope
-from tlbsim.model.vp import HYPERCALL, SUSPENDED, flush_pages_by_hypervisor
+from tlbsim.model.vp import HYPERCALL, SPINNING, SUSPENDED, flush_pages_by_hypervisor
 
 if TYPE_CHECKING:
     from tlbsim.model.partition import Partition
 
 _INDEX = attrgetter("index")
 
+#: How a call reaches its running targets (``Hypervisor.fanout_mode``).
+IPI, INVLPGB, RAR = "ipi", "invlpgb", "rar"
+#: Pages one RAR payload covers (RAR_INVLPG_MAX_PAGES, Intel RAR RFC, 2025).
+RAR_MAX_PAGES = 63
+#: OpenHCL on SNP: a List call with more ranges, or a range of more pages, becomes a flush of the whole
+#: space (openvmm processor/snp: do_flush_virtual_address_list)
+SNP_LIST_MAX = 16
+#: OpenHCL on TDX: the per-VP ring of pending GVA ranges (FLUSH_GVA_LIST_SIZE, processor/tdx/tlb_flush.rs);
+#: more becomes a full flush
+TDX_RING_RANGES = 32
+
 
 class CallPlan:
     """Everything about one (caller, call) pair that does not change during a
-    run: the decoded call, its status, its target VPs and its cost by
+    run: the decoded call, its status, its target VPs and its segments by
     number of running targets. Guests issue the same few calls again and
     again; a plan is built once and reused, so the hot path hashes no call.
 
     A partition of n VPs holds up to n plans of up to n - 1 targets, so a plan
     keeps no more per target than the target list itself: the validation's
     target tuple is dropped once counted, membership is a bitmask (512 bytes
-    at 4,096 VPs, where a dict of positions took 300 KB), and costs are kept
+    at 4,096 VPs, where a dict of positions took 300 KB), and segments are kept
     only for the running-target counts that occur."""
 
     __slots__ = ("call", "scope", "status", "ok", "all_processors", "n_named", "call_code", "flags", "targets",
-                 "member", "cost_us")
+                 "member", "rep_pages", "entry_us", "segments_us")
 
-    def __init__(self, call: FlushCall, scope: FlushScope, validation: hv.Validation, targets: list, member: int):
+    def __init__(self, call: FlushCall, scope: FlushScope, validation: hv.Validation, targets: list, member: int,
+                 rep_pages: tuple[int, ...], entry_us: float):
         self.call = call
         self.scope = scope
         self.status = validation.status
@@ -73,7 +95,9 @@ class CallPlan:
         self.flags = call.flags
         self.targets = targets  # ascending VP index: the lock-holder order
         self.member = member  # bit i set: VP i is a target
-        self.cost_us: dict[int, float] = {}  # by running targets
+        self.rep_pages = rep_pages  # pages of each rep still to do (List calls; () for Space calls)
+        self.entry_us = entry_us  # entry, decode and the VP-set walk: paid again at every continuation
+        self.segments_us: dict[int, tuple[float, ...]] = {}  # by running targets
 
 
 class Hypervisor:
@@ -92,6 +116,16 @@ class Hypervisor:
         if not self.profile.suspends_on_tlb_lock:
             self.lock_wait = "none"  # the hypervisor has no TLB locks to wait for (KVM)
         self.wait_spin_us = locks.wait_spin_us
+        host = part.config.host
+        self.isolation = part.isolation  # "none", "snp" or "tdx" (OpenHCL)
+        self.broadcast = host.broadcast_flush
+        self.broadcast_min_cpus = host.broadcast_min_cpus
+        self.invlpgb_max_pages = host.invlpgb_max_pages
+        c = self.costs
+        self.vtl2_us = c.vtl2_roundtrip_us if self.isolation != "none" else 0.0
+        # what an IPI-reached running target owes (its interruption; TDX: its exit into VTL2 too), before
+        # its flush work
+        self.target_hit_us = c.target_interrupt_us + (c.vtl2_roundtrip_us if self.isolation == "tdx" else 0.0)
 
     def plan(self, vp, call: FlushCall, scope: FlushScope, named: list | None = None) -> CallPlan:
         """The plan of ``call`` issued by ``vp``, flushing ``scope`` on its
@@ -112,77 +146,160 @@ class Hypervisor:
             targets = named  # the same VPs in the same (ascending) order: share the list
         else:
             targets = [vps[i] for i in indices]
+        ranges = call.gva_ranges[call.control.rep_start_index:call.control.rep_count] if call.gva_ranges else ()
+        rep_pages = tuple(hv.gva_range_pages([r]) for r in ranges)
         if self.profile.flush_whole_tlb:
-            reps = call.control.rep_count if call.gva_ranges else 0
             limit = self.profile.flush_queue_ranges - 1  # one slot is kept for "flush everything"
-            if call.gva_ranges is None or reps > limit:
+            if call.gva_ranges is None or len(rep_pages) > limit:
                 scope = EVERYTHING  # KVM: the whole guest TLB, NON_GLOBAL and AddressSpace ignored
-        return CallPlan(call, scope, validation, targets, member)
+        if scope.pages is not None and (
+                (self.isolation == "snp" and (len(rep_pages) > SNP_LIST_MAX or max(rep_pages) > SNP_LIST_MAX))
+                or (self.isolation == "tdx" and len(rep_pages) > TDX_RING_RANGES)):
+            scope = FlushScope(scope.address_space, True, None)  # OpenHCL turns the list into a full flush
+        c = self.costs
+        entry = c.vmexit_roundtrip_us + c.hypercall_decode_us + self.vtl2_us
+        if validation.ok:
+            if not validation.all_processors:
+                entry += c.mask_per_vp_us * (len(validation.targets) + len(validation.ignored_vps))
+            if call.vp_set is not None:
+                entry += c.vp_set_per_bank_us * len(call.vp_set.banks)
+        return CallPlan(call, scope, validation, targets, member, rep_pages, entry)
+
+    # ------------------------------------------------------------ costs
+    def fanout_mode(self, k_running: int) -> str:
+        """How a call reaches ``k_running`` running targets: IPIs, or a hardware broadcast when the
+        host has one and more than ``broadcast_min_cpus - 1`` CPUs (the caller's included) run the
+        context (Linux 6.15's rule, arch/x86/mm/tlb.c). OpenHCL on SNP always broadcasts (its VTL2
+        flush handler issues INVLPGB + TLBSYNC); on TDX it kicks the targets (IPIs)."""
+        if self.isolation == "snp":
+            return INVLPGB
+        if self.isolation == "tdx" or self.broadcast == "none" or k_running + 1 < self.broadcast_min_cpus:
+            return IPI
+        return self.broadcast
+
+    def target_work_us(self, pages: int | None) -> float:
+        """A running target's flush work on its LP: INVLPG per page, or a context flush."""
+        return self.costs.hv_context_flush_us if pages is None else self.costs.invlpg_us * pages
+
+    def fanout_us(self, mode: str, k_running: int, rep_pages: tuple[int, ...]) -> float:
+        """What reaching the running targets costs the caller for one segment that flushes the reps
+        ``rep_pages`` (() for a whole space)."""
+        c = self.costs
+        pages = sum(rep_pages) if rep_pages else None
+        if mode == IPI:
+            if not k_running:
+                return 0.0
+            return (c.hv_ipi_send_us * k_running + c.hv_ipi_roundtrip_us + self.target_hit_us
+                    + self.target_work_us(pages))
+        per = self.invlpgb_max_pages if mode == INVLPGB else RAR_MAX_PAGES
+        instructions = sum(-(-p // per) for p in rep_pages) if rep_pages else 1
+        cost = c.broadcast_issue_us * instructions + c.broadcast_sync_us
+        return cost + c.hv_ipi_send_us * k_running if mode == RAR else cost
+
+    def segments_us(self, plan: CallPlan, k_running: int) -> tuple[float, ...]:
+        """The call's segments with ``k_running`` targets on their LPs, us: one for a Space call or a
+        failed call; a List call returns to its caller at the first rep boundary after
+        ``continuation_limit_us`` of a segment, at most reps - 1 times."""
+        found = plan.segments_us.get(k_running)
+        if found is not None:
+            return found
+        c = self.costs
+        if not plan.ok:
+            out = (c.vmexit_roundtrip_us + c.hypercall_decode_us + self.vtl2_us,)
+        else:
+            mode = self.fanout_mode(k_running)
+            reps = plan.rep_pages if plan.scope.pages is not None else ()
+            if not reps:  # a Space call, or a List call turned into a whole flush (its ranges still read)
+                out = (plan.entry_us + c.list_per_range_us * len(plan.rep_pages)
+                       + self.fanout_us(mode, k_running, ()),)
+            else:
+                limit = c.continuation_limit_us
+                segments, batch = [], []
+                for i, pages in enumerate(reps):
+                    batch.append(pages)
+                    elapsed = plan.entry_us + c.list_per_range_us * len(batch) + self.fanout_us(
+                        mode, k_running, tuple(batch))
+                    if i == len(reps) - 1 or (limit > 0 and elapsed >= limit):
+                        segments.append(elapsed)
+                        batch = []
+                out = tuple(segments)
+        plan.segments_us[k_running] = out
+        return out
 
     def call_cost_us(self, plan: CallPlan, k_running: int) -> float:
-        """What the call costs its caller with ``k_running`` targets on their LPs, us."""
-        c = self.costs
-        call = plan.call
-        cost = c.vmexit_roundtrip_us + c.hypercall_decode_us
-        if not plan.ok:
-            return cost
-        if not plan.all_processors:
-            cost += c.mask_per_vp_us * plan.n_named
-        cost += c.flush_per_running_target_us * k_running
-        if call.vp_set is not None:
-            cost += c.vp_set_per_bank_us * len(call.vp_set.banks)
-        reps = call.control.rep_count - call.control.rep_start_index if call.gva_ranges else 0
-        if reps > 0:
-            pages = hv.gva_range_pages(call.gva_ranges[call.control.rep_start_index : call.control.rep_count])
-            work = c.list_per_range_us * reps + c.invlpg_us * pages
-            cost += work
-            if c.continuation_limit_us > 0:
-                cost += c.vmexit_roundtrip_us * (math.ceil(cost / c.continuation_limit_us) - 1)
-        return cost
+        """What the call costs its caller with ``k_running`` targets on their LPs, us (every segment)."""
+        return sum(self.segments_us(plan, k_running))
 
+    # ------------------------------------------------------------ the call
     def flush(self, vp, plan: CallPlan, sd):
         """Run one flush hypercall for ``vp`` (a generator); returns its HvStatus."""
         env = self.env
-        c = self.costs
         recorder = self.recorder
         if not plan.ok:
             recorder.call_issued(sd, plan.call_code, plan.flags, 0)
-            yield from self._in_hypercall(vp, sd, self.call_cost_us(plan, 0))
+            yield from self._in_hypercall(vp, sd, self.segments_us(plan, 0)[0])
             recorder.call_returned(sd, plan.status)
             return plan.status
         targets = plan.targets
         scope = plan.scope
         recorder.call_issued(sd, plan.call_code, plan.flags, len(targets))
-        locks = self.locks if self.lock_wait != "none" else None
+        locks = self.locks if self.lock_wait == "reissue" else None
+        c_range = self.costs.list_per_range_us
         while locks is not None and locks.any_active():
-            now = env.now
-            holders = locks.holders(self.part.vps, plan.member, scope, now)
+            decoded = env.now + plan.entry_us  # the lock check follows the decode
+            holders = [h for h in locks.holders(self.part.vps, plan.member, scope, decoded) if h[0] > decoded]
             if not holders:
                 break
-            yield from self._in_hypercall(vp, sd, c.vmexit_roundtrip_us + c.hypercall_decode_us)
-            if self.lock_wait == "snapshot":  # wait for these holders only, then flush everyone
-                yield from self._wait_for_holders(vp, sd, max(end for end, _, _ in holders))
-                break
-            yield from self._suspend(vp, sd, holders[0][0])  # reissue: the whole call again
+            # the call flushes the running targets it can (each interrupted), then the caller is suspended
+            # until the first lock lifts and reissues the whole call
+            held = {id(t) for _, _, t in holders}
+            free = [t for t in targets if id(t) not in held and t.on_lp]
+            mode = self.fanout_mode(len(free))
+            k = self._flush_running(free, scope, sd, env.now, mode)
+            yield from self._in_hypercall(vp, sd, plan.entry_us + c_range * len(plan.rep_pages)
+                                          + self.fanout_us(mode, k, self._reps(plan)))
+            yield from self._suspend(vp, sd, min(end for end, _, _ in holders))
         now = env.now
-        running = self._flush_targets(targets, scope, sd, now)
-        cost = plan.cost_us.get(running)
-        if cost is None:
-            cost = plan.cost_us[running] = self.call_cost_us(plan, running)
-        recorder.in_hypervisor(sd, cost)
-        vp.set_state(HYPERCALL, now)
-        yield env.timeout(cost)
+        if self.broadcast != "none" and self.isolation == "none":  # broadcast or IPIs: by the running count
+            mode = self.fanout_mode(sum(1 for t in targets if t.on_lp))
+        else:
+            mode = self.fanout_mode(0)
+        running = self._flush_targets(targets, scope, sd, now, mode)
+        segments = self.segments_us(plan, running)
+        yield from self._in_hypercall(vp, sd, segments[0], now)
+        for cost in segments[1:]:  # continuations: a return to the guest at a rep boundary, then a new entry
+            recorder.continued(sd)
+            if vp.preempt_pending:  # the host takes the LP at the return
+                vp.give_up_lp_preempted()
+                yield from vp.wait_for_lp()
+            yield from self._in_hypercall(vp, sd, cost)
+        if self.lock_wait == "snapshot" and self.locks.any_active():
+            holders = self.locks.holders(self.part.vps, plan.member, scope, env.now)
+            if holders:  # the flush is done; the caller halts until the holders at this moment release
+                yield from self._wait_for_holders(vp, sd, max(end for end, _, _ in holders))
         recorder.call_returned(sd, HvStatus.SUCCESS)
         return HvStatus.SUCCESS
 
-    def _flush_targets(self, targets, scope: FlushScope, sd, now: float) -> int:
-        """Flush every running target now and defer the others; returns how many were running.
-        A function of its own so that its per-target list dies before the caller waits out the
-        call's cost (kept in the generator's frame, 4,096 such lists of 4,095 tuples held 1.2 GB)."""
+    @staticmethod
+    def _reps(plan: CallPlan) -> tuple[int, ...]:
+        return plan.rep_pages if plan.scope.pages is not None else ()
+
+    def _debt_us(self, mode: str, scope: FlushScope) -> float:
+        """What a running target owes for the flush: its interruption and its flush work (IPIs), or
+        nothing (a broadcast invalidates its TLB without interrupting it)."""
+        return self.target_hit_us + self.target_work_us(scope.pages) if mode == IPI else 0.0
+
+    def _flush_targets(self, targets, scope: FlushScope, sd, now: float, mode: str) -> int:
+        """Flush every running target now and defer the others (INVLPGB reaches every LP: flushed now
+        too); returns how many were running. A function of its own so that its per-target list dies
+        before the caller waits out the call's cost (kept in the generator's frame, 4,096 such lists
+        of 4,095 tuples held 1.2 GB)."""
         whole_context = self.whole_context
+        debt = self._debt_us(mode, scope)
+        defer_idle = mode != INVLPGB
         if scope.pages is not None:  # every List call: the fast path
-            required, deferred = flush_pages_by_hypervisor(targets, scope, whole_context, sd, now, self.costs,
-                                                           self.record_ids)
+            required, deferred = flush_pages_by_hypervisor(targets, scope, whole_context, sd, now, debt,
+                                                           self.costs.refill_us, self.record_ids, defer_idle)
             if deferred:
                 self.recorder.deferred(sd, deferred)
             self.recorder.running_flushed_pages(sd, required)
@@ -190,26 +307,35 @@ class Hypervisor:
         flushed = []  # (required, removed) of each running target
         for t in targets:
             if t.on_lp:
-                flushed.append(t.flush_by_hypervisor(scope, sd, whole_context, now))
-            else:
+                flushed.append(t.flush_by_hypervisor(scope, sd, whole_context, now, debt))
+            elif defer_idle:
                 t.defer_flush(scope, sd, whole_context)
+            else:
+                t.flush_now_idle(scope, sd, whole_context)
         self.recorder.running_flushed(sd, flushed)
         return len(flushed)
 
-    def _in_hypercall(self, vp, sd, cost_us: float):
+    def _flush_running(self, free, scope: FlushScope, sd, now: float, mode: str) -> int:
+        """A call that met a locked TLB flushes the running targets that are not locked (they are
+        flushed again when it is reissued); returns how many."""
+        debt = self._debt_us(mode, scope)
+        for t in free:
+            t.flush_by_hypervisor(scope, sd, self.whole_context, now, debt)
+        return len(free)
+
+    def _in_hypercall(self, vp, sd, cost_us: float, now: float | None = None):
         self.recorder.in_hypervisor(sd, cost_us)
-        vp.set_state(HYPERCALL)
+        vp.set_state(HYPERCALL, now)
         yield self.env.timeout(cost_us)
 
     def _suspend(self, vp, sd, lock_end_us: float):
-        """Suspend the caller until the lock lifts, then (on an LP again)
-        let the caller reissue the call. A lock due to lift within
-        ``wait_spin_us`` is waited for on the LP."""
+        """Suspend the caller until the first lock lifts, then (on an LP again) let it reissue the
+        call. A lock due to lift within ``wait_spin_us`` is waited for spinning on the LP."""
         env = self.env
         start = env.now
         self.recorder.suspended(sd)
         if lock_end_us - start <= self.wait_spin_us:
-            vp.set_state(SUSPENDED)
+            vp.set_state(SPINNING)
             yield env.timeout(max(0.0, lock_end_us - start))
             self.recorder.resumed(sd, env.now - start)
             return
@@ -219,17 +345,17 @@ class Hypervisor:
         yield from vp.wait_for_lp()
 
     def _wait_for_holders(self, vp, sd, last_release_us: float):
-        """OpenHCL's wait: halted until the last holder at call time releases
-        its lock and wakes the caller (an IPI: ``halt_wake_us``); no reissue."""
+        """OpenHCL's wait (should_halt_for_tlb_unlock): halted until the last holder at the end of the
+        flush releases its lock and wakes the caller (wake_vtl2: ``lock_release_wake_us``); no reissue."""
         env = self.env
         start = env.now
         self.recorder.suspended(sd)
         if last_release_us - start <= self.wait_spin_us:
-            vp.set_state(SUSPENDED)
+            vp.set_state(SPINNING)
             yield env.timeout(max(0.0, last_release_us - start))
             self.recorder.waited(sd, env.now - start)
             return
         vp.give_up_lp(SUSPENDED)
-        yield env.timeout(max(0.0, last_release_us - start) + self.costs.halt_wake_us)
+        yield env.timeout(max(0.0, last_release_us - start) + self.costs.lock_release_wake_us)
         self.recorder.waited(sd, env.now - start)
         yield from vp.wait_for_lp()

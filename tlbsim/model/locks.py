@@ -130,7 +130,7 @@ class TlbLocks:
         out = []
         for index in sorted(found):
             target = vps[index]
-            if target.requires(scope):
+            if target.requires(scope):  # drawn from its occupancy (VP.requires)
                 end, name = found[index]
                 out.append((end, name, target))
         return out

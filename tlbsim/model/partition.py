@@ -100,6 +100,9 @@ class Partition:
         lk = config.locks
         self.check = config.run.check_invariants
         self.profile = profile_for(p.semantics)
+        # OpenHCL's confidential VM (the flush path through VTL2): "snp", "tdx"; "none" otherwise
+        self.isolation = (("snp" if p.semantics == "openhcl" else "none") if p.isolation == "profile"
+                          else p.isolation)
         self.recorder = machine.recorder
         self.host = machine.host
         streams = rng.vp_streams(seed, p.vps)

@@ -13,7 +13,7 @@ from array import array
 
 import numpy as np
 
-PURPOSES = ("exits", "workload", "halt", "vsm", "sched")  # new purposes go last: the others' draws stay
+PURPOSES = ("exits", "workload", "halt", "vsm", "sched", "tlbcheck")  # new purposes go last: the others' draws stay
 VF_PURPOSES = ("pf", "fault")
 #: VF streams live under spawn keys (VF_KEY, vf) and the PF's under (VF_KEY + 1,):
 #: disjoint from the VPs' (0..4095), so turning VFs on changes no VP's draws.

@@ -45,7 +45,7 @@ from functools import partial
 
 from simpy import Interrupt
 
-from tlbsim.model.accounting import EXIT, I_HYPERCALL, SPINNING
+from tlbsim.model.accounting import EXIT, SPINNING
 from tlbsim.model.host import YIELD_FAILED
 
 
@@ -116,13 +116,11 @@ def _spin_exit(vp, acks):
     spin = vp.spin
     vp.spin_exits += 1
     vp.spin_window_us = spin.next_window(vp.spin_window_us)
-    vp.exit_index = I_HYPERCALL if spin.form == "notify" else -1
-    if spin.form == "notify":
-        vp.record_exit(I_HYPERCALL, 1, spin.exit_cost_us)
+    # a pause-loop exit and HvCallNotifyLongSpinWait are the hypervisor's own: counted in spin_exits,
+    # not in the exits table (nothing reaches the virtualization stack)
     vp.spin_exit_us += spin.exit_cost_us
     vp.set_state(EXIT)
     yield vp.env.timeout(spin.exit_cost_us)
-    vp.exit_index = -1
     if not acks.pending or not vp.on_lp or vp.preempt_pending:
         return
     prefer = None

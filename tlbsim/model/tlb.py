@@ -78,6 +78,24 @@ class Tlb:
         nonglobal = self.nonglobal if self._matches(scope) else 0.0
         return nonglobal if scope.non_global_only else nonglobal + self.global_entries
 
+    def require_probability(self, scope: FlushScope) -> float:
+        """The probability that this TLB holds at least one entry ``scope`` must remove (the TLFS's
+        "requires the flush"), with the occupancy spread evenly over the working set: a page scope of
+        p pages is missed with probability (1 - f)^p, f = nonglobal / working set; a whole space with
+        (1 - f)^working set; global entries, when the scope includes them, make it certain."""
+        if not self._matches(scope) or not self.working_set:
+            nonglobal_p = 0.0
+        else:
+            f = self.nonglobal / self.working_set
+            if f >= 1.0:
+                nonglobal_p = 1.0
+            else:
+                n = scope.pages if scope.pages is not None else self.working_set
+                nonglobal_p = 1.0 - (1.0 - f) ** n
+        if scope.pages is None and not scope.non_global_only and self.global_entries > 0:
+            return 1.0
+        return nonglobal_p
+
     def flush(self, scope: FlushScope, whole_context: bool = False) -> tuple[float, float]:
         """Remove what the scope names; return (entries the scope required,
         entries removed): more go than required when ``whole_context``.

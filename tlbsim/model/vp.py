@@ -64,6 +64,11 @@ __all__ = ["VP", "VpState", "GUEST", "EXIT", "HYPERCALL", "FLUSH", "SPINNING", "
            "DESCHEDULED", "VF", "VTL1"]
 
 
+#: What kicked a VP out of guest code (VP.kicked): the stack's Canceled exit, or the hypervisor's
+#: interruption to deliver an IPI (no exit to the stack).
+KICK_CANCELED, KICK_IPI = 1, 2
+
+
 def clock_tolerance(now_us: float) -> float:
     """What is left of a time budget below this is rounding, not time: an
     absolute nanosecond-scale floor plus a few ulps of the clock (at 2^24 us
@@ -71,14 +76,16 @@ def clock_tolerance(now_us: float) -> float:
     return 1e-9 + now_us * 1e-15
 
 
-def flush_pages_by_hypervisor(targets, scope: FlushScope, whole_context: bool, shootdown, now: float, costs,
-                              record_ids: bool) -> tuple[list[float], int]:
+def flush_pages_by_hypervisor(targets, scope: FlushScope, whole_context: bool, shootdown, now: float,
+                              debt_us: float, refill_us: float, record_ids: bool,
+                              defer_idle: bool = True) -> tuple[list[float], int]:
     """The hypervisor flushes a page scope (``scope.pages`` is set) on every target at ``now``: each
-    target on an LP as ``VP.flush_by_hypervisor`` does it (a List call's scope), each other one
-    deferred (``VP.defer_flush``). Returns the entries each running target's flush required, in
-    target order (page flushes are exact: removed = required, no collateral), and how many
-    targets were deferred, for the caller to report (``ShootdownRecorder.running_flushed_pages``
-    and ``deferred``).
+    target on an LP as ``VP.flush_by_hypervisor`` does it (a List call's scope, ``debt_us`` of
+    interruption and flush work owed by each), each other one deferred (``VP.defer_flush``), or, with
+    ``defer_idle`` False (a hardware broadcast reaches every LP), flushed now at no cost to it. Returns
+    the entries each running target's flush required, in target order (page flushes are exact: removed
+    = required, no collateral), and how many targets were deferred, for the caller to report
+    (``ShootdownRecorder.running_flushed_pages`` and ``deferred``).
 
     The one fast path of the hottest loop of a large partition (a 1-page List call to 4,095
     running targets, every shootdown of the default guest): the same arithmetic in the same
@@ -87,25 +94,26 @@ def flush_pages_by_hypervisor(targets, scope: FlushScope, whole_context: bool, s
     the page arithmetic instead cost 14 % a target at 16 VPs, measured alternating in one process;
     guest accounting stays a call: inlining it too saved only 3-4 %). Collateral entries
     are left alone: adding ``removed - required`` (+0.0) to a sum that starts at 0.0 and never
-    falls below it changes no bit (the VP's ``collateral_entries`` and the row's alike). ``costs``
-    (the partition's: every VP's ``_target_interrupt_us`` and ``_refill_us`` come from it) and
-    ``record_ids`` (the invariant checks are on: every VP keeps ``applied_ids``) are read once, not
-    per target: 8-11 % of a target's cost, measured alternating in one process."""
+    falls below it changes no bit (the VP's ``collateral_entries`` and the row's alike). ``refill_us``
+    and ``record_ids`` (the invariant checks are on: every VP keeps ``applied_ids``) are passed, not
+    read per target: 8-11 % of a target's cost, measured alternating in one process."""
     address_space, pages = scope.address_space, scope.pages
-    interrupt_us, refill_us = costs.target_interrupt_us, costs.refill_us
     required_list = []
     append = required_list.append
     deferred = 0
     for t in targets:
-        if not t.on_lp:  # VP.defer_flush, inline; the caller reports the count
-            t.deferred.append((shootdown, scope, whole_context))
-            deferred += 1
+        if not t.on_lp:
+            if defer_idle:  # VP.defer_flush, inline; the caller reports the count
+                t.deferred.append((shootdown, scope, whole_context))
+                deferred += 1
+            else:  # VP.flush_now_idle
+                t._book(shootdown, *t.tlb.flush_pages(address_space, pages))
             continue
         if t.state == GUEST and now > t.since:
             t.account_guest(now - t.since)
             t.since = now
         tlb = t.tlb
-        t.hv_debt_us += interrupt_us
+        t.hv_debt_us += debt_us
         working_set = tlb.working_set
         if (address_space is not None and address_space != tlb.address_space) or not working_set:
             required = 0.0
@@ -158,13 +166,14 @@ class VP(TimeAccount):
         "_exit_cost",
         "_exit_cum",
         "_refill_us",
-        "_target_interrupt_us",
         "address_space",
         "applied_ids",
         "closed",
         "evicted_entries",
         "kernel_fraction",
-        "left_dispatches",
+        "left_busy_us",
+        "left_lp",
+        "retention_tau_us",
         "lp",
         "preempted_in_kernel",
         "spin_exit_us",
@@ -172,7 +181,6 @@ class VP(TimeAccount):
         "op_due_us",
         "part",
         "preempted",
-        "retained_fraction",
         "spin",
         "spin_epoch",
         "spin_exit_due",
@@ -195,6 +203,16 @@ class VP(TimeAccount):
         "exit_gap_mean_us",
         "exit_index",
         "flushes_applied",
+        "guest_flush_due_us",
+        "_eoi_us",
+        "_ipi_interrupt_us",
+        "_ipi_kick",
+        "eoi_traps",
+        "icr_writes",
+        "ipi_interrupt_us",
+        "ipis_received",
+        "pv_ipi_hypercalls",
+        "sched_yield_hypercalls",
         "halt_idle_mean_us",
         "host",
         "idle_until_us",
@@ -235,7 +253,6 @@ class VP(TimeAccount):
         self.arrivals = arrivals
         self.costs = cfg.costs
         self._refill_us = cfg.costs.refill_us
-        self._target_interrupt_us = cfg.costs.target_interrupt_us
 
         # Exit mix: cumulative probabilities over EXIT_REASONS by rate.
         specs = part.exit_specs
@@ -254,10 +271,29 @@ class VP(TimeAccount):
         self.collateral_entries = 0.0
         self.evicted_entries = 0.0
         self.flushes_applied = 0
+        self.guest_flush_due_us = 0.0  # lazy-TLB flushes the guest owes before it runs guest code again
         self.deferred_applied = 0
         self.ipi_send_us = 0.0  # in exits sending IPIs (trapped ICR writes or PV send-IPI hypercalls)
-        self.retained_fraction = t.retained_fraction
-        self.left_dispatches = 0
+        # Interrupt delivery (docs/model.md "Interrupt delivery"): with the APIC in the hypervisor, an IPI
+        # interrupts a running target without an exit to the stack (and without any exit with posted
+        # interrupts), and its EOI traps unless posted interrupts virtualize it; with a user-mode APIC
+        # the stack cancels the target's run (a Canceled exit) and sees every ICR write.
+        user_apic = cfg.partition.apic_emulation == "user"
+        posted = cfg.costs.posted_interrupts
+        self._ipi_kick = KICK_CANCELED if user_apic else (0 if posted else KICK_IPI)
+        self._ipi_interrupt_us = cfg.costs.target_interrupt_us
+        self._eoi_us = 0.0 if user_apic or posted else cfg.costs.vmexit_roundtrip_us
+        self.icr_writes = 0  # trapped ICR writes the hypervisor handled (not exits to the stack)
+        self.pv_ipi_hypercalls = 0  # KVM PV send-IPI hypercalls (handled in the hypervisor)
+        self.sched_yield_hypercalls = 0  # KVM_HC_SCHED_YIELD
+        self.ipis_received = 0
+        self.eoi_traps = 0
+        self.ipi_interrupt_us = 0.0  # the hypervisor's interruptions of guest code to deliver IPIs
+        # eviction while away (docs/model.md "TLB contents across descheduling"): what ran on the LP
+        tau = t.retention_tau_us or (t.capacity / t.fill_rate_per_us if t.fill_rate_per_us else math.inf)
+        self.retention_tau_us = tau
+        self.left_lp = None  # the LP it left last (None: it has not run yet)
+        self.left_busy_us = 0.0  # that LP's busy time when it left (Host._put_prev)
 
         # Scheduling.
         self.on_lp = False
@@ -293,7 +329,7 @@ class VP(TimeAccount):
         self.requests: deque = deque()
         self.work: deque = deque()  # (cost_us, event): guest work items of the VF chain
         self.interruptible = False
-        self.kicked = False
+        self.kicked = 0  # what interrupted guest code is owed by the next _spend (KICK_*)
         self.exit_index = -1
         self.applied_ids: set[int] | None = set() if cfg.run.check_invariants else None
 
@@ -308,10 +344,20 @@ class VP(TimeAccount):
 
     # ------------------------------------------------------------ flushes
     def requires(self, scope: FlushScope) -> bool:
-        """Does this VP's TLB hold anything ``scope`` must remove (TLFS: "requires a flush")?"""
+        """Does this VP's TLB hold anything ``scope`` must remove (TLFS: "requires a flush")? Drawn
+        from its occupancy (``Tlb.require_probability``) on its own stream: the expected count of
+        cached entries is positive for any warm TLB, so asking it instead made every lock holder
+        block every call."""
         if self.state == GUEST:
             self.settle()
-        return self.tlb.required(scope) > 0
+        p = self.tlb.require_probability(scope)
+        return p >= 1.0 or (p > 0.0 and self.streams["tlbcheck"].uniform() < p)
+
+    def flush_now_idle(self, scope: FlushScope, shootdown, whole_context: bool) -> None:
+        """A hardware broadcast (INVLPGB) flushed this VP's entries on every LP while it was not
+        running: applied now, at no cost to it but the refills."""
+        required, removed = self.tlb.flush(scope, whole_context)
+        self._book(shootdown, required, removed)
 
     def _book(self, shootdown, required: float, removed: float) -> None:
         """Refills owed for ``removed`` entries; the flush reported to the recorder."""
@@ -324,10 +370,10 @@ class VP(TimeAccount):
             if self.applied_ids is not None:
                 self.applied_ids.add(shootdown.id)
 
-    def flush_by_hypervisor(self, scope: FlushScope, shootdown, whole_context: bool, now: float):
-        """The hypervisor flushes this VP on its LP at ``now``: an interruption
-        of ``target_interrupt_us`` plus the refills, both repaid from guest
-        time. Returns (required, removed) for the hypervisor to report to the
+    def flush_by_hypervisor(self, scope: FlushScope, shootdown, whole_context: bool, now: float, debt_us: float):
+        """The hypervisor flushes this VP on its LP at ``now``: ``debt_us`` of
+        interruption and flush work (0 under a hardware broadcast) plus the
+        refills, both repaid from guest time. Returns (required, removed) for the hypervisor to report to the
         recorder (``ShootdownRecorder.running_flushed``, one call for all
         running targets).
 
@@ -339,7 +385,7 @@ class VP(TimeAccount):
         if self.state == GUEST and now > self.since:
             self.account_guest(now - self.since)
             self.since = now
-        self.hv_debt_us += self._target_interrupt_us
+        self.hv_debt_us += debt_us
         pages = scope.pages
         if pages is not None:
             flushed = self.tlb.flush_pages(scope.address_space, pages)
@@ -373,47 +419,63 @@ class VP(TimeAccount):
         everything (charged to the first)."""
         deferred = self.deferred
         limit = self.part.profile.flush_queue_ranges
-        if limit and sum(1 for _, scope, _ in deferred if scope.pages is not None) > limit:
-            deferred = [(deferred[0][0], EVERYTHING, True), *((sd, EVERYTHING, True) for sd, _, _ in deferred[1:])]
+        if limit and sum(1 for _, scope, w in deferred if scope.pages is not None and w is not None) > limit - 1:
+            # KVM: one FIFO slot is kept for "flush everything" (KVM_HV_TLB_FLUSH_FIFO_SIZE 16: 15 ranges)
+            deferred = [(sd, scope, w) if w is None else (sd, EVERYTHING, True) for sd, scope, w in deferred]
         for shootdown, scope, whole_context in deferred:
-            required, removed = self.tlb.flush(scope, whole_context)
+            required, removed = self.tlb.flush(scope, bool(whole_context))
             self._book(shootdown, required, removed)
-            self.hv_debt_us += self.costs.deferred_flush_us
+            if whole_context is None:  # the guest's own (lazy TLB): its flush when it runs again
+                self.guest_flush_due_us += self.costs.local_flush_cost_us(scope.pages)
+            else:
+                self.hv_debt_us += self.costs.deferred_flush_us
             self.deferred_applied += 1
         self.deferred.clear()
 
     def _evict(self) -> None:
-        """Dispatched again after other VPs ran on the LPs: only
-        ``retained_fraction`` of the TLB is left; the rest are refills."""
-        gone = self.tlb.evict(self.retained_fraction)
+        """Dispatched again: back on the LP it left, it keeps exp(-t / tau) of its TLB, t the time
+        other entities ran on that LP meanwhile (their working sets evicted the rest); on another LP
+        it keeps nothing (its entries are on the one it left). The rest are refills."""
+        lp = self.lp
+        if lp == self.left_lp:
+            foreign = self.host.lp_busy_us[lp] - self.left_busy_us
+            if foreign <= 0.0:
+                return
+            retained = math.exp(-foreign / self.retention_tau_us)
+        else:
+            retained = 0.0
+        gone = self.tlb.evict(retained)
         self.evicted_entries += gone
         self.refill_debt_us += gone * self._refill_us
 
     # ------------------------------------------------------------ interrupts
-    def _claim_wake(self, cancel: bool) -> bool:
+    def _claim_wake(self, kick: int) -> bool:
         """True when the VP waits interruptibly (guest code, a spin, HLT) and the caller must wake
-        it; it stops being interruptible, and with ``cancel`` a VP out of HLT owes the Canceled exit
-        (the host kicked it out of guest code)."""
+        it; it stops being interruptible, and a VP out of HLT owes what the ``kick`` costs it
+        (KICK_CANCELED: the stack's Canceled exit; KICK_IPI: the hypervisor's interruption to
+        deliver an IPI; 0: nothing)."""
         if not self.interruptible:
             return False
         self.interruptible = False
-        if cancel and self.state != HALTED:
-            self.kicked = True
+        if kick and self.state != HALTED:
+            self.kicked = kick
         return True
 
     def kick(self, cancel: bool = False) -> None:
         """Make the VP look at its interrupts / preemption now if it is
-        waiting in guest code, spinning or halted."""
-        if self._claim_wake(cancel):
+        waiting in guest code, spinning or halted; with ``cancel`` the
+        virtualization stack cancels its run (a Canceled exit)."""
+        if self._claim_wake(KICK_CANCELED if cancel else 0):
             self.proc.interrupt()
 
     def post_ipi(self, shootdown, scope: FlushScope, acks) -> bool:
         """An IPI arrives: queued for ``take_interrupts``. Returns True when the VP was waiting
         interruptibly (guest code, a spin, HLT) and the deliverer must wake it (``wake_for_ipi``,
-        after posting every IPI the delivery carries): what ``kick(cancel=True)`` does, without
-        the Interruption event."""
+        after posting every IPI the delivery carries), without an Interruption event. A running
+        VP is interrupted by the hypervisor (no exit to the stack; none at all with posted
+        interrupts), or, with a user-mode APIC, kicked out with a Canceled exit."""
         self.irqs.append((shootdown, scope, acks))
-        return self._claim_wake(True)
+        return self._claim_wake(self._ipi_kick)
 
     def post_work(self, cost_us: float, from_host: bool):
         """Queue ``cost_us`` of guest kernel work (the VF chain's DPCs and
@@ -433,30 +495,37 @@ class VP(TimeAccount):
         return ev
 
     def _spend(self, state: VpState, cost_us: float):
-        """Spend ``cost_us`` in ``state``: one timeout. If the host kicked the
-        VP out of guest code for this, its Canceled exit comes first and
-        shares the timeout: nothing is decided between the exit and the work
-        that follows, so the time is split between the two states by
-        arithmetic (``switch_at``), not by an event."""
+        """Spend ``cost_us`` in ``state``: one timeout. If the VP was kicked out
+        of guest code for this, the exit comes first and shares the timeout (a
+        Canceled exit to the stack, or the hypervisor's interruption for an
+        IPI): nothing is decided between the exit and the work that follows,
+        so the time is split between the two states by arithmetic
+        (``switch_at``), not by an event."""
         env = self.env
-        if not self.kicked:
+        kick = self.kicked
+        exit_us = self._kick_us(kick) if kick else 0.0
+        self.kicked = 0
+        if not exit_us:
             self.set_state(state)
             yield env.timeout(cost_us)
             return
-        duration = self._spend_us(cost_us)
-        self.kicked = False
-        exit_us = self._exit_cost[I_CANCELED]
-        self.record_exit(I_CANCELED, 1, exit_us)
-        self.exit_index = I_CANCELED
+        if kick == KICK_CANCELED:
+            self.record_exit(I_CANCELED, 1, exit_us)
+            self.exit_index = I_CANCELED
+        else:  # the hypervisor's own: not an exit to the stack
+            self.ipi_interrupt_us += exit_us
         self.set_state(EXIT)
         start = env.now
-        yield env.timeout(duration)
+        yield env.timeout(exit_us + cost_us)
         self.exit_index = -1
         self.switch_at(state, start + exit_us)
 
+    def _kick_us(self, kick: int) -> float:
+        return self._exit_cost[I_CANCELED] if kick == KICK_CANCELED else self._ipi_interrupt_us
+
     def _spend_us(self, cost_us: float) -> float:
         """How long ``_spend(state, cost_us)`` takes from now (its one timeout)."""
-        return self._exit_cost[I_CANCELED] + cost_us if self.kicked else cost_us
+        return self._kick_us(self.kicked) + cost_us if self.kicked else cost_us
 
     def run_work(self):
         """Run the first queued VF work item."""
@@ -465,11 +534,16 @@ class VP(TimeAccount):
         ev.succeed()
 
     def take_interrupts(self):
-        """Take every pending IPI (a Canceled exit first if the host had to
-        kick the VP out of guest code), run the flush handler for each, then
+        """Take every pending IPI (after the exit that interrupted guest code,
+        ``_spend``), run the flush handler for each (with its EOI: a trap to the
+        hypervisor without posted interrupts and an in-hypervisor APIC), then
         ack. IPIs that arrive during the round wait for the next one."""
         irqs, self.irqs = self.irqs, []
         cost = sum(self.costs.local_flush_cost_us(scope.pages) for _, scope, _ in irqs)
+        self.ipis_received += len(irqs)
+        if self._eoi_us:  # no virtual-interrupt delivery: each handler's EOI write traps to the hypervisor
+            self.eoi_traps += len(irqs)  # (their time is the handler's: flush_us)
+            cost += self._eoi_us * len(irqs)
         end = self.env.now + self._spend_us(cost)  # when the handler's timeout ends: the acks are due then
         for _, _, acks in irqs:
             acks.handler_ends_at(end)
@@ -491,8 +565,9 @@ class VP(TimeAccount):
         self.preempted = False
         if self.spin is not None:  # shrink_ple_window at sched-in (ple_window_shrink 0: back to the base)
             self.spin_window_us = self.spin.base_window_us
-        if self.retained_fraction < 1.0 and host.overcommitted and host.dispatches - self.left_dispatches > 1:
+        if self.left_lp is not None and self.retention_tau_us < math.inf:
             self._evict()
+        self.left_lp = self.lp
         if self.deferred:
             self.apply_deferred_flushes()
 
@@ -500,9 +575,8 @@ class VP(TimeAccount):
         """Leave the LP to sleep (HALTED, SUSPENDED): not preempted (kvm_sched_out of a task
         that is not runnable)."""
         self.set_state(state)
-        self.kicked = False  # a Canceled exit that led to losing the LP is part of that switch
+        self.kicked = 0  # an exit that led to losing the LP is part of that switch
         self.preempted = False
-        self.left_dispatches = self.host.dispatches
         self.host.release(self)
 
     def descheduled_runnable(self) -> None:
@@ -512,10 +586,9 @@ class VP(TimeAccount):
         in_kernel = (self.in_shootdown or self.state != GUEST and self.state != EXIT
                      or self.streams["sched"].uniform() < self.kernel_fraction)
         self.set_state(DESCHEDULED)
-        self.kicked = False  # a Canceled exit that led to losing the LP is part of that switch
+        self.kicked = 0  # an exit that led to losing the LP is part of that switch
         self.preempted = True
         self.preempted_in_kernel = in_kernel
-        self.left_dispatches = self.host.dispatches
 
     def give_up_lp_preempted(self) -> None:
         """The host preempts this VP (end of slice, wakeup preemption): back to the run queue."""
@@ -564,6 +637,10 @@ class VP(TimeAccount):
                 continue
             if self.work:
                 yield from self.run_work()
+                continue
+            if self.guest_flush_due_us:  # back from lazy TLB: the guest's own flush (switch_mm)
+                cost, self.guest_flush_due_us = self.guest_flush_due_us, 0.0
+                yield from self._spend(FLUSH, cost)
                 continue
             if self.requests:
                 self.in_shootdown = True
