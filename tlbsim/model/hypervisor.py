@@ -30,7 +30,9 @@ small number of simple hypercalls might require more time"), so it runs to
 the end however many targets it has.
 
 If a target *requires* the flush (drawn from its TLB's occupancy: locks.py)
-and its TLB is locked when decode ends, the caller waits as the profile says:
+and its TLB is locked when decode ends (with lock sources, the entry is a
+timeout of its own and the check runs at its end), the caller waits as the
+profile says:
 ``reissue`` (TLFS: the running targets that are not locked are flushed and
 interrupted, the caller is suspended until the first lock lifts, then the
 whole call is reissued, re-interrupting them: starvation is possible) or
@@ -243,11 +245,13 @@ class Hypervisor:
         targets = plan.targets
         scope = plan.scope
         recorder.call_issued(sd, plan.call_code, plan.flags, len(targets))
-        locks = self.locks if self.lock_wait == "reissue" else None
+        # With TLB locks to check (reissue), the check happens when the decode ends: one timeout for the
+        # entry, then the rest of the first segment (a call with no lock source costs one timeout)
+        checked = self.lock_wait == "reissue" and bool(self.locks.sources)
         c_range = self.costs.list_per_range_us
-        while locks is not None and locks.any_active():
-            decoded = env.now + plan.entry_us  # the lock check follows the decode
-            holders = [h for h in locks.holders(self.part.vps, plan.member, scope, decoded) if h[0] > decoded]
+        while checked:
+            yield from self._in_hypercall(vp, sd, plan.entry_us)
+            holders = self.locks.holders(self.part.vps, plan.member, scope, env.now)
             if not holders:
                 break
             # the call flushes the running targets it can (each interrupted), then the caller is suspended
@@ -256,7 +260,7 @@ class Hypervisor:
             free = [t for t in targets if id(t) not in held and t.on_lp]
             mode = self.fanout_mode(len(free))
             k = self._flush_running(free, scope, sd, env.now, mode)
-            yield from self._in_hypercall(vp, sd, plan.entry_us + c_range * len(plan.rep_pages)
+            yield from self._in_hypercall(vp, sd, c_range * len(plan.rep_pages)
                                           + self.fanout_us(mode, k, self._reps(plan)))
             yield from self._suspend(vp, sd, min(end for end, _, _ in holders))
         now = env.now
@@ -266,7 +270,8 @@ class Hypervisor:
             mode = self.fanout_mode(0)
         running = self._flush_targets(targets, scope, sd, now, mode)
         segments = self.segments_us(plan, running)
-        yield from self._in_hypercall(vp, sd, segments[0], now)
+        first = segments[0] - plan.entry_us if checked else segments[0]  # the entry is paid already
+        yield from self._in_hypercall(vp, sd, first, now)
         for cost in segments[1:]:  # continuations: a return to the guest at a rep boundary, then a new entry
             recorder.continued(sd)
             if vp.preempt_pending:  # the host takes the LP at the return

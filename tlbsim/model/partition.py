@@ -111,7 +111,9 @@ class Partition:
 
         # What can lock a TLB: registered sources, queried by the hypervisor.
         self.locks = TlbLocks()
-        self.intercept_inhibit = InterceptInhibit() if lk.memory_access_inhibit else None
+        # (only when MemoryAccess exits happen: a source that can never lock costs every call a lock check)
+        emulates = config.exits.memory_access.rate_per_ms > 0
+        self.intercept_inhibit = InterceptInhibit() if lk.memory_access_inhibit and emulates else None
         if self.intercept_inhibit is not None:
             self.locks.register(self.intercept_inhibit)
         self._vsm: dict[int, VsmSchedule] = {}
