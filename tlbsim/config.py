@@ -604,6 +604,15 @@ class Config:
                 raise ConfigError(f"host.{name}", f"has no effect under the {scheduler} host scheduler"
                                   + (f" (it uses {', '.join('host.' + u for u in used)})" if used else
                                      " (it uses partition.slice_us)"))
+        if self.partition.apic_emulation == "user" and self.costs.posted_interrupts:
+            raise ConfigError("costs.posted_interrupts", "posted interrupts are the hypervisor's APIC virtualization; "
+                              "with partition.apic_emulation = \"user\" the stack delivers every interrupt")
+        isolation = self.partition.isolation
+        if isolation == "profile":
+            isolation = "snp" if self.partition.semantics == "openhcl" else "none"
+        if isolation != "none" and self.host.broadcast_flush != "none":
+            raise ConfigError("host.broadcast_flush", f"has no effect on an OpenHCL {isolation} partition: its "
+                              "paravisor decides the flush path (SNP: INVLPGB; TDX: kicks)")
         if self.workload.sleep_us and self.workload.mode != "closed":
             raise ConfigError("workload.sleep_us", "a thread sleeps after each operation of a closed loop only "
                               "(workload.mode = \"closed\")")

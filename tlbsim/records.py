@@ -358,7 +358,8 @@ def vp_tables(vps) -> tuple[dict[str, list], dict[str, list]]:
         table[f"{name}_us"] = []
     extras = ("refill_entries", "collateral_entries", "evicted_entries", "flushes_applied", "deferred_applied",
               "deferred_pending", "spin_exits", "spin_exit_us", "spin_yields", "ipi_send_us", "icr_writes",
-              "pv_ipi_hypercalls", "sched_yield_hypercalls", "ipis_received", "eoi_traps", "ipi_interrupt_us", "exits")
+              "pv_ipi_hypercalls", "sched_yield_hypercalls", "sched_yield_us", "ipis_received", "eoi_traps",
+              "ipi_interrupt_us", "lock_holder_preemptions", "exits")
     for extra in extras:
         table[extra] = []
     exits: dict[str, list] = {"partition": [], "vp": [], "reason": [], "code": [], "count": [], "time_us": []}
@@ -379,8 +380,8 @@ def vp_tables(vps) -> tuple[dict[str, list], dict[str, list]]:
         table["spin_exit_us"].append(vp.spin_exit_us)
         table["spin_yields"].append(vp.spin_yields)
         table["ipi_send_us"].append(vp.ipi_send_us)
-        for name in ("icr_writes", "pv_ipi_hypercalls", "sched_yield_hypercalls", "ipis_received", "eoi_traps",
-                     "ipi_interrupt_us"):
+        for name in ("icr_writes", "pv_ipi_hypercalls", "sched_yield_hypercalls", "sched_yield_us", "ipis_received",
+                     "eoi_traps", "ipi_interrupt_us", "lock_holder_preemptions"):
             table[name].append(getattr(vp, name))
         table["exits"].append(sum(vp.exit_count))
         for i, reason in enumerate(EXIT_REASONS):
@@ -531,6 +532,7 @@ def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, e
         "evicted_entries": float(vps["evicted_entries"].sum()),
         "spin_exits": int(vps["spin_exits"].sum()),
         "spin_yields": int(vps["spin_yields"].sum()),
+        "lock_holder_preemptions": int(vps["lock_holder_preemptions"].sum()),
         "deferred_pending": int(vps["deferred_pending"].sum()),
         "duration_us": float(duration_us),
         "vps": n_vps,

@@ -165,6 +165,7 @@ class Policy:
                 if t.preempted and not t.on_lp:
                     cost = self.costs.vmexit_roundtrip_us + self.costs.sched_yield_hypercall_us
                     vp.sched_yield_hypercalls += 1  # KVM_HC_SCHED_YIELD, handled in the hypervisor
+                    vp.sched_yield_us += cost
                     vp.set_state(EXIT)
                     yield env.timeout(cost)
                     if t.dispatch_event is not None and vp.on_lp and not vp.preempt_pending:

@@ -49,7 +49,7 @@ so a host with a free LP for everyone costs nothing.
 Co-tenants (``CoTenantVp``): VPs of other partitions, CPU-bound or on a duty
 cycle, under the same scheduler. They run no guest model of their own; what
 they do to the partition under study is take LPs and evict its TLB entries
-(tlb.retained_fraction, applied by vp.VP on dispatch).
+(the time they run on an LP is what a VP that returns there has lost: Host.lp_busy_us, vp.VP._evict).
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ on the LP. What the shootdown's row says goes through the recorder.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from operator import attrgetter
 from typing import TYPE_CHECKING
@@ -262,7 +263,7 @@ class Hypervisor:
             k = self._flush_running(free, scope, sd, env.now, mode)
             yield from self._in_hypercall(vp, sd, c_range * len(plan.rep_pages)
                                           + self.fanout_us(mode, k, self._reps(plan)))
-            yield from self._suspend(vp, sd, min(end for end, _, _ in holders))
+            yield from self._suspend(vp, sd, holders)
         now = env.now
         if self.broadcast != "none" and self.isolation == "none":  # broadcast or IPIs: by the running count
             mode = self.fanout_mode(sum(1 for t in targets if t.on_lp))
@@ -270,6 +271,11 @@ class Hypervisor:
             mode = self.fanout_mode(0)
         running = self._flush_targets(targets, scope, sd, now, mode)
         segments = self.segments_us(plan, running)
+        if len(segments) > 1 and mode == IPI and running:  # each segment interrupts its targets again
+            again = (len(segments) - 1) * self.target_hit_us
+            for t in targets:
+                if t.on_lp:
+                    t.hv_debt_us += again
         first = segments[0] - plan.entry_us if checked else segments[0]  # the entry is paid already
         yield from self._in_hypercall(vp, sd, first, now)
         for cost in segments[1:]:  # continuations: a return to the guest at a rep boundary, then a new entry
@@ -279,9 +285,11 @@ class Hypervisor:
                 yield from vp.wait_for_lp()
             yield from self._in_hypercall(vp, sd, cost)
         if self.lock_wait == "snapshot" and self.locks.any_active():
-            holders = self.locks.holders(self.part.vps, plan.member, scope, env.now)
+            # set_wait_for_tlb_locks: every VP of the partition holding a TLB lock now, target or not, with
+            # no "requires" test (the flush is already done)
+            holders = self.locks.all_holders(self.part.vps, env.now)
             if holders:  # the flush is done; the caller halts until the holders at this moment release
-                yield from self._wait_for_holders(vp, sd, max(end for end, _, _ in holders))
+                yield from self._wait_for_holders(vp, sd, holders)
         recorder.call_returned(sd, HvStatus.SUCCESS)
         return HvStatus.SUCCESS
 
@@ -324,8 +332,8 @@ class Hypervisor:
         """A call that met a locked TLB flushes the running targets that are not locked (they are
         flushed again when it is reissued); returns how many."""
         debt = self._debt_us(mode, scope)
-        for t in free:
-            t.flush_by_hypervisor(scope, sd, self.whole_context, now, debt)
+        flushed = [t.flush_by_hypervisor(scope, sd, self.whole_context, now, debt) for t in free]
+        self.recorder.running_flushed(sd, flushed)  # their refills are the row's (running_targets: the last try's)
         return len(free)
 
     def _in_hypercall(self, vp, sd, cost_us: float, now: float | None = None):
@@ -333,34 +341,54 @@ class Hypervisor:
         vp.set_state(HYPERCALL, now)
         yield self.env.timeout(cost_us)
 
-    def _suspend(self, vp, sd, lock_end_us: float):
+    def _suspend(self, vp, sd, holders):
         """Suspend the caller until the first lock lifts, then (on an LP again) let it reissue the
-        call. A lock due to lift within ``wait_spin_us`` is waited for spinning on the LP."""
+        call. A lock due to lift within ``wait_spin_us`` is waited for spinning on the LP. A holder
+        preempted in VTL1 has no known end: the caller waits for the first release instead."""
         env = self.env
         start = env.now
         self.recorder.suspended(sd)
-        if lock_end_us - start <= self.wait_spin_us:
+        lock_end_us = min(end for end, _, _ in holders)
+        if lock_end_us - start <= self.wait_spin_us:  # spin time (the VP's spinning column), not suspended
             vp.set_state(SPINNING)
             yield env.timeout(max(0.0, lock_end_us - start))
-            self.recorder.resumed(sd, env.now - start)
+            self.recorder.resumed(sd, 0.0)
             return
         vp.give_up_lp(SUSPENDED)
-        yield env.timeout(max(0.0, lock_end_us - start))
+        yield self._lifted(holders, lock_end_us, first=True)
         self.recorder.resumed(sd, env.now - start)
         yield from vp.wait_for_lp()
 
-    def _wait_for_holders(self, vp, sd, last_release_us: float):
+    def _lifted(self, holders, end_us: float, first: bool):
+        """The event of the first (or last) holder's release: a timeout when every end is known; else
+        the releases of the holders preempted in VTL1 (their end is unknown), with a timeout for the
+        first (last) of the others."""
+        env = self.env
+        if all(end < math.inf for end, _, _ in holders):
+            return env.timeout(max(0.0, end_us - env.now))
+        known = [end for end, _, _ in holders if end < math.inf]
+        events = [t.lock_release_event() for end, _, t in holders if end == math.inf]
+        if known:
+            events.append(env.timeout(max(0.0, (min(known) if first else max(known)) - env.now)))
+        return env.any_of(events) if first else env.all_of(events)
+
+    def _wait_for_holders(self, vp, sd, holders):
         """OpenHCL's wait (should_halt_for_tlb_unlock): halted until the last holder at the end of the
         flush releases its lock and wakes the caller (wake_vtl2: ``lock_release_wake_us``); no reissue."""
         env = self.env
         start = env.now
         self.recorder.suspended(sd)
-        if last_release_us - start <= self.wait_spin_us:
+        last_release_us = max(end for end, _, _ in holders)
+        if last_release_us - start <= self.wait_spin_us:  # spin time, not suspended
             vp.set_state(SPINNING)
             yield env.timeout(max(0.0, last_release_us - start))
-            self.recorder.waited(sd, env.now - start)
+            self.recorder.waited(sd, 0.0)
             return
         vp.give_up_lp(SUSPENDED)
-        yield env.timeout(max(0.0, last_release_us - start) + self.costs.lock_release_wake_us)
+        if last_release_us < math.inf:  # one timeout: the last release, then its wake-up
+            yield env.timeout(max(0.0, last_release_us - start) + self.costs.lock_release_wake_us)
+        else:
+            yield self._lifted(holders, last_release_us, first=False)
+            yield env.timeout(self.costs.lock_release_wake_us)
         self.recorder.waited(sd, env.now - start)
         yield from vp.wait_for_lp()

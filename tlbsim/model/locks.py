@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 
-from tlbsim.model.accounting import VTL1
 from tlbsim.model.rng import Stream
 
 
@@ -59,7 +58,7 @@ class VsmTlbLocks:
 
     def locked(self, now: float):
         """(VP index, lock end) of every VP holding the lock now."""
-        return [(index, vp.vtl1_end_us) for index, vp in self.by_vp.items() if vp.state == VTL1]
+        return [(index, vp.vtl1_end_us) for index, vp in self.by_vp.items() if vp.in_vtl1]
 
 
 class InterceptInhibit:
@@ -103,6 +102,17 @@ class TlbLocks:
             if source.active():
                 return True
         return False
+
+    def all_holders(self, vps, now: float) -> list[tuple[float, str, object]]:
+        """(lock end, source, VP) of every VP of the partition holding a TLB lock now, in VP order
+        (OpenHCL's snapshot: set_wait_for_tlb_locks takes every holder, target or not)."""
+        found: dict[int, tuple[float, str]] = {}
+        for source in self.sources:
+            for index, end in source.locked(now):
+                prev = found.get(index)
+                if prev is None or end > prev[0]:
+                    found[index] = (end, source.name)
+        return [(*found[index], vps[index]) for index in sorted(found)]
 
     def holders(self, vps, member: int, scope, now: float) -> list[tuple[float, str, object]]:
         """(lock end, source, VP) for every target whose TLB is locked now

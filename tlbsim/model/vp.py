@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from simpy import Interrupt
 from simpy.events import Event
 
+from tlbsim.hv import GVA_RANGE_MAX_PAGES
 from tlbsim.model.accounting import (
     DESCHEDULED,
     EXIT,
@@ -46,6 +47,7 @@ from tlbsim.model.accounting import (
     I_CANCELED,
     I_HALT,
     I_MEMORY,
+    I_MSR,
     SPINNING,
     SUSPENDED,
     VF,
@@ -189,6 +191,9 @@ class VP(TimeAccount):
         "vsm",
         "vtl1_budget_us",
         "vtl1_end_us",
+        "in_vtl1",
+        "lock_holder_preemptions",
+        "vtl1_release",
         "vlag_us",
         "vruntime_us",
         "arrivals",
@@ -205,6 +210,7 @@ class VP(TimeAccount):
         "flushes_applied",
         "guest_flush_due_us",
         "_eoi_us",
+        "_eoi_exit",
         "_ipi_interrupt_us",
         "_ipi_kick",
         "eoi_traps",
@@ -213,6 +219,7 @@ class VP(TimeAccount):
         "ipis_received",
         "pv_ipi_hypercalls",
         "sched_yield_hypercalls",
+        "sched_yield_us",
         "halt_idle_mean_us",
         "host",
         "idle_until_us",
@@ -282,10 +289,14 @@ class VP(TimeAccount):
         posted = cfg.costs.posted_interrupts
         self._ipi_kick = KICK_CANCELED if user_apic else (0 if posted else KICK_IPI)
         self._ipi_interrupt_us = cfg.costs.target_interrupt_us
-        self._eoi_us = 0.0 if user_apic or posted else cfg.costs.vmexit_roundtrip_us
+        # an EOI: with posted interrupts virtualized (no exit); else a trap to the hypervisor, or with a
+        # user-mode x2APIC an X64MsrAccess exit to the stack (its cost; set below, with the exit mix)
+        self._eoi_us = 0.0 if posted else (self._exit_cost[I_MSR] if user_apic else cfg.costs.vmexit_roundtrip_us)
+        self._eoi_exit = user_apic
         self.icr_writes = 0  # trapped ICR writes the hypervisor handled (not exits to the stack)
         self.pv_ipi_hypercalls = 0  # KVM PV send-IPI hypercalls (handled in the hypervisor)
         self.sched_yield_hypercalls = 0  # KVM_HC_SCHED_YIELD
+        self.sched_yield_us = 0.0  # ... and their time (in the exit state)
         self.ipis_received = 0
         self.eoi_traps = 0
         self.ipi_interrupt_us = 0.0  # the hypervisor's interruptions of guest code to deliver IPIs
@@ -322,6 +333,9 @@ class VP(TimeAccount):
         self.vsm = part.vsm_for(index)
         self.vtl1_budget_us = self.vsm.next_gap_us() if self.vsm is not None else math.inf
         self.vtl1_end_us = 0.0
+        self.in_vtl1 = False  # holds VSM TlbLocked (in VTL1, on an LP or preempted)
+        self.lock_holder_preemptions = 0  # preempted by the host while in VTL1
+        self.vtl1_release = None  # fires when it leaves VTL1, if a caller waits for that
 
         # Work and interrupts.
         self.irqs: list = []  # (shootdown, scope, ack wait) IPIs waiting to be taken
@@ -419,16 +433,22 @@ class VP(TimeAccount):
         everything (charged to the first)."""
         deferred = self.deferred
         limit = self.part.profile.flush_queue_ranges
-        if limit and sum(1 for _, scope, w in deferred if scope.pages is not None and w is not None) > limit - 1:
-            # KVM: one FIFO slot is kept for "flush everything" (KVM_HV_TLB_FLUSH_FIFO_SIZE 16: 15 ranges)
-            deferred = [(sd, scope, w) if w is None else (sd, EVERYTHING, True) for sd, scope, w in deferred]
+        overflow = False
+        if limit:  # KVM: the FIFO's entries are GVA ranges; one slot is kept for "flush everything"
+            ranges = sum(-(-scope.pages // GVA_RANGE_MAX_PAGES) for _, scope, w in deferred
+                         if scope.pages is not None and w is not None)
+            if ranges > limit - 1:  # KVM_HV_TLB_FLUSH_FIFO_SIZE 16: more than 15 ranges
+                overflow = True
+                deferred = [(sd, scope, w) if w is None else (sd, EVERYTHING, True) for sd, scope, w in deferred]
+        charged = False
         for shootdown, scope, whole_context in deferred:
             required, removed = self.tlb.flush(scope, bool(whole_context))
             self._book(shootdown, required, removed)
             if whole_context is None:  # the guest's own (lazy TLB): its flush when it runs again
                 self.guest_flush_due_us += self.costs.local_flush_cost_us(scope.pages)
-            else:
+            elif not (overflow and charged):  # an overflow is one flush of everything: charged once
                 self.hv_debt_us += self.costs.deferred_flush_us
+                charged = True
             self.deferred_applied += 1
         self.deferred.clear()
 
@@ -541,8 +561,11 @@ class VP(TimeAccount):
         irqs, self.irqs = self.irqs, []
         cost = sum(self.costs.local_flush_cost_us(scope.pages) for _, scope, _ in irqs)
         self.ipis_received += len(irqs)
-        if self._eoi_us:  # no virtual-interrupt delivery: each handler's EOI write traps to the hypervisor
-            self.eoi_traps += len(irqs)  # (their time is the handler's: flush_us)
+        if self._eoi_us:  # no virtual-interrupt delivery: each handler's EOI write traps (its time: flush_us)
+            if self._eoi_exit:  # a user-mode x2APIC: an X64MsrAccess exit to the stack
+                self.record_exit(I_MSR, len(irqs), self._eoi_us * len(irqs))
+            else:
+                self.eoi_traps += len(irqs)
             cost += self._eoi_us * len(irqs)
         end = self.env.now + self._spend_us(cost)  # when the handler's timeout ends: the acks are due then
         for _, _, acks in irqs:
@@ -714,12 +737,49 @@ class VP(TimeAccount):
     def _vtl1(self, now: float):
         """A VTL1 entry (VSM): the VP runs the secure kernel for a hold,
         takes no VTL0 interrupts (IPIs wait in ``irqs``) and holds VSM
-        TlbLocked until it returns (locks.VsmTlbLocks)."""
-        hold = self.vsm.hold_us()
-        self.vtl1_end_us = now + hold
+        TlbLocked until it returns (locks.VsmTlbLocks). The host may preempt
+        it meanwhile (lock-holder preemption): it keeps the lock while it waits
+        for an LP, and finishes the hold when it runs again; the lock's end is
+        then unknown (``vtl1_end_us`` inf) until it is back on an LP. Callers
+        waiting for it wake on its release (``vtl1_release``)."""
+        env = self.env
+        left = self.vsm.hold_us()
+        self.in_vtl1 = True
         self.set_state(VTL1, now)
-        yield self.env.timeout(hold)
+        while True:
+            start = env.now
+            self.vtl1_end_us = start + left
+            self.interruptible = True
+            try:
+                yield env.timeout(left)
+            except Interrupt:
+                pass
+            self.interruptible = False
+            self.kicked = 0  # a VTL0 interrupt waits for VTL0: nothing was delivered
+            left -= env.now - start
+            if left <= clock_tolerance(env.now):
+                break
+            if self.preempt_pending:  # the host takes the LP: the lock stays held
+                self.lock_holder_preemptions += 1
+                self.vtl1_end_us = math.inf
+                self.give_up_lp_preempted()
+                yield from self.wait_for_lp()
+                self.set_state(VTL1)
+        self.in_vtl1 = False
+        self.vtl1_end_us = env.now
+        release, self.vtl1_release = self.vtl1_release, None
+        if release is not None:
+            release.succeed()
         self.vtl1_budget_us = self.vsm.next_gap_us()
+
+    def lock_release_event(self):
+        """The event that fires when this VP leaves VTL1 (and releases VSM TlbLocked): already
+        triggered if it has left since the caller looked."""
+        if not self.in_vtl1:
+            return self.env.event().succeed()
+        if self.vtl1_release is None:
+            self.vtl1_release = self.env.event()
+        return self.vtl1_release
 
     def _idle(self):
         """No runnable guest thread: the idle loop's HLT (a Halt exit), off the LP until the thread's
