@@ -97,3 +97,12 @@ def test_skeleton_runs_two_timeouts_a_step_and_nothing_else(monkeypatch):
     assert bench.skeleton_event_us(4, 800) > 0
     assert envs[0].events_scheduled == 2 * 4 + 2 * (800 // 4 // 2) * 4
     assert envs[0].now > 0
+
+
+def test_the_per_target_flush_figure_runs_against_the_hypervisor_as_it_is():
+    """bench.target_flush_us drives Hypervisor._flush_targets directly: a signature change there must fail
+    here, not in the middle of a 15-minute bench run."""
+    from tlbsim.bench import target_flush_us
+
+    for pages in (1, None):
+        assert 0 < target_flush_us(n=60, repeats=1, pages=pages) < 1e5

@@ -132,6 +132,7 @@ def target_flush_us(n: int = 100_000, repeats: int = 3, pages: int | None = 1) -
     that ran 50 us since their last flush. What every mask / ALL_PROCESSORS shootdown pays per
     running target. ``pages``: the scope of the default guest's call (a 1-page List call); None
     for a Space call. Best of ``repeats``."""
+    from tlbsim.model.hypervisor import IPI
     from tlbsim.model.partition import Partition
     from tlbsim.model.tlb import FlushScope
     from tlbsim.model.vp import GUEST
@@ -150,7 +151,7 @@ def target_flush_us(n: int = 100_000, repeats: int = 3, pages: int | None = 1) -
         base = r * calls * 50.0
         t = time.perf_counter()
         for i in range(calls):
-            flush(targets, scope, row, base + i * 50.0)
+            flush(targets, scope, row, base + i * 50.0, IPI)
         best = min(best, time.perf_counter() - t)
     return best / (calls * len(targets)) * 1e6
 
