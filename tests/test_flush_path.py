@@ -251,7 +251,7 @@ def test_a_preempted_caller_resumes_its_rep_call_at_the_boundary():
 
 
 def test_a_reissued_call_interrupts_its_free_targets_again():
-    """Every attempt that meets a lock flushes (and interrupts) the running targets that are not locked;
+    """Every attempt that meets a lock flushes (and interrupts) the running targets before the first holder;
     the reissue interrupts them again: more flushes applied than running targets in the rows."""
     kw = dict(partition__vps=8, locks__vsm_rate_per_ms=10.0, locks__vsm_hold_mean_us=60.0,
               workload__rate_per_ms=1.0, partition__duration_us=20_000.0, workload__policy="mask")

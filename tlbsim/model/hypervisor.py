@@ -33,9 +33,10 @@ If a target *requires* the flush (drawn from its TLB's occupancy: locks.py)
 and its TLB is locked when decode ends (with lock sources, the entry is a
 timeout of its own and the check runs at its end), the caller waits as the
 profile says:
-``reissue`` (TLFS: the running targets that are not locked are flushed and
-interrupted, the caller is suspended until the first lock lifts, then the
-whole call is reissued, re-interrupting them: starvation is possible) or
+``reissue`` (TLFS: the running targets before the first locked one, in VP
+order, are flushed and interrupted, the caller is suspended until the first
+lock lifts, then the whole call is reissued, re-interrupting them:
+starvation is possible) or
 ``snapshot`` (OpenHCL, hardware_cvm/tlb_lock.rs: the flush is done, then the
 caller halts until the holders at that moment release, woken by the last).
 A wait for a lock due to lift within ``locks.wait_spin_us`` is spent spinning
@@ -255,10 +256,16 @@ class Hypervisor:
             holders = self.locks.holders(self.part.vps, plan.member, scope, env.now)
             if not holders:
                 break
-            # the call flushes the running targets it can (each interrupted), then the caller is suspended
-            # until the first lock lifts and reissues the whole call
-            held = {id(t) for _, _, t in holders}
-            free = [t for t in targets if id(t) not in held and t.on_lp]
+            # the call walks its targets in VP order, flushing (interrupting) the running ones, until it meets
+            # the first holder; the caller is then suspended until the first lock lifts and reissues the
+            # whole call, which interrupts those targets again
+            first = holders[0][2].index  # holders are in VP order
+            free = []
+            for t in targets:
+                if t.index >= first:
+                    break
+                if t.on_lp:
+                    free.append(t)
             mode = self.fanout_mode(len(free))
             k = self._flush_running(free, scope, sd, env.now, mode)
             yield from self._in_hypercall(vp, sd, c_range * len(plan.rep_pages)
