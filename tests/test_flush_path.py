@@ -290,3 +290,24 @@ def test_the_host_preempts_lock_holders_and_callers_wait_for_the_release():
         sd = res.shootdowns
         return (sd.suspended_us.sum() / sd.suspensions.sum())
     assert per_suspension(over) > 2 * per_suspension(dedicated)
+
+
+def test_the_host_preempts_a_memory_access_emulation_that_inhibits_flushes():
+    """MemoryAccess emulations of 1 ms (TlbFlushInhibit held) on an overcommitted host with 200 us slices:
+    the host preempts VPs mid-emulation; the inhibit stays set until the emulation completes, and the
+    callers suspended on it wake on its release; the VP's exit time is still its emulations."""
+    kw = dict(partition__vps=8, exits__memory_access__rate_per_ms=1.0, exits__memory_access__cost_us=1000.0,
+              workload__rate_per_ms=0.5, partition__duration_us=40_000.0, workload__policy="mask",
+              partition__slice_us=200.0)
+    over = simulate(make_config(partition__lps=4, **kw), seed=1)
+    dedicated = simulate(make_config(partition__lps=8, **kw), seed=1)
+    assert over.summary["lock_holder_preemptions"] > 0 and dedicated.summary["lock_holder_preemptions"] == 0
+    for res in (over, dedicated):
+        x = res.exits[res.exits.reason == "MEMORY_ACCESS"]
+        assert x.time_us.sum() == pytest.approx(1000.0 * x["count"].sum())
+        assert res.summary["suspensions"] > 0
+
+    def per_suspension(res):
+        sd = res.shootdowns
+        return sd.suspended_us.sum() / sd.suspensions.sum()
+    assert per_suspension(over) > per_suspension(dedicated)

@@ -192,6 +192,7 @@ class VP(TimeAccount):
         "vtl1_budget_us",
         "vtl1_end_us",
         "in_vtl1",
+        "emulating",
         "lock_holder_preemptions",
         "vtl1_release",
         "vlag_us",
@@ -334,8 +335,9 @@ class VP(TimeAccount):
         self.vtl1_budget_us = self.vsm.next_gap_us() if self.vsm is not None else math.inf
         self.vtl1_end_us = 0.0
         self.in_vtl1 = False  # holds VSM TlbLocked (in VTL1, on an LP or preempted)
-        self.lock_holder_preemptions = 0  # preempted by the host while in VTL1
-        self.vtl1_release = None  # fires when it leaves VTL1, if a caller waits for that
+        self.emulating = False  # holds TlbFlushInhibit (its MemoryAccess exit is being emulated)
+        self.lock_holder_preemptions = 0  # preempted by the host while holding a TLB lock
+        self.vtl1_release = None  # fires when it releases its TLB lock, if a caller waits for that
 
         # Work and interrupts.
         self.irqs: list = []  # (shootdown, scope, ack wait) IPIs waiting to be taken
@@ -725,9 +727,7 @@ class VP(TimeAccount):
             self.exit_index = index
             self.set_state(EXIT, end)
             if index == I_MEMORY and inhibit is not None:  # TlbFlushInhibit while the stack emulates
-                inhibit.begin(self.index, end + cost)
-                yield timeout(cost)
-                inhibit.end(self.index)
+                yield from self._emulate(end, cost)
             else:
                 yield timeout(cost)
             self.exit_index = -1
@@ -767,15 +767,54 @@ class VP(TimeAccount):
                 self.set_state(VTL1)
         self.in_vtl1 = False
         self.vtl1_end_us = env.now
+        self._released()
+        self.vtl1_budget_us = self.vsm.next_gap_us()
+
+    def _released(self) -> None:
         release, self.vtl1_release = self.vtl1_release, None
         if release is not None:
             release.succeed()
-        self.vtl1_budget_us = self.vsm.next_gap_us()
+
+    def _emulate(self, now: float, cost_us: float):
+        """The stack emulates a MemoryAccess exit for ``cost_us``, holding TlbFlushInhibit
+        (locks.InterceptInhibit). The host may preempt the VP meanwhile (its slice ends, a wakeup
+        preempts it): the inhibit stays set, with no known end, until the VP is back and the stack
+        completes the emulation; callers waiting for it wake on the release. An IPI arriving
+        meanwhile waits for the exit to end, as before (it interrupts nothing)."""
+        env = self.env
+        inhibit = self.inhibit
+        left = cost_us
+        self.emulating = True
+        inhibit.begin(self.index, now + cost_us)
+        while True:
+            start = env.now
+            self.interruptible = True
+            try:
+                yield env.timeout(left)
+            except Interrupt:
+                pass
+            self.interruptible = False
+            self.kicked = 0  # the VP is out of guest code already: nothing to kick it out of
+            left -= env.now - start
+            if left <= clock_tolerance(env.now):
+                break
+            if self.preempt_pending:  # the host takes the LP: the inhibit stays set
+                self.lock_holder_preemptions += 1
+                inhibit.begin(self.index, math.inf)
+                self.give_up_lp_preempted()
+                yield from self.wait_for_lp()
+                self.exit_index = I_MEMORY
+                self.set_state(EXIT)
+            inhibit.begin(self.index, env.now + left)
+        inhibit.end(self.index)
+        self.emulating = False
+        self._released()
 
     def lock_release_event(self):
-        """The event that fires when this VP leaves VTL1 (and releases VSM TlbLocked): already
-        triggered if it has left since the caller looked."""
-        if not self.in_vtl1:
+        """The event that fires when this VP releases the TLB lock it holds (it leaves VTL1: VSM
+        TlbLocked; or the stack completes its MemoryAccess emulation: TlbFlushInhibit): already
+        triggered if it holds none any more."""
+        if not (self.in_vtl1 or self.emulating):
             return self.env.event().succeed()
         if self.vtl1_release is None:
             self.vtl1_release = self.env.event()
