@@ -120,6 +120,10 @@ class Hypervisor:
         if not self.profile.suspends_on_tlb_lock:
             self.lock_wait = "none"  # the hypervisor has no TLB locks to wait for (KVM)
         self.wait_spin_us = locks.wait_spin_us
+        # With TLB locks to check (reissue), the check happens when the decode ends: one timeout for the
+        # entry, then the rest of the first segment (a call with no lock source costs one timeout). The
+        # partition registers its lock sources before it builds the hypervisor.
+        self.checks_locks = self.lock_wait == "reissue" and bool(self.locks.sources)
         host = part.config.host
         self.isolation = part.isolation  # "none", "snp" or "tdx" (OpenHCL)
         self.broadcast = host.broadcast_flush
@@ -247,9 +251,7 @@ class Hypervisor:
         targets = plan.targets
         scope = plan.scope
         recorder.call_issued(sd, plan.call_code, plan.flags, len(targets))
-        # With TLB locks to check (reissue), the check happens when the decode ends: one timeout for the
-        # entry, then the rest of the first segment (a call with no lock source costs one timeout)
-        checked = self.lock_wait == "reissue" and bool(self.locks.sources)
+        checked = self.checks_locks
         c_range = self.costs.list_per_range_us
         while checked:
             yield from self._in_hypercall(vp, sd, plan.entry_us)
@@ -270,7 +272,7 @@ class Hypervisor:
             k = self._flush_running(free, scope, sd, env.now, mode)
             yield from self._in_hypercall(vp, sd, c_range * len(plan.rep_pages)
                                           + self.fanout_us(mode, k, self._reps(plan)))
-            yield from self._suspend(vp, sd, holders)
+            yield from self._wait_for_locks(vp, sd, holders, reissue=True)
         now = env.now
         if self.broadcast != "none" and self.isolation == "none":  # broadcast or IPIs: by the running count
             mode = self.fanout_mode(sum(1 for t in targets if t.on_lp))
@@ -296,7 +298,7 @@ class Hypervisor:
             # no "requires" test (the flush is already done)
             holders = self.locks.all_holders(self.part.vps, env.now)
             if holders:  # the flush is done; the caller halts until the holders at this moment release
-                yield from self._wait_for_holders(vp, sd, holders)
+                yield from self._wait_for_locks(vp, sd, holders, reissue=False)
         recorder.call_returned(sd, HvStatus.SUCCESS)
         return HvStatus.SUCCESS
 
@@ -348,54 +350,41 @@ class Hypervisor:
         vp.set_state(HYPERCALL, now)
         yield self.env.timeout(cost_us)
 
-    def _suspend(self, vp, sd, holders):
-        """Suspend the caller until the first lock lifts, then (on an LP again) let it reissue the
-        call. A lock due to lift within ``wait_spin_us`` is waited for spinning on the LP. A holder
-        preempted in VTL1 has no known end: the caller waits for the first release instead."""
+    def _wait_for_locks(self, vp, sd, holders, reissue: bool):
+        """The caller waits for the lock holders. ``reissue`` (TLFS): suspended until the *first* lock
+        lifts, then (on an LP again) it reissues the call. Otherwise (OpenHCL's
+        should_halt_for_tlb_unlock): halted until the *last* holder releases and wakes it (wake_vtl2:
+        ``lock_release_wake_us``); no reissue. A lift due within ``wait_spin_us`` is waited for
+        spinning on the LP (spin time, not suspended time). A holder preempted while holding its
+        lock has no known end: the caller waits for its release event."""
         env = self.env
         start = env.now
         self.recorder.suspended(sd)
-        lock_end_us = min(end for end, _, _ in holders)
-        if lock_end_us - start <= self.wait_spin_us:  # spin time (the VP's spinning column), not suspended
+        done = self.recorder.resumed if reissue else self.recorder.waited
+        ends = [end for end, _, _ in holders]
+        lift_us = min(ends) if reissue else max(ends)
+        if lift_us - start <= self.wait_spin_us:
             vp.set_state(SPINNING)
-            yield env.timeout(max(0.0, lock_end_us - start))
-            self.recorder.resumed(sd, 0.0)
+            yield env.timeout(max(0.0, lift_us - start))
+            done(sd, 0.0)
             return
         vp.give_up_lp(SUSPENDED)
-        yield self._lifted(holders, lock_end_us, first=True)
-        self.recorder.resumed(sd, env.now - start)
+        wake_us = 0.0 if reissue else self.costs.lock_release_wake_us
+        if max(ends) < math.inf:  # every end known: one timeout (the lift, then any wake-up)
+            yield env.timeout(max(0.0, lift_us - start) + wake_us)
+        else:
+            yield self._lifted(holders, first=reissue)
+            if wake_us:
+                yield env.timeout(wake_us)
+        done(sd, env.now - start)
         yield from vp.wait_for_lp()
 
-    def _lifted(self, holders, end_us: float, first: bool):
-        """The event of the first (or last) holder's release: a timeout when every end is known; else
-        the releases of the holders preempted in VTL1 (their end is unknown), with a timeout for the
-        first (last) of the others."""
+    def _lifted(self, holders, first: bool):
+        """With some holders' ends unknown (preempted while holding): the event of the first (or last)
+        release, from their release events and a timeout for the first (last) of the known ends."""
         env = self.env
-        if all(end < math.inf for end, _, _ in holders):
-            return env.timeout(max(0.0, end_us - env.now))
         known = [end for end, _, _ in holders if end < math.inf]
         events = [t.lock_release_event() for end, _, t in holders if end == math.inf]
         if known:
             events.append(env.timeout(max(0.0, (min(known) if first else max(known)) - env.now)))
         return env.any_of(events) if first else env.all_of(events)
-
-    def _wait_for_holders(self, vp, sd, holders):
-        """OpenHCL's wait (should_halt_for_tlb_unlock): halted until the last holder at the end of the
-        flush releases its lock and wakes the caller (wake_vtl2: ``lock_release_wake_us``); no reissue."""
-        env = self.env
-        start = env.now
-        self.recorder.suspended(sd)
-        last_release_us = max(end for end, _, _ in holders)
-        if last_release_us - start <= self.wait_spin_us:  # spin time, not suspended
-            vp.set_state(SPINNING)
-            yield env.timeout(max(0.0, last_release_us - start))
-            self.recorder.waited(sd, 0.0)
-            return
-        vp.give_up_lp(SUSPENDED)
-        if last_release_us < math.inf:  # one timeout: the last release, then its wake-up
-            yield env.timeout(max(0.0, last_release_us - start) + self.costs.lock_release_wake_us)
-        else:
-            yield self._lifted(holders, last_release_us, first=False)
-            yield env.timeout(self.costs.lock_release_wake_us)
-        self.recorder.waited(sd, env.now - start)
-        yield from vp.wait_for_lp()

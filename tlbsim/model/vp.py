@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections import deque
+from functools import partial
 from typing import TYPE_CHECKING
 
 from simpy import Interrupt
@@ -194,7 +195,7 @@ class VP(TimeAccount):
         "in_vtl1",
         "emulating",
         "lock_holder_preemptions",
-        "vtl1_release",
+        "lock_release",
         "vlag_us",
         "vruntime_us",
         "arrivals",
@@ -337,7 +338,7 @@ class VP(TimeAccount):
         self.in_vtl1 = False  # holds VSM TlbLocked (in VTL1, on an LP or preempted)
         self.emulating = False  # holds TlbFlushInhibit (its MemoryAccess exit is being emulated)
         self.lock_holder_preemptions = 0  # preempted by the host while holding a TLB lock
-        self.vtl1_release = None  # fires when it releases its TLB lock, if a caller waits for that
+        self.lock_release = None  # fires when it releases its TLB lock, if a caller waits for that
 
         # Work and interrupts.
         self.irqs: list = []  # (shootdown, scope, ack wait) IPIs waiting to be taken
@@ -737,78 +738,63 @@ class VP(TimeAccount):
     def _vtl1(self, now: float):
         """A VTL1 entry (VSM): the VP runs the secure kernel for a hold,
         takes no VTL0 interrupts (IPIs wait in ``irqs``) and holds VSM
-        TlbLocked until it returns (locks.VsmTlbLocks). The host may preempt
-        it meanwhile (lock-holder preemption): it keeps the lock while it waits
-        for an LP, and finishes the hold when it runs again; the lock's end is
-        then unknown (``vtl1_end_us`` inf) until it is back on an LP. Callers
-        waiting for it wake on its release (``vtl1_release``)."""
-        env = self.env
-        left = self.vsm.hold_us()
+        TlbLocked until it returns (locks.VsmTlbLocks); the host may preempt
+        it meanwhile (``_hold_lock``)."""
         self.in_vtl1 = True
         self.set_state(VTL1, now)
-        while True:
-            start = env.now
-            self.vtl1_end_us = start + left
-            self.interruptible = True
-            try:
-                yield env.timeout(left)
-            except Interrupt:
-                pass
-            self.interruptible = False
-            self.kicked = 0  # a VTL0 interrupt waits for VTL0: nothing was delivered
-            left -= env.now - start
-            if left <= clock_tolerance(env.now):
-                break
-            if self.preempt_pending:  # the host takes the LP: the lock stays held
-                self.lock_holder_preemptions += 1
-                self.vtl1_end_us = math.inf
-                self.give_up_lp_preempted()
-                yield from self.wait_for_lp()
-                self.set_state(VTL1)
+        yield from self._hold_lock(self.vsm.hold_us(), VTL1, -1, self._publish_vtl1_end)
         self.in_vtl1 = False
-        self.vtl1_end_us = env.now
+        self.vtl1_end_us = self.env.now
         self._released()
         self.vtl1_budget_us = self.vsm.next_gap_us()
 
-    def _released(self) -> None:
-        release, self.vtl1_release = self.vtl1_release, None
-        if release is not None:
-            release.succeed()
+    def _publish_vtl1_end(self, end_us: float) -> None:
+        self.vtl1_end_us = end_us
 
     def _emulate(self, now: float, cost_us: float):
         """The stack emulates a MemoryAccess exit for ``cost_us``, holding TlbFlushInhibit
-        (locks.InterceptInhibit). The host may preempt the VP meanwhile (its slice ends, a wakeup
-        preempts it): the inhibit stays set, with no known end, until the VP is back and the stack
-        completes the emulation; callers waiting for it wake on the release. An IPI arriving
-        meanwhile waits for the exit to end, as before (it interrupts nothing)."""
-        env = self.env
+        (locks.InterceptInhibit); the host may preempt the VP meanwhile (``_hold_lock``). An IPI
+        arriving meanwhile waits for the exit to end, as before (it interrupts nothing)."""
         inhibit = self.inhibit
-        left = cost_us
         self.emulating = True
-        inhibit.begin(self.index, now + cost_us)
-        while True:
-            start = env.now
-            self.interruptible = True
-            try:
-                yield env.timeout(left)
-            except Interrupt:
-                pass
-            self.interruptible = False
-            self.kicked = 0  # the VP is out of guest code already: nothing to kick it out of
-            left -= env.now - start
-            if left <= clock_tolerance(env.now):
-                break
-            if self.preempt_pending:  # the host takes the LP: the inhibit stays set
-                self.lock_holder_preemptions += 1
-                inhibit.begin(self.index, math.inf)
-                self.give_up_lp_preempted()
-                yield from self.wait_for_lp()
-                self.exit_index = I_MEMORY
-                self.set_state(EXIT)
-            inhibit.begin(self.index, env.now + left)
+        yield from self._hold_lock(cost_us, EXIT, I_MEMORY, partial(inhibit.begin, self.index))
         inhibit.end(self.index)
         self.emulating = False
         self._released()
+
+    def _hold_lock(self, left_us: float, state: int, exit_index: int, publish_end):
+        """Spend ``left_us`` on the LP in ``state`` holding a TLB lock, telling ``publish_end`` when
+        the lock will lift. The host may preempt the VP meanwhile (its slice ends, a wakeup preempts
+        it: lock-holder preemption): the lock stays held with no known end (inf) while the VP waits
+        for an LP, and the rest of the hold runs when it is back. Callers suspended on it wake on its
+        release (``lock_release_event``). Interrupts that arrive meanwhile wait: the VP is not in
+        VTL0 guest code, so nothing is delivered."""
+        env = self.env
+        while True:
+            start = env.now
+            publish_end(start + left_us)
+            self.interruptible = True
+            try:
+                yield env.timeout(left_us)
+            except Interrupt:
+                pass
+            self.interruptible = False
+            self.kicked = 0
+            left_us -= env.now - start
+            if left_us <= clock_tolerance(env.now):
+                return
+            if self.preempt_pending:  # the host takes the LP: the lock stays held
+                self.lock_holder_preemptions += 1
+                publish_end(math.inf)
+                self.give_up_lp_preempted()
+                yield from self.wait_for_lp()
+                self.exit_index = exit_index
+                self.set_state(state)
+
+    def _released(self) -> None:
+        release, self.lock_release = self.lock_release, None
+        if release is not None:
+            release.succeed()
 
     def lock_release_event(self):
         """The event that fires when this VP releases the TLB lock it holds (it leaves VTL1: VSM
@@ -816,9 +802,9 @@ class VP(TimeAccount):
         triggered if it holds none any more."""
         if not (self.in_vtl1 or self.emulating):
             return self.env.event().succeed()
-        if self.vtl1_release is None:
-            self.vtl1_release = self.env.event()
-        return self.vtl1_release
+        if self.lock_release is None:
+            self.lock_release = self.env.event()
+        return self.lock_release
 
     def _idle(self):
         """No runnable guest thread: the idle loop's HLT (a Halt exit), off the LP until the thread's
