@@ -588,10 +588,10 @@ def test_targets_of_are_the_other_sharers_in_order(monkeypatch, sharing, lists_u
 
 
 def test_string_column_codes_batches_with_new_values_as_one_value_at_a_time():
-    """records._Codes.extend takes a batch by dict lookup and falls back to coding it value by value
+    """recorder._Codes.extend takes a batch by dict lookup and falls back to coding it value by value
     when the batch holds a value not seen before: the codes and table are those of coding each value
     in turn, with nothing appended twice; an iterator is taken as well as a tuple."""
-    from tlbsim.records import _Codes
+    from tlbsim.model.recorder import _Codes
 
     batches = [("a", "b", "a"), ["a", "b"], ("b", "c", "a", "d"), ["d", "e"], (), ("e",)]
     batched, single = _Codes(), _Codes()

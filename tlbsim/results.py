@@ -174,11 +174,11 @@ class ShootdownSpill:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from tlbsim.records import _column
+        from tlbsim.records import column
 
         if self._writer is not None and not len(columns["id"]):
             return  # the last, empty remainder
-        table = pa.Table.from_pandas(pd.DataFrame({c: _column(v) for c, v in columns.items()}, copy=False),
+        table = pa.Table.from_pandas(pd.DataFrame({c: column(v) for c, v in columns.items()}, copy=False),
                                      preserve_index=False)
         if self._writer is None:
             self._writer = pq.ParquetWriter(self.partial, table.schema)

@@ -13,8 +13,9 @@ from tlbsim.records import (
     SHOOTDOWN_COLUMNS,
     SUMMARY_COLUMNS,
     exits_frame,
+    partitions_frame,
+    run_summary,
     shootdowns_frame,
-    summarize,
     vf_frame,
     vf_summary,
     vps_frame,
@@ -100,55 +101,12 @@ def simulate(config: Config, seed: int = 0, progress=None, timeline=None,
     extra = {"events": rec.events, "requests_waiting": rec.requests_waiting, **rec.host}
     if config.vf.count:
         extra.update(vf_summary(vf, vps, rec.vf_stats))
-    summary = _summary(shootdowns, vps, exits, config, rec.duration_us, extra)
+    summary = run_summary(shootdowns, vps, exits, config, rec.duration_us, extra)
     summary["policy"] = config.workload.policy
     partitions = partitions_frame(shootdowns, vps, exits, config, rec.duration_us,
                                   summary.drop(list(extra)) if config.host.guests == 1 else None)
     return Result(shootdowns, vps, exits, summary, config=config.to_dict(), seed=seed, vf=vf,
                   shootdowns_file=shootdowns_file, partitions=partitions)
-
-
-def _summary(shootdowns, vps, exits, config: Config, duration_us: float, extra: dict):
-    """summarize() with what it needs from the exits table and the configuration."""
-    canceled_exit_us = float(exits.loc[exits["reason"] == "CANCELED", "time_us"].sum()) if len(exits) else 0.0
-    extra = {**extra,
-             # costs a shootdown causes that the VP time columns do not name apart
-             "canceled_exit_us": canceled_exit_us,
-             "shootdown_refill_us": float((vps["refill_entries"] + vps["collateral_entries"]).sum()
-                                          * config.costs.refill_us)}
-    # the guest's system (kernel-mode) time as a benchmark's `time` reports it: the kernel share of guest
-    # work (guest.kernel_fraction) plus what shootdowns run in kernel mode on the guest's VPs: spinning for
-    # acks and its pause-loop exits, IPI sends, flush handlers and VF DPCs with the Canceled exits or the
-    # hypervisor's interruptions before them, the PV sched yield's hypercalls, flush hypercalls. Time off an
-    # LP (descheduled, halted, suspended) is not CPU time and is not counted.
-    extra["guest_system_us"] = float(
-        config.guest.kernel_fraction * vps["guest_us"].sum() + vps["spinning_us"].sum() + vps["spin_exit_us"].sum()
-        + vps["ipi_send_us"].sum() + vps["flush_us"].sum() + vps["vf_us"].sum() + canceled_exit_us
-        + vps["ipi_interrupt_us"].sum() + vps["sched_yield_us"].sum()
-        + vps["hypercall_us"].sum())
-    summary = summarize(shootdowns, vps, duration_us, extra)
-    ops = summary["ops_per_s"] * duration_us * 1e-6  # workload shootdowns completed
-    # what a benchmark's `time` shows divided by its operations: comparable across runs of equal work
-    summary["guest_system_us_per_op"] = float(summary["guest_system_us"] / ops) if ops else float("nan")
-    return summary
-
-
-def partitions_frame(shootdowns, vps, exits, config: Config, duration_us: float, only=None):
-    """One summary row per guest partition (``partition``, ``policy``, then summarize()'s figures).
-    ``only``: the one guest's summary, already computed (a run's summary less the host's figures)."""
-    import pandas as pd
-
-    policies = [config.workload.policy, *config.host.guest_policies]
-    rows = []
-    for g in range(config.host.guests):
-        if only is not None:
-            row = only.drop("policy")
-        else:
-            sd = shootdowns[shootdowns["partition"] == g]
-            v, x = vps[vps["partition"] == g], exits[exits["partition"] == g]
-            row = _summary(sd, v, x, config, duration_us, {})
-        rows.append({"partition": g, "policy": policies[g] if policies[g:] else config.workload.policy, **row})
-    return pd.DataFrame(rows)
 
 
 def load_vf_trace(path: str | Path, n_vfs: int, n_blocks: int) -> dict[int, list[tuple[float, int]]]:

@@ -16,8 +16,8 @@ from tlbsim.config import Config
 from tlbsim.model import InvariantError, rng
 from tlbsim.model.host import CoTenantVp, SchedParams, make_host
 from tlbsim.model.profiles import profile_for
+from tlbsim.model.recorder import Records, ShootdownRecorder, vp_tables
 from tlbsim.model.vf import VF_COLUMNS
-from tlbsim.records import Records, ShootdownRecorder, vp_tables
 
 _schedule = simpy.Environment.schedule  # bound once: cheaper than super() on every event
 

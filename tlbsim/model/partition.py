@@ -22,11 +22,11 @@ from tlbsim.model.hypervisor import Hypervisor
 from tlbsim.model.locks import InterceptInhibit, TlbLocks, VsmSchedule, VsmTlbLocks
 from tlbsim.model.machine import CountingEnvironment, EventBudgetExceeded, Machine  # noqa: F401 (re-exported)
 from tlbsim.model.profiles import profile_for
+from tlbsim.model.recorder import Records
 from tlbsim.model.spin import SpinYield
 from tlbsim.model.vf import PhysicalFunction, VirtualFunction
 from tlbsim.model.vp import GUEST, VP
 from tlbsim.model.workload import ClosedLoop, PoissonArrivals, TraceArrivals, TraceEvent
-from tlbsim.records import Records
 
 #: Up to this many sharers of an address space, each VP's targets among them are a list of its own
 #: (0.5 MB at 256 VPs): iterating a list beats the chained islices of an ``OtherVPs`` view by about
