@@ -102,6 +102,14 @@ class TimeAccount:
         self.state = new
         self.since = now
 
+    def advance_guest(self, now: float) -> None:
+        """In guest code, account the guest time up to ``now`` without a state change (what a flush
+        needs of a running target before it edits the TLB): the one other way than ``set_state`` in
+        which time is accounted, so that a timeline can follow both."""
+        if self.state == GUEST and now > self.since:
+            self.account_guest(now - self.since)
+            self.since = now
+
     def settle(self) -> None:
         """Bring the accounting (and the TLB) up to now without changing state."""
         self.set_state(self.state)

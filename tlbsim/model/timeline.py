@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from tlbsim.model.accounting import EXIT, EXIT_REASONS, VpState
+from tlbsim.model.accounting import EXIT, EXIT_REASONS, GUEST, VpState
 from tlbsim.model.vp import VP
 
 
@@ -122,6 +122,11 @@ class TracingVP(VP):
         if new == EXIT:
             self._exit_name = EXIT_REASONS[self.exit_index].name if self.exit_index >= 0 else "EXIT"
         super().set_state(new, now)
+
+    def advance_guest(self, now: float) -> None:
+        if self.state == GUEST and now > self.since:
+            self._segment(now)
+        super().advance_guest(now)
 
     def switch_at(self, new, when: float) -> None:
         self._segment(when)

@@ -112,9 +112,7 @@ def flush_pages_by_hypervisor(targets, scope: FlushScope, whole_context: bool, s
             else:  # VP.flush_now_idle
                 t._book(shootdown, *t.tlb.flush_pages(address_space, pages))
             continue
-        if t.state == GUEST and now > t.since:
-            t.account_guest(now - t.since)
-            t.since = now
+        t.advance_guest(now)
         tlb = t.tlb
         t.hv_debt_us += debt_us
         working_set = tlb.working_set
@@ -399,9 +397,7 @@ class VP(TimeAccount):
         scope): a Space call's scope takes the TLB's address-space fast path,
         and ``_book``'s VP half is done in place (with ``recorder.flushed`` per
         target, this path measured 0.61 instead of 0.51 us per target)."""
-        if self.state == GUEST and now > self.since:
-            self.account_guest(now - self.since)
-            self.since = now
+        self.advance_guest(now)
         self.hv_debt_us += debt_us
         pages = scope.pages
         if pages is not None:
