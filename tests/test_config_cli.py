@@ -85,7 +85,7 @@ def test_run_replications_saves_each_replication_and_the_index(tmp_path, capsys)
                "--no-progress", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "3 replications" in printed and "95 % CI (Student t over replications)" in printed
+    assert "3 replications" in printed and "95 % interval" in printed and "intervals (95 %):" in printed
     index = json.loads((out / "manifest.json").read_text())
     assert index["kind"] == "tlbsim-run-replications" and index["runs"] == [f"replication-{r}" for r in range(3)]
     table = pd.read_parquet(out / "replications.parquet")

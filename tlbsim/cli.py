@@ -73,11 +73,16 @@ SUMMARY_ROWS = (
 )
 
 
-def format_summary(summary: pd.Series) -> str:
+# an open loop's ops_per_s counts completions per second, not operations the workload chose to do:
+# shown for closed loops only (workload.mode = "closed")
+CLOSED_LOOP_ONLY = frozenset({"ops_per_s"})
+
+
+def format_summary(summary: pd.Series, *, closed_loop: bool) -> str:
     lines = []
     for key, label, fmt in SUMMARY_ROWS:
         value = summary.get(key)
-        if value is None:
+        if value is None or (key in CLOSED_LOOP_ONLY and not closed_loop):
             continue
         text = "n/a" if isinstance(value, float) and value != value else fmt.format(value)
         lines.append(f"  {label:<50} {text:>14}")
@@ -89,13 +94,14 @@ PARTITION_COLUMNS = (("policy", "{}"), ("shootdowns_completed", "{:,}"), ("laten
                      ("guest_system_us", "{:,.0f}"))
 
 
-def format_partitions(partitions: pd.DataFrame) -> str:
+def format_partitions(partitions: pd.DataFrame, *, closed_loop: bool) -> str:
     """One line per guest partition (the ``partitions`` table)."""
-    head = "  per guest partition:\n  " + f"{'partition':>9} " + " ".join(f"{c:>20}" for c, _ in PARTITION_COLUMNS)
+    columns = [(c, fmt) for c, fmt in PARTITION_COLUMNS if closed_loop or c not in CLOSED_LOOP_ONLY]
+    head = "  per guest partition:\n  " + f"{'partition':>9} " + " ".join(f"{c:>20}" for c, _ in columns)
     lines = [head]
     for _, row in partitions.iterrows():
         cells = []
-        for c, fmt in PARTITION_COLUMNS:
+        for c, fmt in columns:
             v = row[c]
             cells.append(f"{'n/a' if isinstance(v, float) and v != v else fmt.format(v):>20}")
         lines.append(f"  {row['partition']:>9} " + " ".join(cells))
@@ -178,17 +184,18 @@ def cmd_run(args) -> int:
         results.append(res)
     print(banner)
     result = results[0]
+    closed_loop = config.workload.mode == "closed"
     worst = max(float(r.summary["incomplete_fraction"]) for r in results)
     if worst > INCOMPLETE_WARNING:
         print(f"tlbsim: warning: {worst:.1%} of shootdowns were still in flight at the end; latency statistics "
               "count them with the time they had waited (lower bounds): run longer or lighten the load",
               file=sys.stderr)
     if args.replications == 1:
-        print(format_summary(result.summary))
+        print(format_summary(result.summary, closed_loop=closed_loop))
         if config.host.guests > 1:
-            print(format_partitions(result.partitions))
+            print(format_partitions(result.partitions, closed_loop=closed_loop))
     else:
-        print(format_replications([r.summary for r in results]))
+        print(format_replications([r.summary for r in results], closed_loop=closed_loop))
     if timeline is not None:
         vf0 = result.vf[result.vf["partition"] == 0] if len(result.vf) else result.vf  # the guest drawn
         vf_rows = vf0.to_dict("records") if len(vf0) else None
@@ -232,17 +239,39 @@ def replication_seed(root: int, r: int) -> int:
     return int(np.random.SeedSequence(root, spawn_key=(r,)).generate_state(1, dtype=np.uint64)[0])
 
 
-def format_replications(summaries: list) -> str:
-    from tlbsim.stats import mean_ci
+SHOOTDOWN_COUNTS = ("shootdowns_completed", "shootdowns_failed", "shootdowns_incomplete")  # all shootdowns
 
-    lines = [f"  {'metric':<28} {'mean':>14} {'95 % CI (Student t over replications)':>40}"]
+
+def format_replications(summaries: list, *, closed_loop: bool) -> str:
+    """Each key metric's estimate and 95 % interval over replications, the method beside it and in a
+    legend. Every metric here is never negative: ``nonnegative_mean_ci`` (guest_work_fraction also at
+    most 1); incomplete_fraction is pooled over all replications' shootdowns: ``event_fraction_ci``."""
+    import textwrap
+
+    from tlbsim.stats import EVENT_FRACTION_METHOD, NONNEGATIVE_METHOD, event_fraction_ci, nonnegative_mean_ci
+
+    lines = [f"  {'metric':<28} {'estimate':>14} {'95 % interval':>32}  method"]
     for key in RUN_CI_METRICS:
-        values = [float(s[key]) for s in summaries if key in s]
-        if not values:
+        if key in CLOSED_LOOP_ONLY and not closed_loop:
             continue
-        m, lo, hi = mean_ci(values)
+        if key == "incomplete_fraction":
+            if not all(c in s for s in summaries for c in SHOOTDOWN_COUNTS):
+                continue
+            m, lo, hi = event_fraction_ci([int(s["shootdowns_incomplete"]) for s in summaries],
+                                          [sum(int(s[c]) for c in SHOOTDOWN_COUNTS) for s in summaries])
+            method = "Wilson hull"
+        else:
+            values = [float(s[key]) for s in summaries if key in s]
+            if not values:
+                continue
+            m, lo, hi = nonnegative_mean_ci(values, upper=1.0 if key == "guest_work_fraction" else float("inf"))
+            method = "t/Cox hull"
         ci = "n/a" if lo != lo else f"[{lo:,.4g}, {hi:,.4g}]"
-        lines.append(f"  {key:<28} {m:>14,.4g} {ci:>40}")
+        lines.append(f"  {key:<28} {m:>14,.4g} {ci:>32}  {method}")
+    lines.append("  intervals (95 %):")
+    for name, text in (("t/Cox hull", "the mean; " + NONNEGATIVE_METHOD),
+                       ("Wilson hull", "incomplete / all shootdowns, " + EVENT_FRACTION_METHOD)):
+        lines.extend(textwrap.wrap(f"{name}: {text}", 110, initial_indent="    ", subsequent_indent="      "))
     return "\n".join(lines)
 
 
