@@ -96,7 +96,8 @@ def measure(n_vps: int, calls: int = 20, rounds: int = 5) -> tuple[bool, float, 
         vp.since = float(rng.uniform(0, 40))
     pages = 1
     scope = FlushScope(targets[0].address_space, True, pages)
-    row = part.recorder.started(0, "mask", Request(0.0, scope.address_space, pages), 0.0, targets)
+    row = part.recorder.started(0, "mask", Request(0.0, scope.address_space, pages), 0.0, targets, 0,
+                                part.vps[0].clock())
     costs = part.config.costs
     matches = np.array([t.tlb.address_space == scope.address_space for t in targets])
     flush = part.hypervisor._flush_targets

@@ -142,7 +142,8 @@ def target_flush_us(n: int = 100_000, repeats: int = 3, pages: int | None = 1) -
     targets = part.vps[1:]
     for vp in targets:
         vp.state, vp.on_lp = GUEST, True
-    row = part.recorder.started(0, "mask", Request(0.0, targets[0].address_space, pages), 0.0, targets)
+    row = part.recorder.started(0, "mask", Request(0.0, targets[0].address_space, pages), 0.0, targets, 0,
+                                part.vps[0].clock())
     scope = FlushScope(targets[0].address_space, True, pages)
     flush = part.hypervisor._flush_targets
     calls = max(1, n // len(targets))

@@ -9,7 +9,12 @@ import numpy as np
 import pandas as pd
 
 from tlbsim.config import Config
-from tlbsim.model.recorder import SHOOTDOWN_COLUMNS, Records  # noqa: F401 (re-exported)
+from tlbsim.model.recorder import (  # noqa: F401 (SHOOTDOWN_COLUMNS, Records re-exported)
+    ANATOMY_COLUMNS,
+    ANATOMY_PARTS,
+    SHOOTDOWN_COLUMNS,
+    Records,
+)
 
 # ---------------------------------------------------------------- DataFrames
 _DTYPES = {"q": np.int64, "d": np.float64, "b": np.int8}
@@ -85,7 +90,8 @@ def exits_frame(rec: Records) -> pd.DataFrame:
 def censored_latencies(shootdowns: pd.DataFrame, duration_us: float) -> tuple[np.ndarray, np.ndarray]:
     """(latencies of the shootdowns that succeeded, lower bounds of those still in flight at the end:
     the run's end minus their issue time). Incomplete shootdowns are censored observations, not
-    absent ones: leaving them out biases every latency statistic low."""
+    absent ones: leaving them out biases every latency statistic low. QUEUED rows (never issued)
+    have no issue-to-completion latency to bound: they count in ``censored_responses``."""
     if not len(shootdowns):
         return np.array([]), np.array([])
     done = shootdowns["status"] == "SUCCESS"
@@ -95,9 +101,24 @@ def censored_latencies(shootdowns: pd.DataFrame, duration_us: float) -> tuple[np
     return lat, np.maximum(waited, 0.0)
 
 
+def censored_responses(shootdowns: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(response times, arrival to completion, of the shootdowns that succeeded; lower bounds of
+    every other arrival not finished at the end: its queueing delay so far, plus its time in flight if
+    it had started). Every arrival is in one of the two: the open loop's end-to-end figure."""
+    if not len(shootdowns):
+        return np.array([]), np.array([])
+    status = shootdowns["status"]
+    done = (status == "SUCCESS").to_numpy(dtype=bool)
+    open_ = (status == "INCOMPLETE").to_numpy(dtype=bool) | (status == "QUEUED").to_numpy(dtype=bool)
+    queue = shootdowns["queue_us"].to_numpy(dtype=float)
+    latency = shootdowns["latency_us"].to_numpy(dtype=float)
+    parts = shootdowns[list(ANATOMY_PARTS)].to_numpy(dtype=float).sum(axis=1) if len(shootdowns) else queue
+    return queue[done] + latency[done], queue[open_] + parts[open_]
+
+
 #: the shootdown columns ``summarize`` reads (a spilled run reads only these back)
 SUMMARY_COLUMNS = ("partition", "status", "origin", "latency_us", "issue_us", "queue_us", "suspensions", "reissues",
-                   "continuations", "suspended_us", "hypercall_us")
+                   "continuations", *ANATOMY_COLUMNS)
 
 
 def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, extra: dict) -> pd.Series:
@@ -113,6 +134,8 @@ def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, e
     done_queue_us = shootdowns["queue_us"][success]
     completed_lat, censored = censored_latencies(shootdowns, duration_us)
     lat = np.concatenate([completed_lat, censored])
+    response = np.concatenate(censored_responses(shootdowns))
+    queued = int((shootdowns["status"] == "QUEUED").sum()) if len(shootdowns) else 0
     n_vps = len(vps)
     total_us = duration_us * n_vps
     stats = latency_stats(lat, "latency")
@@ -122,8 +145,11 @@ def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, e
         "shootdowns_failed": int(((shootdowns["status"] != "SUCCESS") & (shootdowns["status"] != "INCOMPLETE")).sum())
         if len(shootdowns) else 0,
         "shootdowns_incomplete": int((shootdowns["status"] == "INCOMPLETE").sum()) if len(shootdowns) else 0,
-        "incomplete_fraction": float(len(censored) / len(shootdowns)) if len(shootdowns) else 0.0,
+        "shootdowns_queued": queued,
+        # every arrival not finished at the end: in flight (INCOMPLETE) or never started (QUEUED)
+        "incomplete_fraction": float((len(censored) + queued) / len(shootdowns)) if len(shootdowns) else 0.0,
         **stats,
+        **latency_stats(response, "response"),
         "latency_p99_is_lower_bound": bool(censored.size and p99 == p99 and censored.max() >= p99),
         "latency_max_us": float(lat.max()) if lat.size else np.nan,
         # operations (workload shootdowns) completed per second of simulated time, all VPs together:
@@ -171,14 +197,23 @@ def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, e
     return pd.Series(out, dtype=object)
 
 
+def shootdown_refill_us(vps) -> float:
+    """Refill time the guest spent on entries shootdowns removed, all VPs: each VP's refill time
+    (what it repaid, not what it still owes at the end) in the proportion of the entries flushes removed
+    to all it lost (flushes, and evictions by other VPs on its LP)."""
+    flushed = (vps["refill_entries"] + vps["collateral_entries"]).to_numpy(dtype=float)
+    lost = flushed + vps["evicted_entries"].to_numpy(dtype=float)
+    share = np.divide(flushed, lost, out=np.zeros_like(flushed), where=lost > 0)
+    return float((vps["refill_us"].to_numpy(dtype=float) * share).sum())
+
+
 def run_summary(shootdowns, vps, exits, config: Config, duration_us: float, extra: dict):
     """A run's summary: summarize() with what it needs from the exits table and the configuration."""
     canceled_exit_us = float(exits.loc[exits["reason"] == "CANCELED", "time_us"].sum()) if len(exits) else 0.0
     extra = {**extra,
              # costs a shootdown causes that the VP time columns do not name apart
              "canceled_exit_us": canceled_exit_us,
-             "shootdown_refill_us": float((vps["refill_entries"] + vps["collateral_entries"]).sum()
-                                          * config.costs.refill_us)}
+             "shootdown_refill_us": shootdown_refill_us(vps)}
     # the guest's system (kernel-mode) time as a benchmark's `time` reports it: the kernel share of guest
     # work (guest.kernel_fraction) plus what shootdowns run in kernel mode on the guest's VPs: spinning for
     # acks and its pause-loop exits, IPI sends, flush handlers and VF DPCs with the Canceled exits or the

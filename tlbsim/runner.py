@@ -98,7 +98,7 @@ def simulate(config: Config, seed: int = 0, progress=None, timeline=None,
             spill.discard()
         raise
     vps, exits, vf = vps_frame(rec), exits_frame(rec), vf_frame(rec)
-    extra = {"events": rec.events, "requests_waiting": rec.requests_waiting, **rec.host}
+    extra = {"events": rec.events, "requests_queued": rec.requests_queued, **rec.host}
     if config.vf.count:
         extra.update(vf_summary(vf, vps, rec.vf_stats))
     summary = run_summary(shootdowns, vps, exits, config, rec.duration_us, extra)

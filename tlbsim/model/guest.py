@@ -98,13 +98,14 @@ class Policy:
         """One shootdown by ``vp`` (a generator): its own flush, then the remote part."""
         part = self.part
         targets = part.targets_of(vp, request.address_space)
-        sd = self.recorder.started(vp.index, self.name, request, self.env.now, targets, part.index)
+        sd = self.recorder.started(vp.index, self.name, request, self.env.now, targets, part.index, vp.clock())
         local = self._local.get((request.address_space, request.pages))
         if local is None:
             local = self._local[(request.address_space, request.pages)] = (
                 FlushScope(request.address_space, True, request.pages), self.costs.local_flush_cost_us(request.pages))
         scope, local_us = local
         if request.address_space == vp.address_space:
+            self.recorder.flushing_locally(sd, local_us)
             vp.set_state(FLUSH)
             yield self.env.timeout(local_us)
             vp.flush_locally(scope, sd)
@@ -115,11 +116,13 @@ class Policy:
                     t.defer_flush(scope, sd, None)  # the guest's own deferral (None: not the hypervisor's)
                 else:
                     active.append(t)
+            if len(active) < len(targets):
+                self.recorder.targets_named(sd, len(targets) - len(active))
             targets = active
         status = HvStatus.SUCCESS
         if targets:
             status = yield from self.remote(vp, sd, scope, targets)
-        self.recorder.completed(sd, status, self.env.now)
+        self.recorder.completed(sd, status, self.env.now, vp.clock())
         if self.check:
             part.check_flush_guarantee(sd)
 
@@ -190,11 +193,15 @@ def _sent(env, send_us: float, deliver):
 
 
 def _deliver(target, sd, scope, acks, _event) -> None:
+    target.recorder.ipi_delivered(sd, target.on_lp)
     if target.post_ipi(sd, scope, acks):
         wake_for_ipi(target)
 
 
 def _deliver_all(targets, sd, scope, acks, _event) -> None:
+    recorder = targets[0].recorder
+    for t in targets:
+        recorder.ipi_delivered(sd, t.on_lp)
     woken = [t for t in targets if t.post_ipi(sd, scope, acks)]  # every IPI posted before any VP runs
     for t in woken:
         wake_for_ipi(t)
@@ -204,6 +211,7 @@ class IpiPolicy(Policy):
     name = "ipi"
 
     def remote(self, vp, sd, scope, targets):
+        self.recorder.targets_named(sd, len(targets))
         yield from self._ipis(vp, sd, scope, targets, self.costs.vipi_us(), I_MSR, staggered=True)
         return HvStatus.SUCCESS
 
@@ -288,6 +296,10 @@ class AllPolicy(WindowsStylePolicy):
     name = "all"
     all_processors = True
 
+    def flushes_every_vp(self, targets) -> bool:
+        """HV_FLUSH_ALL_PROCESSORS reaches every VP, lazy or not: skipping lazy VPs would change nothing."""
+        return True
+
 
 class LinuxPolicy(HypercallPolicy):
     name = "linux"
@@ -342,6 +354,7 @@ class LinuxPolicy(HypercallPolicy):
     def remote(self, vp, sd, scope, targets):
         status = yield from super().remote(vp, sd, scope, targets)
         if status != HvStatus.SUCCESS:  # Linux falls back to native IPIs on any failure
+            self.recorder.targets_named(sd, len(targets))
             yield from self._ipis(vp, sd, scope, targets, self.costs.vipi_us(), I_MSR, staggered=True)
             return HvStatus.SUCCESS  # the shootdown succeeded; hypercall_status keeps the call's failure
         return status

@@ -85,7 +85,7 @@ class CallPlan:
     only for the running-target counts that occur."""
 
     __slots__ = ("call", "scope", "status", "ok", "all_processors", "n_named", "call_code", "flags", "targets",
-                 "member", "rep_pages", "entry_us", "segments_us")
+                 "member", "rep_pages", "entry_us", "segments_us", "fanouts_us")
 
     def __init__(self, call: FlushCall, scope: FlushScope, validation: hv.Validation, targets: list, member: int,
                  rep_pages: tuple[int, ...], entry_us: float):
@@ -102,6 +102,7 @@ class CallPlan:
         self.rep_pages = rep_pages  # pages of each rep still to do (List calls; () for Space calls)
         self.entry_us = entry_us  # entry, decode and the VP-set walk: paid again at every continuation
         self.segments_us: dict[int, tuple[float, ...]] = {}  # by running targets
+        self.fanouts_us: dict[int, tuple[float, ...]] = {}  # of each segment: reaching the running targets
 
 
 class Hypervisor:
@@ -212,26 +213,31 @@ class Hypervisor:
         if found is not None:
             return found
         c = self.costs
+        fanouts: tuple[float, ...] = ()
         if not plan.ok:
             out = (c.vmexit_roundtrip_us + c.hypercall_decode_us + self.vtl2_us,)
         else:
             mode = self.fanout_mode(k_running)
             reps = plan.rep_pages if plan.scope.pages is not None else ()
             if not reps:  # a Space call, or a List call turned into a whole flush (its ranges still read)
-                out = (plan.entry_us + c.list_per_range_us * len(plan.rep_pages)
-                       + self.fanout_us(mode, k_running, ()),)
+                fanout = self.fanout_us(mode, k_running, ())
+                out = (plan.entry_us + c.list_per_range_us * len(plan.rep_pages) + fanout,)
+                fanouts = (fanout,)
             else:
                 limit = c.continuation_limit_us
-                segments, batch = [], []
+                segments, segment_fanouts, batch = [], [], []
                 for i, pages in enumerate(reps):
                     batch.append(pages)
-                    elapsed = plan.entry_us + c.list_per_range_us * len(batch) + self.fanout_us(
-                        mode, k_running, tuple(batch))
+                    fanout = self.fanout_us(mode, k_running, tuple(batch))
+                    elapsed = plan.entry_us + c.list_per_range_us * len(batch) + fanout
                     if i == len(reps) - 1 or (limit > 0 and elapsed >= limit):
                         segments.append(elapsed)
+                        segment_fanouts.append(fanout)
                         batch = []
                 out = tuple(segments)
+                fanouts = tuple(segment_fanouts)
         plan.segments_us[k_running] = out
+        plan.fanouts_us[k_running] = fanouts
         return out
 
     def call_cost_us(self, plan: CallPlan, k_running: int) -> float:
@@ -270,8 +276,8 @@ class Hypervisor:
                     free.append(t)
             mode = self.fanout_mode(len(free))
             k = self._flush_running(free, scope, sd, env.now, mode)
-            yield from self._in_hypercall(vp, sd, c_range * len(plan.rep_pages)
-                                          + self.fanout_us(mode, k, self._reps(plan)))
+            fanout = self.fanout_us(mode, k, self._reps(plan))
+            yield from self._in_hypercall(vp, sd, c_range * len(plan.rep_pages) + fanout, fanout=fanout)
             yield from self._wait_for_locks(vp, sd, holders, reissue=True)
         now = env.now
         if self.broadcast != "none" and self.isolation == "none":  # broadcast or IPIs: by the running count
@@ -280,19 +286,21 @@ class Hypervisor:
             mode = self.fanout_mode(0)
         running = self._flush_targets(targets, scope, sd, now, mode)
         segments = self.segments_us(plan, running)
+        fanouts = plan.fanouts_us[running] if plan.ok else ()
         if len(segments) > 1 and mode == IPI and running:  # each segment interrupts its targets again
             again = (len(segments) - 1) * self.target_hit_us
             for t in targets:
                 if t.on_lp:
                     t.hv_debt_us += again
         first = segments[0] - plan.entry_us if checked else segments[0]  # the entry is paid already
-        yield from self._in_hypercall(vp, sd, first, now)
-        for cost in segments[1:]:  # continuations: a return to the guest at a rep boundary, then a new entry
+        yield from self._in_hypercall(vp, sd, first, now, fanouts[0])
+        for cost, fanout in zip(segments[1:], fanouts[1:], strict=True):
+            # continuations: a return to the guest at a rep boundary, then a new entry
             recorder.continued(sd)
             if vp.preempt_pending:  # the host takes the LP at the return
                 vp.give_up_lp_preempted()
                 yield from vp.wait_for_lp()
-            yield from self._in_hypercall(vp, sd, cost)
+            yield from self._in_hypercall(vp, sd, cost, fanout=fanout)
         if self.lock_wait == "snapshot" and self.locks.any_active():
             # set_wait_for_tlb_locks: every VP of the partition holding a TLB lock now, target or not, with
             # no "requires" test (the flush is already done)
@@ -324,6 +332,8 @@ class Hypervisor:
                                                            self.costs.refill_us, self.record_ids, defer_idle)
             if deferred:
                 self.recorder.deferred(sd, deferred)
+            elif not defer_idle and len(required) < len(targets):
+                self.recorder.flushed_off_lp(sd, len(targets) - len(required))
             self.recorder.running_flushed_pages(sd, required)
             return len(required)
         flushed = []  # (required, removed) of each running target
@@ -334,6 +344,8 @@ class Hypervisor:
                 t.defer_flush(scope, sd, whole_context)
             else:
                 t.flush_now_idle(scope, sd, whole_context)
+        if not defer_idle and len(flushed) < len(targets):
+            self.recorder.flushed_off_lp(sd, len(targets) - len(flushed))
         self.recorder.running_flushed(sd, flushed)
         return len(flushed)
 
@@ -345,10 +357,12 @@ class Hypervisor:
         self.recorder.running_flushed(sd, flushed)  # their refills are the row's (running_targets: the last try's)
         return len(free)
 
-    def _in_hypercall(self, vp, sd, cost_us: float, now: float | None = None):
-        self.recorder.in_hypervisor(sd, cost_us)
+    def _in_hypercall(self, vp, sd, cost_us: float, now: float | None = None, fanout: float = 0.0):
+        """``cost_us`` in the hypercall, of which ``fanout`` us reaching the running targets."""
         vp.set_state(HYPERCALL, now)
         yield self.env.timeout(cost_us)
+        if fanout:
+            self.recorder.fanned_out(sd, fanout)
 
     def _wait_for_locks(self, vp, sd, holders, reissue: bool):
         """The caller waits for the lock holders. ``reissue`` (TLFS): suspended until the *first* lock
@@ -360,13 +374,13 @@ class Hypervisor:
         env = self.env
         start = env.now
         self.recorder.suspended(sd)
-        done = self.recorder.resumed if reissue else self.recorder.waited
         ends = [end for end, _, _ in holders]
         lift_us = min(ends) if reissue else max(ends)
         if lift_us - start <= self.wait_spin_us:
             vp.set_state(SPINNING)
             yield env.timeout(max(0.0, lift_us - start))
-            done(sd, 0.0)
+            if reissue:
+                self.recorder.resumed(sd)
             return
         vp.give_up_lp(SUSPENDED)
         wake_us = 0.0 if reissue else self.costs.lock_release_wake_us
@@ -376,7 +390,8 @@ class Hypervisor:
             yield self._lifted(holders, first=reissue)
             if wake_us:
                 yield env.timeout(wake_us)
-        done(sd, env.now - start)
+        if reissue:
+            self.recorder.resumed(sd)
         yield from vp.wait_for_lp()
 
     def _lifted(self, holders, first: bool):

@@ -64,7 +64,9 @@ class Machine:
         self.config = config
         self.env = CountingEnvironment(max_events=config.run.max_events)
         # spill: a sink for recorded rows (results.ShootdownSpill) or None: all rows stay in memory
-        self.recorder = ShootdownRecorder(spill, spill.rows_per_group) if spill is not None else ShootdownRecorder()
+        check = config.run.check_invariants
+        self.recorder = (ShootdownRecorder(spill, spill.rows_per_group, check) if spill is not None
+                         else ShootdownRecorder(check=check))
         self.host = make_host(self.env, config.partition.lps, sched_params(config))
         self.guests: list = []  # partition.Partition, in index order
         self.cotenants: list[CoTenantVp] = []
@@ -118,8 +120,24 @@ class Machine:
         if len(ids) != len(set(ids)) or len(ids) != self.recorder.issued:
             raise InvariantError(f"shootdowns lost or duplicated: {len(ids)} recorded of {self.recorder.issued} issued")
 
+    def _queued(self, duration: float) -> int:
+        """Every open-loop arrival up to the end that no VP had started becomes a QUEUED row (censored:
+        the policies' tables then describe the same requests); returns how many."""
+        n = 0
+        for g in self.guests:
+            for vp in g.vps:
+                if not vp.closed:  # open loop: every arrival so far (none without a thread)
+                    vp.requests.extend(vp.arrivals.requests(vp, duration))
+                for request in vp.requests:
+                    self.recorder.queued(vp.index, g.policy.name, request, g.index, duration)
+                    n += 1
+                vp.requests.clear()
+        return n
+
     def _records(self, duration: float, events: int) -> Records:
-        self.recorder.finish()
+        guests = self.guests
+        self.recorder.finish(duration, lambda partition, vp: guests[partition].vps[vp].clock())
+        queued = self._queued(duration)
         cols = self.recorder.columns()
         vps, exits = vp_tables(self.vps)
         vfs = [vf for g in self.guests for vf in g.vfs]
@@ -140,7 +158,7 @@ class Machine:
             vf=vf_rows, vf_stats=vf_stats,
             shootdowns=cols, vps=vps, exits=exits, duration_us=duration,
             events=events,
-            requests_waiting=sum(len(vp.requests) for vp in self.vps),
+            requests_queued=queued,
             host={"dispatches": host.dispatches, "preemptions": host.preemptions,
                   "wakeup_preemptions": host.wakeup_preemptions,
                   "directed_yields": host.yields,

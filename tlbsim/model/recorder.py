@@ -32,19 +32,49 @@ from dataclasses import dataclass, field
 from operator import attrgetter, sub
 
 from tlbsim.hv import HvStatus
-from tlbsim.model.accounting import EXIT_REASONS, TIME_COLUMNS
+from tlbsim.model import InvariantError
+from tlbsim.model.accounting import (
+    DESCHEDULED,
+    EXIT,
+    EXIT_REASONS,
+    FLUSH,
+    HYPERCALL,
+    N_STATES,
+    SPINNING,
+    SUSPENDED,
+    TIME_COLUMNS,
+)
+
+#: Latency anatomy: where the initiator's time went between issuing the shootdown and its completion
+#: (the run's end for one still in flight), by the state it was in. They add up to ``latency_us``
+#: (an invariant). See docs/model.md "Latency anatomy" for the function that produces each.
+ANATOMY_COLUMNS = (
+    "local_flush_us",  # its own TLB flush (INVLPG / CR3 reload)
+    "ipi_send_us",  # sending IPIs (trapped ICR writes or KVM's PV send-IPI hypercall), and Linux's PV sched yield
+    "hypercall_us",  # in the flush hypercall: entry, decode, the VP-set walk, range reads, continuations...
+    "fanout_us",  # ... of which reaching the running targets: IPI sends and the slowest acknowledgement, or a broadcast
+    "spinning_us",  # spinning on its LP: for IPI acks (csd_lock_wait), or for a TLB lock about to lift
+    "spin_exit_us",  # pause-loop exits / long spin wait notifications while spinning
+    "suspended_us",  # suspended off its LP in a hypercall that met a locked TLB (or halted for OpenHCL's holders)
+    "descheduled_us",  # runnable, waiting for an LP: preempted, after a directed yield, or back from a suspension
+    "interrupts_us",  # handling other shootdowns' IPIs meanwhile (their flush handlers)
+    "other_us",  # anything else on the way (VTL1, VF work, other exits)
+)
+#: Anatomy columns that partition latency_us (fanout_us is a part of hypercall_us)
+ANATOMY_PARTS = tuple(c for c in ANATOMY_COLUMNS if c != "fanout_us")
 
 SHOOTDOWN_COLUMNS = (
     "id", "partition", "initiator_vp", "policy", "origin", "address_space", "pages", "call_code", "flags", "n_targets",
-    "running_targets", "deferred_targets", "ipis", "arrival_us", "issue_us", "complete_us", "latency_us",
-    "queue_us", "suspensions", "reissues", "continuations", "suspended_us", "hypercall_us", "refill_entries",
-    "collateral_entries",
+    "running_targets", "deferred_targets", "off_lp_targets", "ipis", "arrival_us", "issue_us", "complete_us",
+    "latency_us", "queue_us", "suspensions", "reissues", "continuations",
+    *ANATOMY_COLUMNS, "refill_entries", "collateral_entries",
     "status", "hypercall_status", "stuck_on",
 )
 _INT_COLUMNS = ("id", "partition", "initiator_vp", "address_space", "pages", "call_code", "flags", "n_targets",
-                "running_targets", "deferred_targets", "ipis", "suspensions", "reissues", "continuations")
-_FLOAT_COLUMNS = ("arrival_us", "issue_us", "complete_us", "latency_us", "queue_us", "suspended_us",
-                  "hypercall_us", "refill_entries", "collateral_entries")
+                "running_targets", "deferred_targets", "off_lp_targets", "ipis", "suspensions", "reissues",
+                "continuations")
+_FLOAT_COLUMNS = ("arrival_us", "issue_us", "complete_us", "latency_us", "queue_us", *ANATOMY_COLUMNS,
+                  "refill_entries", "collateral_entries")
 _STR_COLUMNS = ("policy", "origin", "status", "hypercall_status", "stuck_on")
 
 _ROW_CHUNK = 1024
@@ -62,7 +92,7 @@ class _Shootdown:
 
     The counters start at class-level defaults and become instance
     attributes only when a shootdown changes them, so starting a shootdown
-    sets nine attributes, not twenty-six."""
+    sets eleven attributes, not thirty-five."""
 
     complete_us = math.nan
     call_code = 0
@@ -70,12 +100,14 @@ class _Shootdown:
     n_targets = 0
     running_targets = 0
     deferred_targets = 0
+    off_lp_targets = 0
     ipis = 0
     suspensions = 0
     reissues = 0
     continuations = 0
-    suspended_us = 0.0
-    hypercall_us = 0.0
+    local_flush_us = ipi_send_us = hypercall_us = fanout_us = spinning_us = spin_exit_us = 0.0
+    suspended_us = descheduled_us = interrupts_us = other_us = 0.0
+    local_us = 0.0  # the own flush's cost, when it flushes its own TLB
     refill_entries = 0.0
     collateral_entries = 0.0
     status = "IN_PROGRESS"
@@ -83,7 +115,8 @@ class _Shootdown:
     stuck_on = ""
     row = -1  # its row once recorded
 
-    def __init__(self, sid: int, initiator: int, policy: str, request, now: float, targets, partition: int):
+    def __init__(self, sid: int, initiator: int, policy: str, request, now: float, targets, partition: int,
+                 clock: list[float]):
         self.id = sid
         self.partition = partition
         self.initiator = initiator
@@ -91,9 +124,10 @@ class _Shootdown:
         self.address_space = request.address_space
         self.pages = request.pages
         self.arrival_us = request.arrival_us
-        self.issue_us = now
+        self.issue_us = self.queue_end_us = now
         self.origin = request.origin
         self.targets = targets
+        self.clock = clock  # the initiator's clock when it started (VP.clock): the anatomy is its change
 
 
 class _Codes:
@@ -123,8 +157,12 @@ class _Codes:
         self.codes.extend(codes)
 
 
-_PAGES, _FLAGS, _COMPLETE, _ISSUE, _ARRIVAL = (
-    attrgetter(a) for a in ("pages", "flags", "complete_us", "issue_us", "arrival_us"))
+_PAGES, _FLAGS, _COMPLETE, _ISSUE, _QUEUE_END, _ARRIVAL = (
+    attrgetter(a) for a in ("pages", "flags", "complete_us", "issue_us", "queue_end_us", "arrival_us"))
+#: VP.clock's entries after the time per state: the VP's IPI send, PV sched-yield and spin-exit totals
+_SEND, _SCHED_YIELD, _SPIN_EXIT = N_STATES, N_STATES + 1, N_STATES + 2
+#: an anatomy's sum may differ from the latency by rounding (sums of a few dozen doubles of up to 1e10 us)
+_ANATOMY_TOLERANCE = 1e-6
 
 
 class ShootdownRecorder:
@@ -135,9 +173,11 @@ class ShootdownRecorder:
     by column (C-level loops: much cheaper than two dozen appends per row).
     The refill columns are written at once and stay open for late flushes."""
 
-    def __init__(self, spill=None, spill_rows: int = 1 << 16):
+    def __init__(self, spill=None, spill_rows: int = 1 << 16, check: bool = False):
         """``spill(columns)``, if given, receives every ``spill_rows`` recorded rows in order (all
-        columns but the patched ones, as ``columns()`` gives them) and owns them from then on."""
+        columns but the patched ones, as ``columns()`` gives them) and owns them from then on.
+        ``check``: every row's target columns and anatomy are checked (``check_row``)."""
+        self.check = check
         self._spill = spill
         self._spill_rows = spill_rows
         self._spilled_ids = array("q") if spill is not None else None
@@ -164,29 +204,55 @@ class ShootdownRecorder:
         self._moves = (sinks, attrgetter(*names))
 
     # ------------------------------------------------------------ entry points
-    def started(self, initiator: int, policy: str, request, now: float, targets, partition: int = 0) -> _Shootdown:
+    def started(self, initiator: int, policy: str, request, now: float, targets, partition: int,
+                clock: list[float]) -> _Shootdown:
         """VP ``initiator`` of guest ``partition`` starts a shootdown of ``request`` whose targets are
         the VPs ``targets`` (VP objects, kept by reference for the invariant checks; the recorder
-        reads nothing of them)."""
-        sd = _Shootdown(self.issued, initiator, policy, request, now, targets, partition)
+        reads nothing of them); ``clock``: the initiator's ``VP.clock()`` now."""
+        sd = _Shootdown(self.issued, initiator, policy, request, now, targets, partition, clock)
         self.issued += 1
         self.in_flight[sd.id] = sd
         return sd
+
+    def queued(self, initiator: int, policy: str, request, partition: int, end_us: float) -> None:
+        """The run ended with ``request`` arrived at VP ``initiator`` but not started: a QUEUED row,
+        censored, whose ``queue_us`` is its queueing delay so far (no issue time, no latency)."""
+        sd = _Shootdown(self.issued, initiator, policy, request, math.nan, (), partition, None)
+        self.issued += 1
+        sd.queue_end_us = end_us
+        sd.status = "QUEUED"
+        sd.stuck_on = "queued: its VP had not started it"
+        self._keep(sd)
+
+    def flushing_locally(self, shootdown: _Shootdown, cost_us: float) -> None:
+        """The initiator flushes its own TLB first, for ``cost_us``."""
+        shootdown.local_us = cost_us
 
     def call_issued(self, shootdown: _Shootdown, call_code: int, flags: int, n_targets: int) -> None:
         """A flush hypercall was issued for it (``n_targets``: the VPs it names, the caller excluded)."""
         shootdown.call_code = call_code
         shootdown.flags = flags
-        shootdown.n_targets = n_targets
+        shootdown.n_targets += n_targets
 
     def targets_named(self, shootdown: _Shootdown, n_targets: int) -> None:
-        """The guest chose ``n_targets`` targets without a flush hypercall (KVM PV flush)."""
-        shootdown.n_targets = n_targets
+        """The guest reaches ``n_targets`` more targets itself (by IPIs, KVM's PV flush, or lazy-TLB
+        deferral), not through a flush hypercall."""
+        shootdown.n_targets += n_targets
 
     def ipis_sent(self, shootdown: _Shootdown, count: int) -> None:
         shootdown.ipis += count
-        if count > shootdown.n_targets:
-            shootdown.n_targets = count
+
+    def ipi_delivered(self, shootdown: _Shootdown, on_lp: bool) -> None:
+        """One of its IPIs reached a target on its LP (running) or off it (halted or waiting for an LP:
+        it handles the IPI when it runs, and the initiator waits for it)."""
+        if on_lp:
+            shootdown.running_targets += 1
+        else:
+            shootdown.off_lp_targets += 1
+
+    def flushed_off_lp(self, shootdown: _Shootdown, count: int) -> None:
+        """A broadcast (INVLPGB) flushed ``count`` targets that were not on an LP, at once."""
+        shootdown.off_lp_targets += count
 
     def flushed(self, shootdown: _Shootdown, required: float, removed: float) -> None:
         """A VP's TLB was flushed for it (the initiator's own flush, a target
@@ -224,46 +290,99 @@ class ShootdownRecorder:
         """``count`` targets were not on an LP: their flush waits for their next entry."""
         shootdown.deferred_targets += count
 
-    def in_hypervisor(self, shootdown: _Shootdown, cost_us: float) -> None:
-        """The initiator spent ``cost_us`` in a flush hypercall for it."""
-        shootdown.hypercall_us += cost_us
+    def fanned_out(self, shootdown: _Shootdown, cost_us: float) -> None:
+        """A segment of its flush hypercall that spent ``cost_us`` reaching the running targets ended."""
+        shootdown.fanout_us += cost_us
 
     def suspended(self, shootdown: _Shootdown) -> None:
         """Its caller was suspended on a locked TLB."""
         shootdown.suspensions += 1
 
-    def resumed(self, shootdown: _Shootdown, suspended_us: float) -> None:
-        """Its caller was resumed after ``suspended_us`` and reissues the call."""
-        shootdown.suspended_us += suspended_us
+    def resumed(self, shootdown: _Shootdown) -> None:
+        """Its caller was resumed and reissues the call."""
         shootdown.reissues += 1
 
     def continued(self, shootdown: _Shootdown) -> None:
         """Its rep call returned to the caller at a rep boundary and was continued (a new entry)."""
         shootdown.continuations += 1
 
-    def waited(self, shootdown: _Shootdown, suspended_us: float) -> None:
-        """Its caller waited ``suspended_us`` for lock holders and goes on without reissuing (OpenHCL)."""
-        shootdown.suspended_us += suspended_us
-
     def call_returned(self, shootdown: _Shootdown, status: HvStatus) -> None:
         """Its flush hypercall returned ``status`` (the shootdown's own status may differ:
         a guest that falls back to IPIs after a failure still completes)."""
         shootdown.hypercall_status = _STATUS_NAMES.get(status) or str(status)
 
-    def completed(self, shootdown: _Shootdown, status: HvStatus, now: float) -> None:
+    def completed(self, shootdown: _Shootdown, status: HvStatus, now: float, clock: list[float]) -> None:
+        """It completed at ``now`` with ``status``; ``clock``: the initiator's ``VP.clock()`` now."""
         shootdown.complete_us = now
         shootdown.status = _STATUS_NAMES.get(status) or str(status)
+        self._anatomy(shootdown, clock)
+        if self.check:
+            self.check_row(shootdown, now)
         del self.in_flight[shootdown.id]
         self._keep(shootdown)
 
-    def finish(self) -> None:
-        """The run ended: every shootdown still in flight becomes an INCOMPLETE row."""
+    def finish(self, end_us: float, clock_of) -> None:
+        """The run ended at ``end_us``: every shootdown still in flight becomes an INCOMPLETE row, its
+        anatomy what its initiator had spent so far (``clock_of(partition, vp)``: that VP's clock)."""
         for sd in sorted(self.in_flight.values(), key=lambda s: s.id):
             sd.status = "INCOMPLETE"
             if not sd.stuck_on and sd.suspensions:
                 sd.stuck_on = "suspended on a locked TLB"
+            self._anatomy(sd, clock_of(sd.partition, sd.initiator))
+            if self.check:
+                self.check_row(sd, end_us)
             self._keep(sd)
         self.in_flight.clear()
+
+    @staticmethod
+    def _anatomy(sd: _Shootdown, clock: list[float]) -> None:
+        """Its anatomy columns: the change of its initiator's clock since it started, by state. An IPI
+        send or a spin exit is counted when it starts: one still under way at the run's end is
+        counted only as far as it went."""
+        d = list(map(sub, clock, sd.clock))
+        sd.clock = None
+        flush = d[FLUSH]
+        local = sd.local_us if sd.local_us < flush else flush
+        sd.local_flush_us = local
+        sd.interrupts_us = flush - local
+        exits = d[EXIT]
+        send = d[_SEND] + d[_SCHED_YIELD]
+        if send > exits:
+            send = exits
+        spin_exit = d[_SPIN_EXIT]
+        if spin_exit > exits - send:
+            spin_exit = exits - send
+        sd.ipi_send_us = send
+        sd.spin_exit_us = spin_exit
+        hypercall = d[HYPERCALL]
+        sd.hypercall_us = hypercall
+        if sd.fanout_us > hypercall:
+            sd.fanout_us = hypercall
+        sd.spinning_us = d[SPINNING]
+        sd.suspended_us = d[SUSPENDED]
+        sd.descheduled_us = d[DESCHEDULED]
+        # the states a shootdown rarely meets: guest time, HLT, VF work, VTL1, and exits that are neither
+        # sends nor spin exits
+        sd.other_us = (exits - send - spin_exit) + (sum(d[:N_STATES]) - flush - exits - hypercall - d[SPINNING]
+                                                    - d[SUSPENDED] - d[DESCHEDULED])
+
+    def check_row(self, sd: _Shootdown, now: float) -> None:
+        """The identities every row obeys (docs/model.md "Result tables"): its anatomy adds up to
+        its latency (to ``now`` if still in flight); a completed shootdown reached each target in
+        exactly one way (n_targets = running + deferred + off-LP); no column is negative."""
+        elapsed = now - sd.issue_us
+        parts = sum(getattr(sd, c) for c in ANATOMY_PARTS)
+        if abs(parts - elapsed) > _ANATOMY_TOLERANCE * max(1.0, elapsed):
+            raise InvariantError(f"shootdown {sd.id}: anatomy adds up to {parts!r} us, latency {elapsed!r} us")
+        for c in ANATOMY_COLUMNS:
+            if getattr(sd, c) < -_ANATOMY_TOLERANCE:
+                raise InvariantError(f"shootdown {sd.id}: {c} = {getattr(sd, c)!r} < 0")
+        if sd.fanout_us > sd.hypercall_us + _ANATOMY_TOLERANCE:
+            raise InvariantError(f"shootdown {sd.id}: fanout_us {sd.fanout_us} > hypercall_us {sd.hypercall_us}")
+        if sd.status == "SUCCESS" and sd.n_targets != sd.running_targets + sd.deferred_targets + sd.off_lp_targets:
+            raise InvariantError(
+                f"shootdown {sd.id} ({sd.policy}): n_targets {sd.n_targets} != running {sd.running_targets} + "
+                f"deferred {sd.deferred_targets} + off-LP {sd.off_lp_targets}")
 
     # ------------------------------------------------------------ rows
     def _keep(self, sd: _Shootdown) -> None:
@@ -286,7 +405,7 @@ class ShootdownRecorder:
         self.ints["pages"].extend([0 if p is None else p for p in map(_PAGES, chunk)])  # 0: whole space
         self.ints["flags"].extend(map(int, map(_FLAGS, chunk)))
         self.floats["latency_us"].extend(map(sub, map(_COMPLETE, chunk), map(_ISSUE, chunk)))
-        self.floats["queue_us"].extend(map(sub, map(_ISSUE, chunk), map(_ARRIVAL, chunk)))
+        self.floats["queue_us"].extend(map(sub, map(_QUEUE_END, chunk), map(_ARRIVAL, chunk)))
         self._chunk = []
         if self._spill is not None and len(self.ints["id"]) >= self._spill_rows:
             self._spill_out()
@@ -341,7 +460,7 @@ class Records:
     exits: dict[str, list] = field(default_factory=dict)
     duration_us: float = 0.0
     events: int = 0
-    requests_waiting: int = 0
+    requests_queued: int = 0  # arrivals no VP had started at the end (QUEUED rows)
     host: dict[str, int] = field(default_factory=dict)
     vf: dict[str, list] | None = None  # one row per PF call (VF_COLUMNS), None when the VF model is off
     vf_stats: dict[str, int] = field(default_factory=dict)

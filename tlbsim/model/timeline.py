@@ -147,17 +147,17 @@ def trace_recorder(recorder, timeline: Timeline, partition: int = 0) -> None:
     and completion (instance-level wrappers)."""
     started, completed, finish = recorder.started, recorder.completed, recorder.finish
 
-    def traced_started(initiator, policy, request, now, targets, part=0):
-        sd = started(initiator, policy, request, now, targets, part)
+    def traced_started(initiator, policy, request, now, targets, part, clock):
+        sd = started(initiator, policy, request, now, targets, part, clock)
         if part == partition and timeline.start_us <= now <= timeline.end_us:
             timeline.shootdowns.append([sd.id, initiator, now, None, policy])
         return sd
 
-    def traced_completed(shootdown, status, now):
+    def traced_completed(shootdown, status, now, clock):
         for row in reversed(timeline.shootdowns):
             if row[0] == shootdown.id:
                 row[3] = now
                 break
-        completed(shootdown, status, now)
+        completed(shootdown, status, now, clock)
 
     recorder.started, recorder.completed, recorder.finish = traced_started, traced_completed, finish

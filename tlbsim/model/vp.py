@@ -415,6 +415,16 @@ class VP(TimeAccount):
             self.applied_ids.add(shootdown.id)
         return flushed
 
+    def clock(self) -> list[float]:
+        """Time so far in each state (guest time with what it repaid, the current state up to now),
+        then the IPI send, PV sched-yield and spin-exit totals: a shootdown's latency anatomy is the
+        change of its initiator's clock (ShootdownRecorder._anatomy)."""
+        c = self.state_us[:]
+        c[GUEST] += self.hv_flush_us + self.refill_us
+        c[self.state] += self.env.now - self.since
+        c += (self.ipi_send_us, self.sched_yield_us, self.spin_exit_us)
+        return c
+
     def defer_flush(self, scope: FlushScope, shootdown, whole_context: bool) -> None:
         """This VP is not on an LP: flush it before it next runs guest code."""
         self.deferred.append((shootdown, scope, whole_context))
