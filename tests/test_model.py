@@ -178,13 +178,14 @@ def test_tlb_page_flush_removes_what_the_scope_requires():
 
 
 def test_batched_page_flush_agrees_with_flushing_each_target():
-    """vp.flush_pages_by_hypervisor (the hypervisor's fast path for a List call) leaves every target,
+    """hypervisor.flush_pages_by_hypervisor (the hypervisor's fast path for a List call) leaves every target,
     running or not, and the shootdown's row bit for bit as VP.flush_by_hypervisor / VP.defer_flush per
     target and ShootdownRecorder.running_flushed do, from random states (guest or not, debts, fill,
     other address spaces)."""
+    from tlbsim.model.hypervisor import flush_pages_by_hypervisor
     from tlbsim.model.partition import Partition
     from tlbsim.model.tlb import FlushScope
-    from tlbsim.model.vp import GUEST, HALTED, SPINNING, flush_pages_by_hypervisor
+    from tlbsim.model.vp import GUEST, HALTED, SPINNING
     from tlbsim.model.workload import Request
 
     rng = np.random.default_rng(7)

@@ -98,7 +98,7 @@ def format_anatomy(table: pd.DataFrame, by: list[str] | None = None) -> str:
             continue
         lines.append(f"  {'component':<38} {'typical (p40-p60)':>22} {'tail (>= p99)':>22}")
         for c in STACK:
-            t_us, l_us = typ[c], tail[c]
+            t_us, l_us = max(typ[c], 0.0), max(tail[c], 0.0)  # -1e-13: rounding, not time
             if not (t_us > 1e-9 or l_us > 1e-9):
                 continue
             lines.append(f"  {STACK_LABELS[c]:<38} {t_us:>12,.2f} us {_share(t_us, typ):>5} "
@@ -149,10 +149,13 @@ def anatomy_figure(table: pd.DataFrame, x: str, out_dir: Path, name: str = "late
                                label=STACK_LABELS[c] if (i, j) == (0, 0) or c not in _seen(ax) else None)
                         _seen(ax).add(c)
                         bottom += v
+                ax.annotate(_plain_us(bottom), (pos, bottom), xytext=(0, 2), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=6, rotation=90)
         ax.set_xticks(ticks, tick_labels, rotation=90, fontsize=7)
         for i, level in enumerate(levels):
             ax.annotate(f"{x_label or x} = {level:g}", (i, 1.0), xycoords=("data", "axes fraction"),
                         ha="center", va="bottom", fontsize=8)
+        ax.margins(y=0.12)
         ax.set_ylabel(f"mean latency (us),\n{'p40-p60' if band == 'typical' else '>= p99'} shootdowns")
     handles, labels = [], []
     for ax in axes:
@@ -173,6 +176,10 @@ def anatomy_figure(table: pd.DataFrame, x: str, out_dir: Path, name: str = "late
     return paths
 
 
+def _plain_us(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _seen(ax) -> set:
     if not hasattr(ax, "_tlbsim_seen"):
         ax._tlbsim_seen = set()
@@ -186,6 +193,21 @@ def sweep_anatomy(points: pd.DataFrame, shootdowns: pd.DataFrame, keys: list[str
     meta = ok[["point", "replication", *keys]].drop_duplicates(["point", "replication"])
     sd = shootdowns.merge(meta, on=["point", "replication"])
     return anatomy_table(sd, keys)
+
+
+#: swept keys that only set the overcommit level: grouped by ``vps_per_lp`` instead
+OVERCOMMIT_KEYS = ("host.guests", "partition.lps", "host.cotenants", "host.cotenant_vps")
+
+
+def sweep_keys(points: pd.DataFrame, manifest: dict) -> list[str]:
+    """The keys a sweep's anatomy is grouped by: the overcommit level if it varies (instead of the
+    keys that set it), the policy, then every other swept key that varies."""
+    grid = [k for k in manifest["spec"].get("grid", {}) if k in points and points[k].nunique() > 1]
+    keys = []
+    if any(k in OVERCOMMIT_KEYS for k in grid) and points["vps_per_lp"].nunique() > 1:
+        keys.append("vps_per_lp")
+    keys.append("workload.policy")
+    return keys + [k for k in grid if k not in OVERCOMMIT_KEYS and k not in keys]
 
 
 def explain(directory: str | Path) -> str:
@@ -202,9 +224,7 @@ def explain(directory: str | Path) -> str:
         from tlbsim.plots import load_sweep
 
         points, shootdowns, manifest = load_sweep(directory)
-        grid = [k for k in manifest["spec"].get("grid", {}) if k in points and points[k].nunique() > 1]
-        keys = [k for k in ("workload.policy", "vps_per_lp") if k in points and k not in grid] + grid
-        keys = [k for k in keys if points[k].nunique() > 1 or k == "workload.policy"]
+        keys = sweep_keys(points, manifest)
         table = sweep_anatomy(points, shootdowns, keys)
         return header + "\n\n" + format_anatomy(table, keys)
     shootdowns = pd.read_parquet(directory / manifest["tables"]["shootdowns"])

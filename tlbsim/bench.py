@@ -127,7 +127,7 @@ def timed(config: Config, seed: int = 0, repeats: int = 1):
 def target_flush_us(n: int = 100_000, repeats: int = 3, pages: int | None = 1) -> float:
     """Wall us of the arithmetic one running target of a flush hypercall costs, with no SimPy at
     all: the hypervisor's own per-target loop (``Hypervisor._flush_targets``: for a page scope the
-    fast path ``vp.flush_pages_by_hypervisor``, else ``VP.flush_by_hypervisor`` per target, and the
+    fast path ``hypervisor.flush_pages_by_hypervisor``, else ``VP.flush_by_hypervisor`` per target, and the
     report to the recorder) over the 15 other VPs of the standard partition, all in guest code
     that ran 50 us since their last flush. What every mask / ALL_PROCESSORS shootdown pays per
     running target. ``pages``: the scope of the default guest's call (a 1-page List call); None
@@ -510,9 +510,13 @@ _ROW_BYTES = 12 * 8 + 9 * 8 + 5
 
 def load_report(path: str | Path) -> dict:
     """A bench JSON written by ``--json`` (ValueError with the reason if it is not one)."""
+    from tlbsim.config import ConfigError, read_text
+
     try:
-        report = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        report = json.loads(read_text(path, "bench figures"))  # a regular file (not a FIFO or a device)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    except json.JSONDecodeError as e:
         raise ValueError(f"cannot read bench figures {path}: {e}") from None
     if not isinstance(report, dict) or not isinstance(report.get("figures"), dict):
         raise ValueError(f"{path} is not a tlbsim bench --json file (no 'figures')")

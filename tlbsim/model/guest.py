@@ -33,7 +33,8 @@ from tlbsim import hv
 from tlbsim.hv import FlushCall, HvCallCode, HvFlushFlags, HvStatus, VpSet
 from tlbsim.model.accounting import I_HYPERCALL, I_MSR
 from tlbsim.model.tlb import EVERYTHING, FlushScope
-from tlbsim.model.vp import EXIT, FLUSH, HALTED, wake_for_ipi
+from tlbsim.model.vp import EXIT, FLUSH, HALTED
+from tlbsim.model.vp_interrupts import wake_for_ipi
 
 NG = HvFlushFlags.NON_GLOBAL_MAPPINGS_ONLY
 #: Linux: (PAGE_SIZE - sizeof(struct hv_tlb_flush)) / sizeof(u64) GVA entries per call: 509.
