@@ -2,6 +2,7 @@
 notebook executes end to end against a small sweep this test runs."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -77,15 +78,21 @@ def test_notebook_reads_every_shipped_sweep(path, tmp_path):
 
 def _execute_notebook(results: Path):
     """notebooks/analysis.ipynb run from notebooks/ with TLBSIM_RESULTS = ``results``; the executed notebook
-    (skips the test when nbformat / nbclient are missing). The shipped notebook must hold no outputs."""
+    (skips the test when nbformat / nbclient are missing). The shipped notebook must hold no outputs, and
+    running it must write nothing to stderr: every warning is shown (PYTHONWARNINGS=default, deprecations
+    from libraries included), so any warning fails the test."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "store the notebook without outputs"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TLBSIM_RESULTS", str(results))
+        mp.setenv("PYTHONWARNINGS", "default")
         nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                 resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    stderr = [o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.get("output_type") == "stream" and o.get("name") == "stderr"]
+    assert not stderr, f"the notebook warned: {stderr}"
     return nb
 
 
@@ -95,6 +102,14 @@ def test_notebook_executes_end_to_end(small_sweep):
     assert not [o for o in outputs if o.output_type == "error"]
     text = json.dumps([o.get("text", "") for o in outputs])
     assert "0 failed runs" in text
+    # every column the notebook's text names (`snake_case` in its markdown) is one a reader will find
+    from tlbsim.model.vf import VF_COLUMNS
+
+    points, shootdowns, _ = load_sweep(small_sweep)
+    columns = {*points.columns, *shootdowns.columns, *VF_COLUMNS}
+    named = {n for c in nb.cells if c.cell_type == "markdown"
+             for n in re.findall(r"`([a-z][a-z0-9]*(?:_[a-z0-9]+)+)`", c.source)}
+    assert named and not named - columns, f"the notebook names columns that do not exist: {named - columns}"
 
 
 def test_vf_experiment_writes_vf_rows_and_its_figures(tmp_path):

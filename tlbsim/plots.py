@@ -2,12 +2,16 @@
 
 Every figure: labelled axes with units, a legend, a 95 % confidence band
 from the replications (Student t on the replication means), log scales
-where latency spans decades. Saved as PNG and SVG.
+where latency spans decades, with plain-number ticks (1, 10, 100 us). Each
+policy has one colour in every figure (``POLICY_COLOURS``), and every text
+lies inside the figure (constrained layout, long labels wrapped). Saved as
+PNG and SVG.
 """
 
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -46,6 +50,58 @@ LABELS = {
     "vf_oid_backlog_max": "most invalidate OIDs queued at the VF miniport",
     "vf_vp_time_fraction": "service VP time spent on VF work (fraction)",
 }
+
+
+#: the order policies are drawn and listed in, in every figure
+POLICY_ORDER = ("ipi", "kvm-pv", "linux", "mask", "all")
+#: one fixed colour per policy (every one of tlbsim.config.POLICIES) in every figure that draws policies:
+#: the sweep figures here, and anything else that draws a policy should take its colour from here
+POLICY_COLOURS = {"ipi": "#d62728", "kvm-pv": "#2ca02c", "linux": "#9467bd", "mask": "#1f77b4", "all": "#ff7f0e"}
+
+
+def policy_order(present) -> list:
+    """The policies in ``present`` in POLICY_ORDER, any others after them, sorted."""
+    present = set(present)
+    return [p for p in POLICY_ORDER if p in present] + sorted(present - set(POLICY_ORDER), key=str)
+
+
+def _plain(value: float) -> str:
+    """A tick value as a plain number: 0.01, 1, 10, 1,000 (not 10^k)."""
+    return f"{value:,.0f}" if abs(value) >= 1 else f"{value:.6g}"
+
+
+def readable_log_axis(axis, base: float = 10) -> None:
+    """Plain-number ticks on a log axis: the powers of ``base`` as 1, 10, 100 (or 1, 2, 4 for base 2);
+    minor ticks labelled only when the view spans little more than a decade (2 and 5; every one below
+    half a decade), so they can neither crowd nor overlap the major labels."""
+    ticker = matplotlib.ticker
+    axis.set_major_locator(ticker.LogLocator(base=base))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _plain(v)))
+    if base != 10:
+        axis.set_minor_formatter(ticker.NullFormatter())
+        return
+    axis.set_minor_locator(ticker.LogLocator(base=10, subs=np.arange(2, 10)))
+
+    def minor(value: float, _pos) -> str:
+        lo, hi = sorted(axis.get_view_interval())
+        if lo <= 0 or value <= 0:
+            return ""
+        decades = np.log10(hi / lo)
+        mantissa = value / 10 ** np.floor(np.log10(value) + 1e-9)
+        keep = range(2, 10) if decades <= 0.5 else (2, 5) if decades <= 1.2 else ()
+        return _plain(value) if any(abs(mantissa - k) < 1e-6 for k in keep) else ""
+
+    axis.set_minor_formatter(ticker.FuncFormatter(minor))
+
+
+def wrap(text: str, width: int) -> str:
+    """``text`` broken into lines of at most ``width`` characters (existing line breaks kept)."""
+    return "\n".join(line for part in text.split("\n") for line in (textwrap.wrap(part, width) or [""]))
+
+
+def new_figure(figsize: tuple[float, float], ncols: int = 1):
+    """A figure with constrained layout: labels, titles and outside legends are fitted inside it."""
+    return plt.subplots(1, ncols, figsize=figsize, layout="constrained")
 
 
 def t95(n: int) -> float:
@@ -128,26 +184,34 @@ def summarize_reps(points: pd.DataFrame, x: str, metric: str, hue: str | None, l
 def line_plot(ax, points: pd.DataFrame, x: str, metric: str, hue: str | None = "workload.policy",
               style: str = "-", label_suffix: str = "", log: bool = False) -> None:
     s = summarize_reps(points, x, metric, hue, log)
-    groups = s.groupby(hue, observed=True) if hue else [("", s)]
+    if hue == "workload.policy":  # policies in their fixed order and colours
+        groups = [(name, s[s[hue] == name]) for name in policy_order(s[hue])]
+    else:
+        groups = s.groupby(hue, observed=True) if hue else [("", s)]
     for name, g in groups:
         g = g.sort_values(x)
-        line = ax.plot(g[x], g["mean"], style, marker="o", ms=4, label=f"{name}{label_suffix}")[0]
+        colour = POLICY_COLOURS.get(name) if hue == "workload.policy" else None
+        line = ax.plot(g[x], g["mean"], style, marker="o", ms=4, label=f"{name}{label_suffix}",
+                       **({"color": colour} if colour else {}))[0]
         if g["lo"].notna().any():
             ax.fill_between(g[x], g["lo"], g["hi"], color=line.get_color(), alpha=0.15, linewidth=0)
 
 
 def _finish(fig, ax, x: str, y_label: str, title: str, logy: bool, logx: bool = False) -> None:
-    ax.set_xlabel(LABELS.get(x, x))
-    ax.set_ylabel(y_label)
-    ax.set_title(title)
+    """Labels (long ones wrapped to the axes), scales with plain-number ticks, grid, the legend outside
+    on the right; the figure's constrained layout fits them all inside it."""
+    ax.set_xlabel(wrap(LABELS.get(x, x), 70))
+    ax.set_ylabel(wrap(y_label, 34))
+    small = len(title) > 50 or "\n" in title
+    ax.set_title(wrap(title, 80 if small else 55), fontsize=9 if small else 11)
     if logy:
         ax.set_yscale("log")
+        readable_log_axis(ax.yaxis)
     if logx:
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        readable_log_axis(ax.xaxis, base=2)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
 
 
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
@@ -157,11 +221,6 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
     fig.savefig(paths[1])
     plt.close(fig)
     return paths
-
-
-POLICY_ORDER = ("ipi", "kvm-pv", "linux", "mask", "all")
-#: one fixed colour per policy in every figure
-POLICY_COLOURS = {"ipi": "#d62728", "kvm-pv": "#2ca02c", "linux": "#9467bd", "mask": "#1f77b4", "all": "#ff7f0e"}
 
 
 def pooled_quantiles(points: pd.DataFrame, shootdowns: pd.DataFrame, x: str, hue: str | None,
@@ -202,8 +261,8 @@ def pooled_latency_figure(points, shootdowns, x, out_dir, name: str, title: str,
     95 % bootstrap intervals over replications; the legend gives the largest incomplete fraction."""
     hue = "workload.policy" if points["workload.policy"].nunique() > 1 else None
     q = pooled_quantiles(points, shootdowns, x, hue)
-    fig, ax = plt.subplots(figsize=(7.8, 4.4))
-    groups = [(h, q[q[hue] == h]) for h in POLICY_ORDER if h in set(q[hue])] if hue else [("", q)]
+    fig, ax = new_figure((7.8, 4.4))
+    groups = [(h, q[q[hue] == h]) for h in policy_order(q[hue])] if hue else [("", q)]
     for h, g in groups:
         g = g.sort_values(x)
         colour = POLICY_COLOURS.get(h)
@@ -215,14 +274,13 @@ def pooled_latency_figure(points, shootdowns, x, out_dir, name: str, title: str,
             ax.fill_between(g[x], g[f"q{qq}_lo"], g[f"q{qq}_hi"], color=colour, alpha=0.15, linewidth=0)
     _finish(fig, ax, x, "shootdown latency (us), pooled p50 solid, p99 dashed",
             f"{title}\nbands: 95 % bootstrap over replications; incomplete shootdowns counted as censored", True, logx)
-    ax.title.set_fontsize(9)
     return _save(fig, out_dir, name)
 
 
 def p50_p99_figure(points, x, hue, prefix: str, out_dir, name: str, y_label: str, title: str,
                    logx: bool = False) -> list[Path]:
     """``{prefix}_p50_us`` solid and ``{prefix}_p99_us`` dashed, log y, one colour per hue."""
-    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    fig, ax = new_figure((7.6, 4.2))
     line_plot(ax, points, x, f"{prefix}_p50_us", hue, "-", " p50", log=True)
     ax.set_prop_cycle(None)
     line_plot(ax, points, x, f"{prefix}_p99_us", hue, "--", " p99", log=True)
@@ -237,7 +295,7 @@ def latency_figure(points, x, out_dir, name="latency", logx=False, title=None) -
 
 
 def metric_figure(points, x, metric, out_dir, name, logy=False, logx=False, title=None) -> list[Path]:
-    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    fig, ax = new_figure((7.6, 4.2))
     hue = "workload.policy" if points["workload.policy"].nunique() > 1 else None
     line_plot(ax, points, x, metric, hue, log=logy)
     _finish(fig, ax, x, LABELS.get(metric, metric), title or LABELS.get(metric, metric), logy, logx)
@@ -255,10 +313,8 @@ def cdf_figure(points, shootdowns, out_dir, where: dict | None = None, name="lat
         sel = sel[sel[k] == v]
     keep = sel[["point", "replication", "workload.policy"]]
     sd = shootdowns[shootdowns["status"].isin(["SUCCESS", "INCOMPLETE"])].merge(keep, on=["point", "replication"])
-    fig, (ax, tail) = plt.subplots(1, 2, figsize=(10.4, 4.2))
-    present = set(sd["workload.policy"])
-    order = [p for p in POLICY_ORDER if p in present] + sorted(present - set(POLICY_ORDER))
-    for policy in order:
+    fig, (ax, tail) = new_figure((10.4, 4.2), 2)
+    for policy in policy_order(sd["workload.policy"]):
         g = sd[sd["workload.policy"] == policy]
         n = len(g)
         lat = np.sort(g.loc[g["status"] == "SUCCESS", "latency_us"].to_numpy(dtype=float))
@@ -279,6 +335,8 @@ def cdf_figure(points, shootdowns, out_dir, where: dict | None = None, name="lat
     tail.set_yscale("log")
     tail.set_xlabel("shootdown latency (us)")
     tail.set_ylabel("fraction of shootdowns >= latency (1 - F)")
+    for axis in (ax.xaxis, tail.xaxis, tail.yaxis):
+        readable_log_axis(axis)
     for q in (0.01, 0.001):
         tail.axhline(q, color="grey", lw=0.6, ls=":")
         tail.annotate(f"p{100 * (1 - q):g}", (1.0, q), xycoords=("axes fraction", "data"), ha="right",
@@ -290,7 +348,6 @@ def cdf_figure(points, shootdowns, out_dir, where: dict | None = None, name="lat
     for a in (ax, tail):
         a.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, frameon=False, loc="lower right")
-    fig.tight_layout()
     return _save(fig, out_dir, name)
 
 
@@ -316,7 +373,7 @@ def vf_figures(points: pd.DataFrame, shootdowns: pd.DataFrame, out: Path, x: str
                                ("vf_oid_backlog_max", "vf_oid_backlog_vs_rate", True),
                                ("vf_vp_time_fraction", "vf_vp_time_vs_rate", False),
                                ("guest_work_fraction", "guest_work_vs_vf_rate", False)):
-        fig, ax = plt.subplots(figsize=(7.6, 4.2))
+        fig, ax = new_figure((7.6, 4.2))
         line_plot(ax, data, x, metric, hue, log=logy)
         _finish(fig, ax, x, LABELS.get(metric, metric), LABELS.get(metric, metric), logy, True)
         paths += _save(fig, out, name)
@@ -364,7 +421,7 @@ def plot_sweep(directory: str | Path, out_dir: str | Path | None = None) -> list
         hue_key = plot.get("hue")
         for metric, name in (("suspensions_per_shootdown", "suspensions"),
                              ("suspended_us_per_shootdown", "stall"), ("latency_p99_us", "latency_p99")):
-            fig, ax = plt.subplots(figsize=(7.6, 4.2))
+            fig, ax = new_figure((7.6, 4.2))
             data, hue = _series(points, hue_key)
             line_plot(ax, data, x, metric, hue or "workload.policy", log=metric.startswith("latency"))
             _finish(fig, ax, x, LABELS.get(metric, metric), f"TLB locks: {LABELS.get(metric, metric)}",

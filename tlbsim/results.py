@@ -52,6 +52,11 @@ class Result:
     shootdowns_file: Path | None = None  # the whole shootdown table, when it was spilled
     partitions: pd.DataFrame = field(default_factory=pd.DataFrame)  # one summary row per guest partition
 
+    def table_names(self) -> tuple[str, ...]:
+        """The tables this run writes: ``vf`` only when the VF model was on (``vf.count`` > 0)."""
+        vf_on = bool((self.config.get("vf") or {}).get("count", 0)) or len(self.vf) > 0
+        return tuple(name for name in TABLES if name != "vf" or vf_on)
+
     def manifest(self) -> dict:
         return {
             "tlbsim_version": __version__,
@@ -60,15 +65,18 @@ class Result:
             "config": self.config,
             "summary": {k: (None if isinstance(v, float) and v != v else v) for k, v in self.summary.items()},
             "kind": "tlbsim-run",
-            "tables": {name: f"{name}.parquet" for name in TABLES},
+            "tables": {name: f"{name}.parquet" for name in self.table_names()},
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write every table and the manifest atomically (each file is
-        written to a temporary name and renamed into place)."""
+        """Write every table (``table_names``: no vf.parquet without VFs) and the manifest atomically
+        (each file is written to a temporary name and renamed into place)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        for name in TABLES:
+        names = self.table_names()
+        for name in set(TABLES) - set(names):  # an earlier run's (--force): it is not this run's table
+            (directory / f"{name}.parquet").unlink(missing_ok=True)
+        for name in names:
             if name == "shootdowns" and self.shootdowns_file is not None:
                 target = directory / "shootdowns.parquet"
                 source = Path(self.shootdowns_file)

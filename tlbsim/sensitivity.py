@@ -247,7 +247,9 @@ def analyze(spec: SensitivitySpec, samples: np.ndarray, y: np.ndarray) -> pd.Dat
                          "ST_conf": r["ST_conf"]})
 
 
-def figure(spec: SensitivitySpec, indices: pd.DataFrame, out_dir: Path) -> Path:
+def draw_figure(spec: SensitivitySpec, indices: pd.DataFrame):
+    """One panel of bars per metric (Morris mu* or Sobol indices, 95 % intervals), every label inside
+    the figure (constrained layout)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,7 +257,7 @@ def figure(spec: SensitivitySpec, indices: pd.DataFrame, out_dir: Path) -> Path:
 
     metrics = list(dict.fromkeys(indices["metric"]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 0.32 * len(spec.parameters) + 1.6),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     for ax, name in zip(axes[0], metrics, strict=True):
         d = indices[indices["metric"] == name]
         if spec.method == "morris":
@@ -277,7 +279,13 @@ def figure(spec: SensitivitySpec, indices: pd.DataFrame, out_dir: Path) -> Path:
         ax.tick_params(axis="y", labelsize=7)
     fig.suptitle(f"Sensitivity: {spec.name} ({spec.method}, {spec.samples} "
                  f"{'trajectories' if spec.method == 'morris' else 'base samples'})", fontsize=10)
-    fig.tight_layout()
+    return fig
+
+
+def figure(spec: SensitivitySpec, indices: pd.DataFrame, out_dir: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = draw_figure(spec, indices)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{spec.name}.png"
     fig.savefig(path, dpi=110)

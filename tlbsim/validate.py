@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from tlbsim import __version__
@@ -230,7 +229,9 @@ def evaluate(case: Case, points: pd.DataFrame) -> list[dict]:
     rows = []
     for chk in case.checks:
         row: dict[str, Any] = {"case": case.name, "check": chk.label, "kind": chk.kind, "metric": chk.metric,
-                               "published": chk.published, "tolerance": chk.tolerance, "why": chk.why}
+                               "published": chk.published, "tolerance": chk.tolerance, "why": chk.why,
+                               # an ordering check's points, in order, and each one's mean and 95 % interval
+                               "levels": [], "level_mean": [], "level_low": [], "level_high": []}
         if chk.kind == "ratio":
             num = _per_rep(points, case, chk.numerator, chk.metric)
             den = _per_rep(points, case, chk.denominator, chk.metric)
@@ -250,6 +251,10 @@ def evaluate(case: Case, points: pd.DataFrame) -> list[dict]:
                 s = _per_rep(points, case, num, chk.metric)
                 series.append(s / _per_rep(points, case, den, chk.metric) if den else s)
             means = [float(s.mean()) for s in series]
+            row["levels"] = list(chk.points)
+            for stats in (mean_ci(s.to_numpy()) for s in series):
+                for key, v in zip(("level_mean", "level_low", "level_high"), stats, strict=True):
+                    row[key].append(v)
             row["compared"] = f"{chk.metric}: " + " < ".join(chk.points)
             row["simulated"] = means[-1] / means[0] if chk.kind == "increasing" and means[0] else math.nan
             row["low"] = row["high"] = math.nan
@@ -333,9 +338,8 @@ def fingerprint(cases: list[Case]) -> str:
 
 # ---------------------------------------------------------------- output
 def format_table(table: pd.DataFrame) -> str:
-    head = (f"{'case':22s} {'check':34s} {'published':>10s} {'simulated [95% CI]':>28s} {'ratio':>6s} {'tol':>5s}"
-            "  verdict")
-    lines = [head, "-" * len(head)]
+    """One line per check; every column as wide as its longest entry (names are never cut)."""
+    cells = []
     for r in table.itertuples():
         pub = "-" if r.published is None or (isinstance(r.published, float) and math.isnan(r.published)) \
             else f"{r.published:.4g}"
@@ -347,41 +351,86 @@ def format_table(table: pd.DataFrame) -> str:
             sim = f"{r.simulated:.4g} [{r.low:.4g}, {r.high:.4g}]"
         ratio = "-" if math.isnan(r.ratio_to_published) else f"{r.ratio_to_published:.2f}"
         tol = "-" if r.kind in ("increasing", "less") else f"{r.tolerance:.0%}"
-        lines.append(f"{r.case:22s} {r.check[:34]:34s} {pub:>10s} {sim[:28]:>28s} {ratio:>6s} {tol:>5s}  {r.verdict}")
-    return "\n".join(lines)
+        cells.append((r.case, r.check, pub, sim, ratio, tol, r.verdict))
+    names = ("case", "check", "published", "simulated [95% CI]", "ratio", "tol", "verdict")
+    widths = [max([len(n), *(len(str(c[i])) for c in cells)]) for i, n in enumerate(names)]
+    right = (False, False, True, True, True, True, False)
+
+    def line(row) -> str:
+        out = [f"{str(v):>{w}s}" if r else f"{str(v):{w}s}" for v, w, r in zip(row, widths, right, strict=True)]
+        return (" ".join(out[:6]) + "  " + out[6]).rstrip()
+
+    head = line(names)
+    return "\n".join([head, "-" * len(head), *(line(c) for c in cells)])
 
 
-def figure(case: Case, rows: pd.DataFrame, out_dir: Path) -> Path | None:
-    """Published vs simulated (95 % interval) for each check of a case, on the same axes."""
+NUMERIC_KINDS = ("ratio", "value", "at_most", "at_least")
+PUBLISHED_COLOUR, SIMULATED_COLOUR = "#555555", "#1f77b4"
+
+
+def draw_figure(case: Case, rows: pd.DataFrame):
+    """The figure of a case's checks, on the same axes, left to right: a check against a published figure
+    is a pair of bars (published, simulated with its 95 % interval); an ordering check (increasing, less)
+    is one bar per point it compares, in order, each with its 95 % interval and its point's label and
+    mean above it (the source gives a direction, not a figure: no published bar)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    numeric = rows[rows["kind"].isin(["ratio", "value", "at_most", "at_least"])]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(max(5.5, 2.4 * max(1, len(rows))), 3.8))
-    if len(numeric):
-        x = np.arange(len(numeric))
-        ax.bar(x - 0.18, numeric["published"], width=0.36, label="published", color="#555555")
-        err = np.array([numeric["simulated"] - numeric["low"], numeric["high"] - numeric["simulated"]])
-        err = np.nan_to_num(err, nan=0.0)
-        ax.bar(x + 0.18, numeric["simulated"], width=0.36, yerr=err, capsize=4, label="simulated (95 % CI)",
-               color="#1f77b4")
-        ax.set_xticks(x, [f"{c}\n({v})" for c, v in zip(numeric["check"], numeric["verdict"], strict=True)],
-                      fontsize=7)
-        kinds = set(numeric["kind"])
-        what = ", ".join(sorted(set(numeric["metric"])))
-        ax.set_ylabel(f"ratio of {what}" if kinds == {"ratio"} else f"{what} (ratio where a check compares two)",
-                      fontsize=8)
-        ax.legend(fontsize=7)
-    for i, r in enumerate(rows[~rows["kind"].isin(["ratio", "value", "at_most", "at_least"])].itertuples()):
-        ax.text(0.02, 0.95 - 0.08 * i, f"{r.check}: {r.detail} ({r.verdict})", transform=ax.transAxes, fontsize=7,
-                va="top")
-    import textwrap
+    from tlbsim.plots import wrap
 
-    ax.set_title("\n".join(textwrap.wrap(case.title, 70)), fontsize=9)
-    fig.tight_layout()
+    checks = list(rows.itertuples())
+    slots = sum(2 if r.kind in NUMERIC_KINDS else max(1, len(r.levels)) for r in checks) + 0.6 * len(checks)
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.95 * slots + 1.6), 4.2), layout="constrained")
+    ticks, tick_labels, tops, ratio = [], [], [0.0], []
+    legend = {"published": True, "simulated (95 % CI)": True}
+
+    def bar(x, height, colour, name, low=math.nan, high=math.nan):
+        err = None if math.isnan(low) else [[height - low], [high - height]]
+        ax.bar(x, height, width=0.8, yerr=err, capsize=4, color=colour, label=name if legend.pop(name, False)
+               else "_nolegend_")
+        tops.append(max(height, high) if not math.isnan(high) else height)
+
+    pos = 0.0
+    for r in checks:
+        if r.kind in NUMERIC_KINDS:
+            bar(pos, r.published, PUBLISHED_COLOUR, "published")
+            bar(pos + 1, r.simulated, SIMULATED_COLOUR, "simulated (95 % CI)", r.low, r.high)
+            centre, width = pos + 0.5, 2
+            ratio.append(r.kind == "ratio" or "/" in str(getattr(r, "compared", "")).split(" of ")[-1])
+        else:
+            levels = list(r.levels)
+            for i, (label, mean, low, high) in enumerate(zip(levels, r.level_mean, r.level_low, r.level_high,
+                                                             strict=True)):
+                bar(pos + i, mean, SIMULATED_COLOUR, "simulated (95 % CI)", low, high)
+                name = label.replace("/", " /\n")  # a ratio of two points on two lines
+                ax.annotate(f"{name}\n{mean:.3g}", (pos + i, tops[-1]),
+                            xytext=(0, 4), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+            width = max(1, len(levels))
+            centre = pos + (width - 1) / 2
+            ratio.append(all("/" in lv for lv in levels))
+        ticks.append(centre)
+        tick_labels.append(wrap(f"{r.check} ({r.verdict})", 12 * width + 4))
+        pos += width + 0.6
+    ax.set_xticks(ticks, tick_labels, fontsize=7)
+    ax.set_xlim(-0.7, pos - 0.9)
+    ax.set_ylim(0, max(tops) * 1.3 or 1.0)  # room for the level labels above the bars
+    what = ", ".join(sorted(set(rows["metric"])))
+    y_label = f"ratio of {what}" if all(ratio) else what if not any(ratio) else \
+        f"{what} (ratio where a check compares two)"
+    ax.set_ylabel(wrap(y_label, 45), fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(wrap(case.title, 70), fontsize=9)
+    return fig
+
+
+def figure(case: Case, rows: pd.DataFrame, out_dir: Path) -> Path | None:
+    """Published vs simulated (95 % interval) for each check of a case (``draw_figure``), as PNG."""
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig = draw_figure(case, rows)
     path = out_dir / f"{case.name}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
