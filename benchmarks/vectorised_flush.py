@@ -5,7 +5,7 @@ instead of in each VP object, and would its arithmetic stay bit-identical?
     python benchmarks/vectorised_flush.py [VPS ...]     (default: 16 256 4096)
 
 For each partition size it puts every other VP in guest code with a random TLB occupancy, debts
-and last-flush time, then runs the model's own per-target loop (``Hypervisor._flush_targets``,
+and last-flush time, then runs the model's own per-target loop (``Hypervisor.flush_targets``,
 the batched page flush of a 1-page List call) and a vectorised version of the same steps (settle
 guest time: TLB fill, debts repaid in order, the rest guest work; the interruption's debt; the
 page flush; the refill debt; the row's refill sum taken in target order by ``np.add.accumulate``)
@@ -100,7 +100,7 @@ def measure(n_vps: int, calls: int = 20, rounds: int = 5) -> tuple[bool, float, 
                                 part.vps[0].clock())
     costs = part.config.costs
     matches = np.array([t.tlb.address_space == scope.address_space for t in targets])
-    flush = part.hypervisor._flush_targets
+    flush = part.hypervisor.flush_targets
     arrays = gather(targets)
     # 1 us apart: the TLBs stay below their caps, so every target's share of the row sum differs
     sums_vec = [flush_vectorised(arrays, matches, pages, 41.0 + i, costs.target_interrupt_us,

@@ -100,7 +100,7 @@ def test_skeleton_runs_two_timeouts_a_step_and_nothing_else(monkeypatch):
 
 
 def test_the_per_target_flush_figure_runs_against_the_hypervisor_as_it_is():
-    """bench.target_flush_us drives Hypervisor._flush_targets directly: a signature change there must fail
+    """bench.target_flush_us drives Hypervisor.flush_targets directly: a signature change there must fail
     here, not in the middle of a 15-minute bench run."""
     from tlbsim.bench import target_flush_us
 

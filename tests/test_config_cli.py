@@ -78,7 +78,7 @@ def test_run_writes_tables_and_manifest(tmp_path, capsys):
 def test_run_replications_saves_each_replication_and_the_index(tmp_path, capsys):
     """--replications N --out: one result directory per replication (the seed is the replication's own:
     the same tables a single run with that seed gives) and an index of the N summaries."""
-    from tlbsim.cli import replication_seed
+    from tlbsim.model.rng import replication_seed
 
     out = tmp_path / "reps"
     rc = main(["run", str(DEFAULT), "--seed", "9", "--replications", "3", "--set", "partition.duration_us=5000",

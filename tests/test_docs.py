@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from tlbsim import Config
-from tlbsim.plots import _flatten
+from tlbsim.plots import flatten
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_every_numeric_default_is_in_calibration_md():
     text = (REPO / "docs" / "calibration.md").read_text()
     missing = []
-    for key, value in _flatten(Config().to_dict()).items():
+    for key, value in flatten(Config().to_dict()).items():
         if isinstance(value, bool) or not isinstance(value, int | float) or key.startswith("run."):
             continue
         leaf = key.rsplit(".", 1)[-1]

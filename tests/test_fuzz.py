@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 
 from tlbsim import Config
 from tlbsim.cli import main
-from tlbsim.plots import _flatten
+from tlbsim.plots import flatten
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT = str(REPO / "experiments" / "configs" / "default.toml")
-KEYS = sorted(_flatten(Config().to_dict()))
+KEYS = sorted(flatten(Config().to_dict()))
 ODD_NUMBERS = [0, -1, 1, 1e-9, 1e300, -1e300, 2**63, 2**64 + 1, 10**400, math.inf, -math.inf, math.nan, 0.5, 4096,
                4097, 1e6]
 

@@ -591,20 +591,20 @@ def test_targets_of_are_the_other_sharers_in_order(monkeypatch, sharing, lists_u
 
 
 def test_string_column_codes_batches_with_new_values_as_one_value_at_a_time():
-    """recorder._Codes.extend takes a batch by dict lookup and falls back to coding it value by value
+    """recorder.StringCodes.extend takes a batch by dict lookup and falls back to coding it value by value
     when the batch holds a value not seen before: the codes and table are those of coding each value
     in turn, with nothing appended twice; an iterator is taken as well as a tuple."""
-    from tlbsim.model.recorder import _Codes
+    from tlbsim.model.recorder import StringCodes
 
     batches = [("a", "b", "a"), ["a", "b"], ("b", "c", "a", "d"), ["d", "e"], (), ("e",)]
-    batched, single = _Codes(), _Codes()
+    batched, single = StringCodes(), StringCodes()
     for i, values in enumerate(batches):
         batched.extend(iter(values) if i == 3 else values)
         for v in values:
             single.extend((v,))
     assert list(batched.codes) == list(single.codes) == [0, 1, 0, 0, 1, 1, 2, 0, 3, 3, 4, 4]
     assert batched.table == single.table == {"a": 0, "b": 1, "c": 2, "d": 3, "e": 4}
-    too_many = _Codes()
+    too_many = StringCodes()
     with pytest.raises(ValueError, match="too many distinct"):
         too_many.extend([str(i) for i in range(200)])
     assert len(too_many.codes) == 0  # nothing of a refused batch is kept

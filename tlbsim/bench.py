@@ -126,7 +126,7 @@ def timed(config: Config, seed: int = 0, repeats: int = 1):
 
 def target_flush_us(n: int = 100_000, repeats: int = 3, pages: int | None = 1) -> float:
     """Wall us of the arithmetic one running target of a flush hypercall costs, with no SimPy at
-    all: the hypervisor's own per-target loop (``Hypervisor._flush_targets``: for a page scope the
+    all: the hypervisor's own per-target loop (``Hypervisor.flush_targets``: for a page scope the
     fast path ``hypervisor.flush_pages_by_hypervisor``, else ``VP.flush_by_hypervisor`` per target, and the
     report to the recorder) over the 15 other VPs of the standard partition, all in guest code
     that ran 50 us since their last flush. What every mask / ALL_PROCESSORS shootdown pays per
@@ -145,7 +145,7 @@ def target_flush_us(n: int = 100_000, repeats: int = 3, pages: int | None = 1) -
     row = part.recorder.started(0, "mask", Request(0.0, targets[0].address_space, pages), 0.0, targets, 0,
                                 part.vps[0].clock())
     scope = FlushScope(targets[0].address_space, True, pages)
-    flush = part.hypervisor._flush_targets
+    flush = part.hypervisor.flush_targets
     calls = max(1, n // len(targets))
     best = float("inf")
     for r in range(repeats):

@@ -116,6 +116,7 @@ RUN_CI_METRICS = ("latency_mean_us", "latency_p50_us", "latency_p99_us", "guest_
 def cmd_run(args) -> int:
     import json
 
+    from tlbsim.model import rng
     from tlbsim.results import writable_directory
     from tlbsim.runner import simulate
 
@@ -158,7 +159,7 @@ def cmd_run(args) -> int:
                     raise UsageError(f"cannot write {target}: {e.strerror or e}") from None
     results = []
     for r in range(args.replications):
-        seed = args.seed if args.replications == 1 else replication_seed(args.seed, r)
+        seed = args.seed if args.replications == 1 else rng.replication_seed(args.seed, r)
         progress = None
         if not args.no_progress:
             from tlbsim.sweep import Progress
@@ -230,13 +231,6 @@ def _window(text: str | None, duration_us: float) -> tuple[float, float]:
     if not (0 <= a < b) or b != b or a != a:
         raise UsageError(f"--window needs 0 <= START < END, got {text!r}")
     return a, min(b, duration_us)
-
-
-def replication_seed(root: int, r: int) -> int:
-    """Replication r's seed: SeedSequence(root, spawn_key=(r,)), as sweeps and the gate use."""
-    import numpy as np
-
-    return int(np.random.SeedSequence(root, spawn_key=(r,)).generate_state(1, dtype=np.uint64)[0])
 
 
 SHOOTDOWN_COUNTS = ("shootdowns_completed", "shootdowns_failed", "shootdowns_incomplete")  # all shootdowns
@@ -335,6 +329,21 @@ def cmd_plot(args) -> int:
     for p in paths:
         if p.suffix == ".png":
             print(p)
+    return EXIT_OK
+
+
+def cmd_explain(args) -> int:
+    from tlbsim.anatomy import explain
+
+    directory = Path(args.dir)
+    if not (directory / "manifest.json").is_file():
+        raise UsageError(f"{directory} holds no tlbsim results (no manifest.json): give a `tlbsim run --out` "
+                         "or `tlbsim sweep` directory")
+    try:
+        text = explain(directory)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable or corrupt tables or manifest
+        raise UsageError(f"cannot explain {directory}: {type(e).__name__}: {e}") from None
+    print(text)
     return EXIT_OK
 
 
@@ -518,6 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("dir", help="a sweep output directory")
     pl.add_argument("--out", metavar="DIR", help="where to write figures (default DIR/figures)")
     pl.set_defaults(func=cmd_plot)
+
+    ex = sub.add_parser("explain", help="what shootdown latency is made of (typical and tail), per policy")
+    ex.add_argument("dir", help="a `tlbsim run --out` or `tlbsim sweep` directory")
+    ex.set_defaults(func=cmd_explain)
 
     ck = sub.add_parser("check", help="compare simulated latency with committed baselines (CI gate)")
     ck.add_argument("--baseline", default="results/baselines", metavar="DIR",

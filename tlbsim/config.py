@@ -263,6 +263,9 @@ class ExitsConfig:
             if isinstance(value, ExitSpec):
                 value.check(f"{key}.{f.name}")
         _finite_non_negative(self.halt_idle_mean_us, f"{key}.halt_idle_mean_us")
+        if self.canceled.rate_per_ms:
+            raise ConfigError(f"{key}.canceled.rate_per_ms", "Canceled exits are not drawn at a rate: they come from "
+                              "the model's own kicks (IPIs with a user-mode APIC, VF work); set only cost_us")
 
     def specs(self) -> dict[str, ExitSpec]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.type in ("ExitSpec", ExitSpec)}
@@ -645,11 +648,11 @@ class Config:
     @classmethod
     def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
         data = read_toml(path, "config file")
-        return cls.from_dict(_apply_overrides(data, overrides or {}))
+        return cls.from_dict(apply_overrides(data, overrides or {}))
 
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A new Config with dotted-key overrides: ``{"partition.vps": 32}``."""
-        return Config.from_dict(_apply_overrides(self.to_dict(), overrides))
+        return Config.from_dict(apply_overrides(self.to_dict(), overrides))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -684,7 +687,7 @@ def _fraction(value, key: str) -> None:
 MAX_RATE_PER_MS = 1000.0  # one per simulated microsecond: anything faster is a typo, and would not finish
 
 
-def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     import copy
 
     data = copy.deepcopy(data)

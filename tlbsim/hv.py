@@ -26,8 +26,6 @@ U64_MAX = (1 << 64) - 1
 MAX_VP_INDEX = 64 * 64 - 1
 #: One simple-format GVA range entry covers 1..4096 pages.
 GVA_RANGE_MAX_PAGES = 4096
-#: HV_X64_MSR_VP_INDEX: where a VP reads its own index.
-HV_X64_MSR_VP_INDEX = 0x40000002
 
 
 class HvCallCode(IntEnum):
@@ -138,21 +136,6 @@ class HypercallInput:
             nested=bool((value >> _NESTED_BIT) & 1),
             reserved_bits=reserved,
         )
-
-
-@dataclass(frozen=True, slots=True)
-class HypercallResult:
-    """The result value (RAX): status in bits 15:0, reps completed in 43:32."""
-
-    status: HvStatus
-    reps_completed: int = 0
-
-    def encode(self) -> int:
-        return int(self.status) | ((self.reps_completed & _REP_MASK) << _REP_COUNT_SHIFT)
-
-    @classmethod
-    def decode(cls, value: int) -> HypercallResult:
-        return cls(HvStatus(value & 0xFFFF), (value >> _REP_COUNT_SHIFT) & _REP_MASK)
 
 
 # --------------------------------------------------------------------------
@@ -489,7 +472,15 @@ def validate(call: FlushCall, semantics: Semantics = "tlfs", n_vps: int = 64) ->
     except ValueError:
         return _fail(HvStatus.INVALID_HYPERCALL_CODE, f"call code {c.call_code:#06x} is not a flush call")
 
-    # Control word.
+    failure = _check_control(call, code) or (None if kvm else _check_flags(call, code))
+    if failure is not None:
+        return failure
+    return _targets(call, code, kvm, n_vps)
+
+
+def _check_control(call: FlushCall, code: HvCallCode) -> Validation | None:
+    """The control word and the input layout: None if they are valid, else the failure."""
+    c = call.control
     if c.reserved_bits:
         return _fail(HvStatus.INVALID_HYPERCALL_INPUT, "reserved control bits set")
     if code.is_rep:
@@ -512,18 +503,26 @@ def validate(call: FlushCall, semantics: Semantics = "tlfs", n_vps: int = 64) ->
         return _fail(HvStatus.INVALID_HYPERCALL_INPUT, "variable header on a call that takes none")
     if not c.fast and call.input_gpa % 8:
         return _fail(HvStatus.INVALID_ALIGNMENT, "input GPA not 8-byte aligned")
+    return None
 
-    # Flags and address space (KVM ignores all of this).
+
+def _check_flags(call: FlushCall, code: HvCallCode) -> Validation | None:
+    """The flags and the address space (the TLFS; KVM ignores them): None if valid, else the failure."""
     flags = call.flags
-    if not kvm:
-        if flags & ~VALID_FLUSH_FLAGS:
-            return _fail(HvStatus.INVALID_PARAMETER, f"reserved flag bits {flags & ~VALID_FLUSH_FLAGS:#x}")
-        if code.is_rep and flags & HvFlushFlags.NON_GLOBAL_MAPPINGS_ONLY:
-            return _fail(HvStatus.INVALID_PARAMETER, "NON_GLOBAL_MAPPINGS_ONLY on a List call")
-        if not flags & HvFlushFlags.ALL_VIRTUAL_ADDRESS_SPACES and call.address_space & _CR3_INVALID_BITS:
-            return _fail(HvStatus.INVALID_PARAMETER, "address space is not a valid CR3")
+    if flags & ~VALID_FLUSH_FLAGS:
+        return _fail(HvStatus.INVALID_PARAMETER, f"reserved flag bits {flags & ~VALID_FLUSH_FLAGS:#x}")
+    if code.is_rep and flags & HvFlushFlags.NON_GLOBAL_MAPPINGS_ONLY:
+        return _fail(HvStatus.INVALID_PARAMETER, "NON_GLOBAL_MAPPINGS_ONLY on a List call")
+    if not flags & HvFlushFlags.ALL_VIRTUAL_ADDRESS_SPACES and call.address_space & _CR3_INVALID_BITS:
+        return _fail(HvStatus.INVALID_PARAMETER, "address space is not a valid CR3")
+    return None
 
-    # Targets.
+
+def _targets(call: FlushCall, code: HvCallCode, kvm: bool, n_vps: int) -> Validation:
+    """The VPs a valid call targets: every VP with ALL_PROCESSORS (or KVM's readings of an empty mask
+    and a non-sparse set), else the ProcessorMask's or the HV_VP_SET's, those beyond the partition
+    refused (TLFS) or ignored (KVM)."""
+    flags = call.flags
     if flags & HvFlushFlags.ALL_PROCESSORS:
         return Validation(HvStatus.SUCCESS, tuple(range(n_vps)), all_processors=True)
     if code.is_ex:

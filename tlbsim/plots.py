@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from tlbsim.config import Config, _apply_overrides  # noqa: E402
+from tlbsim.config import Config, apply_overrides  # noqa: E402
 from tlbsim.stats import t_quantile  # noqa: E402
 
 LABELS = {
@@ -109,11 +109,11 @@ def t95(n: int) -> float:
     return t_quantile(0.975, n - 1) if n >= 2 else float("nan")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -129,8 +129,8 @@ def load_sweep(directory: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]
     shootdowns = pd.read_parquet(directory / "shootdowns.parquet")
     configs = {}
     for p in manifest["points"]:
-        cfg = Config.from_dict(_apply_overrides(manifest["base_config"], p["overrides"]))
-        configs[p["point"]] = _flatten(cfg.to_dict())
+        cfg = Config.from_dict(apply_overrides(manifest["base_config"], p["overrides"]))
+        configs[p["point"]] = flatten(cfg.to_dict())
     cfg_frame = pd.DataFrame.from_dict(configs, orient="index")
     cfg_frame.index.name = "point"
     overlap = [c for c in cfg_frame.columns if c in points.columns]

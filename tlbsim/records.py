@@ -122,34 +122,42 @@ SUMMARY_COLUMNS = ("partition", "status", "origin", "latency_us", "issue_us", "q
 
 
 def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, extra: dict) -> pd.Series:
-    """The summary is derived from the tidy tables, never kept separately.
+    """The summary is derived from the tidy tables, never kept separately: what became of the
+    shootdowns and their latency (``outcomes``), sums of the shootdown rows and of the VP table, the
+    caller's ``extra`` figures, and what shootdowns cost the guest (``shootdown_cost``)."""
+    out = {**outcomes(shootdowns, duration_us), **_row_sums(shootdowns), **_vp_sums(vps, duration_us)}
+    out.update(extra)
+    issued = int((shootdowns["status"] != "QUEUED").sum()) if len(shootdowns) else 0
+    out.update(shootdown_cost(out, issued, duration_us * len(vps)))
+    return pd.Series(out, dtype=object)
 
-    Latency statistics count incomplete shootdowns with the time they had waited at the end (a lower
-    bound of their latency); ``latency_p99_is_lower_bound`` says whether such a censored value reaches
-    the p99 (then the true p99 is at least the one given)."""
+
+def outcomes(shootdowns: pd.DataFrame, duration_us: float) -> dict:
+    """Counts by outcome and the latency statistics. Latency statistics count incomplete shootdowns
+    with the time they had waited at the end (a lower bound of their latency);
+    ``latency_p99_is_lower_bound`` says whether such a censored value reaches the p99 (then the true
+    p99 is at least the one given). Response times (arrival to completion) count every arrival."""
     # the columns it needs, not a filtered copy of the whole table (that copy was the peak of a
     # million-shootdown run)
-    success = (shootdowns["status"] == "SUCCESS").to_numpy(dtype=bool)
+    status = shootdowns["status"]
+    success = (status == "SUCCESS").to_numpy(dtype=bool)
     n_done = int(success.sum())
     done_queue_us = shootdowns["queue_us"][success]
     completed_lat, censored = censored_latencies(shootdowns, duration_us)
     lat = np.concatenate([completed_lat, censored])
-    response = np.concatenate(censored_responses(shootdowns))
-    queued = int((shootdowns["status"] == "QUEUED").sum()) if len(shootdowns) else 0
-    n_vps = len(vps)
-    total_us = duration_us * n_vps
+    queued = int((status == "QUEUED").sum()) if len(shootdowns) else 0
+    incomplete = int((status == "INCOMPLETE").sum()) if len(shootdowns) else 0
     stats = latency_stats(lat, "latency")
     p99 = stats["latency_p99_us"]
-    out = {
+    return {
         "shootdowns_completed": n_done,
-        "shootdowns_failed": int(((shootdowns["status"] != "SUCCESS") & (shootdowns["status"] != "INCOMPLETE")).sum())
-        if len(shootdowns) else 0,
-        "shootdowns_incomplete": int((shootdowns["status"] == "INCOMPLETE").sum()) if len(shootdowns) else 0,
+        "shootdowns_failed": len(shootdowns) - n_done - incomplete - queued,  # an HV_STATUS other than SUCCESS
+        "shootdowns_incomplete": incomplete,
         "shootdowns_queued": queued,
         # every arrival not finished at the end: in flight (INCOMPLETE) or never started (QUEUED)
-        "incomplete_fraction": float((len(censored) + queued) / len(shootdowns)) if len(shootdowns) else 0.0,
+        "incomplete_fraction": float((incomplete + queued) / len(shootdowns)) if len(shootdowns) else 0.0,
         **stats,
-        **latency_stats(response, "response"),
+        **latency_stats(np.concatenate(censored_responses(shootdowns)), "response"),
         "latency_p99_is_lower_bound": bool(censored.size and p99 == p99 and censored.max() >= p99),
         "latency_max_us": float(lat.max()) if lat.size else np.nan,
         # operations (workload shootdowns) completed per second of simulated time, all VPs together:
@@ -158,43 +166,49 @@ def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, e
                            / (duration_us * 1e-6)) if n_done else 0.0,
         "queue_mean_us": float(done_queue_us.mean()) if n_done else np.nan,
         "queue_p99_us": float(np.percentile(done_queue_us, 99)) if n_done else np.nan,
-        "suspensions": int(shootdowns["suspensions"].sum()) if len(shootdowns) else 0,
+    }
+
+
+def _row_sums(shootdowns: pd.DataFrame) -> dict:
+    def total(column, kind=float):
+        return kind(shootdowns[column].sum()) if len(shootdowns) else kind(0)
+
+    return {
+        "suspensions": total("suspensions", int),
         # suspended more than once: a reissued call found a lock again (TLFS reissue can starve)
         "shootdowns_resuspended": int((shootdowns["suspensions"] >= 2).sum()) if len(shootdowns) else 0,
-        "reissues": int(shootdowns["reissues"].sum()) if len(shootdowns) else 0,
-        "suspended_us": float(shootdowns["suspended_us"].sum()) if len(shootdowns) else 0.0,
-        "hypercall_us": float(shootdowns["hypercall_us"].sum()) if len(shootdowns) else 0.0,
-        "guest_work_fraction": float(vps["guest_us"].sum() / total_us),
-        "refill_us": float(vps["refill_us"].sum()),
-        "hv_flush_us": float(vps["hv_flush_us"].sum()),
-        "spinning_us": float(vps["spinning_us"].sum()),
-        "vtl1_us": float(vps["vtl1_us"].sum()),
-        "ipi_send_us": float(vps["ipi_send_us"].sum()),
-        "ipi_interrupt_us": float(vps["ipi_interrupt_us"].sum()),
-        "continuations": int(shootdowns["continuations"].sum()) if len(shootdowns) else 0,
-        "flush_us": float(vps["flush_us"].sum()),
-        "collateral_entries": float(vps["collateral_entries"].sum()),
-        "evicted_entries": float(vps["evicted_entries"].sum()),
-        "spin_exits": int(vps["spin_exits"].sum()),
-        "spin_yields": int(vps["spin_yields"].sum()),
-        "lock_holder_preemptions": int(vps["lock_holder_preemptions"].sum()),
-        "deferred_pending": int(vps["deferred_pending"].sum()),
-        "duration_us": float(duration_us),
-        "vps": n_vps,
+        "reissues": total("reissues", int),
+        "suspended_us": total("suspended_us"),
+        "hypercall_us": total("hypercall_us"),
+        "continuations": total("continuations", int),
     }
-    out.update(extra)
-    # Everything shootdowns cost the guest, all VPs together: sending IPIs, the targets' Canceled exits
-    # and flush handlers (and the initiator's own flush), spinning for acks, flush hypercalls, time
-    # suspended on locked TLBs, hypervisor interruptions, and refilling what the flushes removed
-    # (not what co-tenants evicted). The cost per shootdown and its share of VP time derive from it.
+
+
+def _vp_sums(vps: pd.DataFrame, duration_us: float) -> dict:
+    out = {"guest_work_fraction": float(vps["guest_us"].sum() / (duration_us * len(vps)))}
+    for column in ("refill_us", "hv_flush_us", "spinning_us", "vtl1_us", "ipi_send_us", "ipi_interrupt_us",
+                   "flush_us", "collateral_entries", "evicted_entries"):
+        out[column] = float(vps[column].sum())
+    for column in ("spin_exits", "spin_yields", "lock_holder_preemptions", "deferred_pending"):
+        out[column] = int(vps[column].sum())
+    out["duration_us"] = float(duration_us)
+    out["vps"] = len(vps)
+    return out
+
+
+def shootdown_cost(out: dict, issued: int, total_us: float) -> dict:
+    """Everything shootdowns cost the guest, all VPs together: sending IPIs, the targets' Canceled exits
+    and flush handlers (and the initiator's own flush), spinning for acks, flush hypercalls, time
+    suspended on locked TLBs, hypervisor interruptions, and refilling what the flushes removed (not
+    what co-tenants evicted); its share of VP time, and per shootdown issued (QUEUED arrivals cost
+    nothing yet). Every term is time that elapsed within the run."""
     cost = (out["ipi_send_us"] + out.get("canceled_exit_us", 0.0) + out.get("ipi_interrupt_us", 0.0)
             + out["flush_us"] + out["spinning_us"]
             + out["hypercall_us"] + out["suspended_us"] + out["hv_flush_us"]
             + out.get("shootdown_refill_us", out["refill_us"]))
-    out["shootdown_cost_us"] = float(cost)
-    out["shootdown_time_fraction"] = float(cost / total_us) if total_us else np.nan
-    out["cost_per_shootdown_us"] = float(cost / len(shootdowns)) if len(shootdowns) else np.nan
-    return pd.Series(out, dtype=object)
+    return {"shootdown_cost_us": float(cost),
+            "shootdown_time_fraction": float(cost / total_us) if total_us else np.nan,
+            "cost_per_shootdown_us": float(cost / issued) if issued else np.nan}
 
 
 def shootdown_refill_us(vps) -> float:

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from tlbsim import __version__
-from tlbsim.config import Config, ConfigError, _apply_overrides, read_toml
+from tlbsim.config import Config, ConfigError, apply_overrides, read_toml
+from tlbsim.model import rng
 from tlbsim.results import atomic_write_text, git_revision
 from tlbsim.stats import t_quantile
 
@@ -102,7 +103,7 @@ def load_scenarios(directory: Path, overrides: dict[str, Any] | None = None) -> 
             except ConfigError as e:
                 raise BaselineError(f"scenario {name}: {str(e).removeprefix(': ')}") from None
         try:
-            cfg = Config.from_dict(_apply_overrides(base, {**s.get("set", {}), **(overrides or {}),
+            cfg = Config.from_dict(apply_overrides(base, {**s.get("set", {}), **(overrides or {}),
                                                            "run.check_invariants": True}))
         except ConfigError as e:
             raise ConfigError(e.key, f"scenario {name}: {str(e).split(': ', 1)[-1]}") from None
@@ -114,10 +115,6 @@ def load_scenarios(directory: Path, overrides: dict[str, Any] | None = None) -> 
     if not out:
         raise BaselineError(f"{path} defines no [scenario.NAME] tables")
     return out
-
-
-def replication_seed(root: int, r: int) -> int:
-    return int(np.random.SeedSequence(root, spawn_key=(r,)).generate_state(1, dtype=np.uint64)[0])
 
 
 def metrics_of(config: Config, seed: int) -> dict[str, float]:
@@ -143,7 +140,7 @@ def measure(scenario: Scenario, tiers: set[str], root_seed: int | None = None) -
         out["exact"] = {"seed": scenario.seed, "metrics": metrics_of(scenario.config, scenario.seed)}
     if "statistical" in tiers:
         root = scenario.seed if root_seed is None else root_seed
-        seeds = [replication_seed(root, r) for r in range(scenario.replications)]
+        seeds = [rng.replication_seed(root, r) for r in range(scenario.replications)]
         runs = [metrics_of(scenario.config, s) for s in seeds]
         out["statistical"] = {"root_seed": root, "seeds": [str(s) for s in seeds],
                               "metrics": {m: [r[m] for r in runs] for m in scenario.metrics}}

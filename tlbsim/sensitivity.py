@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from tlbsim import __version__
-from tlbsim.config import Config, ConfigError, _apply_overrides, read_toml
+from tlbsim.config import Config, ConfigError, apply_overrides, read_toml
 from tlbsim.results import atomic_write_parquet, atomic_write_text, git_revision
 
 SPEC_KEYS = {"name", "description", "base", "method", "samples", "seed", "replications", "fixed", "variants",
@@ -183,7 +183,7 @@ def load_spec(path: str | Path) -> SensitivitySpec:
     for corner in ([p.low for p in params], [p.high for p in params]):
         for v in variants.values():
             try:
-                Config.from_dict(_apply_overrides(base, {**fixed, **v, **spec.overrides_of(np.array(corner))}))
+                Config.from_dict(apply_overrides(base, {**fixed, **v, **spec.overrides_of(np.array(corner))}))
             except ConfigError as e:
                 raise ConfigError(e.key, f"{path}: at a corner of the ranges: {str(e).split(': ', 1)[-1]}") from None
     return spec

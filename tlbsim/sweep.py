@@ -124,13 +124,14 @@ class SweepSpec:
         return spec
 
     def config(self, point: Point) -> Config:
-        from tlbsim.config import _apply_overrides
+        from tlbsim.config import apply_overrides
 
-        return Config.from_dict(_apply_overrides(self.base, point.overrides))
+        return Config.from_dict(apply_overrides(self.base, point.overrides))
 
     def seed_for(self, replication: int) -> int:
-        ss = np.random.SeedSequence(self.seed, spawn_key=(replication,))
-        return int(ss.generate_state(1, dtype=np.uint64)[0])
+        from tlbsim.model.rng import replication_seed
+
+        return replication_seed(self.seed, replication)
 
     def tasks(self) -> list[tuple[int, int]]:
         return [(p.index, r) for p in self.points for r in range(self.replications)]

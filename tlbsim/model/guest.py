@@ -30,7 +30,7 @@ from __future__ import annotations
 from functools import partial
 
 from tlbsim import hv
-from tlbsim.hv import FlushCall, HvCallCode, HvFlushFlags, HvStatus, VpSet
+from tlbsim.hv import FlushCall, HvFlushFlags, HvStatus, VpSet
 from tlbsim.model.accounting import I_HYPERCALL, I_MSR
 from tlbsim.model.tlb import EVERYTHING, FlushScope
 from tlbsim.model.vp import EXIT, FLUSH, HALTED
@@ -154,7 +154,7 @@ class Policy:
                 if i < last:
                     env.timeout(per_target_us * (i + 1)).callbacks.append(partial(_deliver, t, sd, scope, acks))
             send_us = per_target_us * k
-            sent = _sent(env, send_us, partial(_deliver, t, sd, scope, acks))  # t: the last target (k >= 1)
+            sent = _sent(env, send_us, partial(_deliver, targets[last], sd, scope, acks))  # the last target
         else:  # one PV send-IPI hypercall for all of them
             send_us = self.costs.vmexit_roundtrip_us + per_target_us * k
             vp.pv_ipi_hypercalls += 1  # handled in the hypervisor (KVM): not an exit to the stack
@@ -367,6 +367,3 @@ POLICY_CLASSES = {p.name: p for p in (IpiPolicy, MaskPolicy, AllPolicy, LinuxPol
 def make_policy(name: str, part) -> Policy:
     return POLICY_CLASSES[name](part)
 
-
-# The call codes a policy can issue, for documentation and tests.
-CALL_CODES = {c.name: int(c) for c in HvCallCode}

@@ -284,7 +284,7 @@ class Hypervisor:
             mode = self.fanout_mode(sum(1 for t in targets if t.on_lp))
         else:
             mode = self.fanout_mode(0)
-        running = self._flush_targets(targets, scope, sd, now, mode)
+        running = self.flush_targets(targets, scope, sd, now, mode)
         segments = self.segments_us(plan, running)
         fanouts = plan.fanouts_us[running] if plan.ok else ()
         if len(segments) > 1 and mode == IPI and running:  # each segment interrupts its targets again
@@ -319,7 +319,7 @@ class Hypervisor:
         nothing (a broadcast invalidates its TLB without interrupting it)."""
         return self.target_hit_us + self.target_work_us(scope.pages) if mode == IPI else 0.0
 
-    def _flush_targets(self, targets, scope: FlushScope, sd, now: float, mode: str) -> int:
+    def flush_targets(self, targets, scope: FlushScope, sd, now: float, mode: str) -> int:
         """Flush every running target now and defer the others (INVLPGB reaches every LP: flushed now
         too); returns how many were running. A function of its own so that its per-target list dies
         before the caller waits out the call's cost (kept in the generator's frame, 4,096 such lists
@@ -436,7 +436,7 @@ def flush_pages_by_hypervisor(targets, scope: FlushScope, whole_context: bool, s
                 t.deferred.append((shootdown, scope, whole_context))
                 deferred += 1
             else:  # VP.flush_now_idle
-                t._book(shootdown, *t.tlb.flush_pages(address_space, pages))
+                t.book_flush(shootdown, *t.tlb.flush_pages(address_space, pages))
             continue
         t.advance_guest(now)
         tlb = t.tlb

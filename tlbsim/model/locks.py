@@ -26,21 +26,19 @@ from tlbsim.model.rng import Stream
 class VsmSchedule:
     """When one VP enters VTL1 (gaps in guest time) and for how long."""
 
-    __slots__ = ("_stream", "_gap_mean", "_hold_mean", "_fixed", "entries")
+    __slots__ = ("_stream", "_gap_mean", "_hold_mean", "_fixed")
 
     def __init__(self, stream: Stream, rate_per_ms: float, hold_mean_us: float, fixed: bool):
         self._stream = stream
         self._gap_mean = 1000.0 / rate_per_ms if rate_per_ms > 0 else math.inf
         self._hold_mean = hold_mean_us
         self._fixed = fixed
-        self.entries = 0
 
     def next_gap_us(self) -> float:
         """Guest time until the next VTL1 entry."""
         return self._stream.exp(self._gap_mean)
 
     def hold_us(self) -> float:
-        self.entries += 1
         return self._hold_mean if self._fixed else self._stream.exp(self._hold_mean)
 
 
@@ -56,7 +54,7 @@ class VsmTlbLocks:
     def active(self) -> bool:
         return bool(self.by_vp)
 
-    def locked(self, now: float):
+    def locked(self):
         """(VP index, lock end) of every VP holding the lock now."""
         return [(index, vp.vtl1_end_us) for index, vp in self.by_vp.items() if vp.in_vtl1]
 
@@ -79,7 +77,7 @@ class InterceptInhibit:
     def active(self) -> bool:
         return bool(self.emulating)
 
-    def locked(self, now: float):
+    def locked(self):
         """(VP index, lock end) of every VP holding the lock now."""
         return self.emulating.items()
 
@@ -108,7 +106,7 @@ class TlbLocks:
         (OpenHCL's snapshot: set_wait_for_tlb_locks takes every holder, target or not)."""
         found: dict[int, tuple[float, str]] = {}
         for source in self.sources:
-            for index, end in source.locked(now):
+            for index, end in source.locked():
                 prev = found.get(index)
                 if prev is None or end > prev[0]:
                     found[index] = (end, source.name)
@@ -130,7 +128,7 @@ class TlbLocks:
         found: dict[int, tuple[float, str]] = {}
         for source in self.sources:
             name = source.name
-            for index, end in source.locked(now):
+            for index, end in source.locked():
                 if member >> index & 1:
                     prev = found.get(index)
                     if prev is None or end > prev[0]:

@@ -97,7 +97,6 @@ class Partition:
         self.env = machine.env
         p = config.partition
         w = config.workload
-        lk = config.locks
         self.check = config.run.check_invariants
         self.profile = profile_for(p.semantics)
         # OpenHCL's confidential VM (the flush path through VTL2): "snp", "tdx"; "none" otherwise
@@ -109,9 +108,38 @@ class Partition:
         self.spin_yield = self._spin_yield(config)
         self.last_boosted = -1  # the VP the last directed yield went to (kvm_vcpu_on_spin's last_boosted_vcpu)
 
-        # What can lock a TLB: registered sources, queried by the hypervisor.
+        self._register_locks(config, streams)
+        self.hypervisor = Hypervisor(self)
+        self.policy = make_policy(w.policy, self)
+        specs = config.exits.specs()
+        self.exit_specs = [
+            specs[r.name.lower()] if r.name.lower() in specs else ExitSpec(0.0, config.costs.vmexit_roundtrip_us)
+            for r in EXIT_REASONS
+        ]
+
+        self._build_vps(config, streams, trace, timeline)
+
+        if owner:  # co-tenants start here, after guest 0's VPs and before its VFs (the order of their events)
+            machine.start_cotenants(seed)
+        if config.run.inject_fault == "drop_deferred_flush":
+            for vp in self.vps:
+                vp.deferred = _LosingList()
+        self._mask_targets = hv.mask_to_vps(w.processor_mask) if w.processor_mask else None
+        self._targets: dict[tuple[int, int], tuple[list[VP], tuple[int, ...]]] = {}
+
+        self._build_vfs(config, seed, vf_trace)
+
+        if owner:
+            for g in range(1, config.host.guests):
+                policies = config.host.guest_policies
+                config_g = config.with_overrides({"workload.policy": policies[g - 1]}) if policies else config
+                Partition(config_g, rng.guest_seed(seed, g), trace, vf_trace, None, None, machine, g)
+
+    def _register_locks(self, config: Config, streams) -> None:
+        """What can lock a TLB: registered sources, queried by the hypervisor. TlbFlushInhibit only
+        when MemoryAccess exits happen (a source that can never lock costs every call a lock check)."""
+        p, lk = config.partition, config.locks
         self.locks = TlbLocks()
-        # (only when MemoryAccess exits happen: a source that can never lock costs every call a lock check)
         emulates = config.exits.memory_access.rate_per_ms > 0
         self.intercept_inhibit = InterceptInhibit() if lk.memory_access_inhibit and emulates else None
         if self.intercept_inhibit is not None:
@@ -125,42 +153,42 @@ class Partition:
             self.vsm_locks = VsmTlbLocks({})
             self.locks.register(self.vsm_locks)
 
-        self.hypervisor = Hypervisor(self)
-        self.policy = make_policy(w.policy, self)
-        specs = config.exits.specs()
-        self.exit_specs = [
-            specs[r.name.lower()] if r.name.lower() in specs else ExitSpec(0.0, config.costs.vmexit_roundtrip_us)
-            for r in EXIT_REASONS
-        ]
+    def _arrivals(self, config: Config, i: int, stream, threads: int, initiators: set, per_vp_trace: dict):
+        """VP ``i``'s workload: none without a thread, its trace rows, a closed loop or Poisson arrivals."""
+        w = config.workload
+        if i >= threads:  # no thread: idle, no arrivals
+            return PoissonArrivals(stream, 0.0, w.burst_size, w.pages, w.full_flush_fraction)
+        if per_vp_trace is not None:
+            return TraceArrivals(per_vp_trace.get(i, []), cr3_of)
+        if w.mode == "closed":
+            work_us = w.closed_work_us or (1000.0 / w.rate_per_ms)
+            return ClosedLoop(stream, work_us if i in initiators else math.inf, w.closed_work_distribution == "fixed",
+                              w.burst_size, w.pages, w.full_flush_fraction, w.sleep_us)
+        rate = w.rate_per_ms if i in initiators else 0.0
+        return PoissonArrivals(stream, rate, w.burst_size, w.pages, w.full_flush_fraction)
 
+    def _build_vps(self, config: Config, streams, trace, timeline) -> None:
+        """The VPs, in index order (a TracingVP each when a timeline is asked for), and the active set
+        of each address space (``sharers``: the VPs with a thread that run it)."""
+        p, w = config.partition, config.workload
         as_index = [self._as_index(i) for i in range(p.vps)]
         self.sharers: dict[int, list[VP]] = {}
         initiators = set(w.initiators) if w.initiators else set(range(p.vps))
-        per_vp_trace: dict[int, list[TraceEvent]] = {}
-        for e in trace or ():
-            per_vp_trace.setdefault(e.vp, []).append(e)
+        per_vp_trace: dict[int, list[TraceEvent]] | None = None
+        if trace is not None:
+            per_vp_trace = {}
+            for e in trace:
+                per_vp_trace.setdefault(e.vp, []).append(e)
         self.vps: list[VP] = []
         vp_class = VP
         if timeline is not None:
             from tlbsim.model.timeline import TracingVP, trace_recorder
 
             vp_class = TracingVP
-            trace_recorder(self.recorder, timeline, index)
+            trace_recorder(self.recorder, timeline, self.index)
         threads = w.threads or p.vps  # VPs 0 .. threads - 1 run the workload's threads; the rest idle
         for i in range(p.vps):
-            if i >= threads:  # no thread: idle, no arrivals
-                arrivals = PoissonArrivals(streams[i]["workload"], 0.0, w.burst_size, w.pages, w.full_flush_fraction)
-            elif trace is not None:
-                arrivals = TraceArrivals(per_vp_trace.get(i, []), cr3_of)
-            elif w.mode == "closed":
-                work_us = w.closed_work_us or (1000.0 / w.rate_per_ms)
-                arrivals = ClosedLoop(streams[i]["workload"], work_us if i in initiators else math.inf,
-                                      w.closed_work_distribution == "fixed", w.burst_size, w.pages,
-                                      w.full_flush_fraction, w.sleep_us)
-            else:
-                rate = w.rate_per_ms if i in initiators else 0.0
-                arrivals = PoissonArrivals(streams[i]["workload"], rate, w.burst_size, w.pages,
-                                           w.full_flush_fraction)
+            arrivals = self._arrivals(config, i, streams[i]["workload"], threads, initiators, per_vp_trace)
             vp = vp_class(self, i, cr3_of(as_index[i]), streams[i], arrivals, i < threads)
             self.vps.append(vp)
             if i < threads:  # the active set: VPs that ran the address space
@@ -168,31 +196,20 @@ class Partition:
             if vp.vsm is not None:
                 self.vsm_locks.by_vp[i] = vp
 
-        if owner:  # co-tenants start here, after guest 0's VPs and before its VFs (the order of their events)
-            machine.start_cotenants(seed)
-        if config.run.inject_fault == "drop_deferred_flush":
-            for vp in self.vps:
-                vp.deferred = _LosingList()
-        self._mask_targets = hv.mask_to_vps(w.processor_mask) if w.processor_mask else None
-        self._targets: dict[tuple[int, int], tuple[list[VP], tuple[int, ...]]] = {}
-
+    def _build_vfs(self, config: Config, seed, vf_trace) -> None:
+        """The PF and its VFs (none when vf.count = 0), each served by its service VP."""
         v = config.vf
         self.pf: PhysicalFunction | None = None
         self.vfs: list[VirtualFunction] = []
-        if v.count:
-            vf_streams, pf_stream = rng.vf_streams(seed, v.count)
-            self.pf = PhysicalFunction(self.env, v, pf_stream)
-            for j in range(v.count):
-                vp = self.vps[v.service_vps[j % len(v.service_vps)]]
-                replay = (vf_trace or {}).get(j, []) if vf_trace is not None else None
-                self.vfs.append(VirtualFunction(self.env, j, vp, self.pf, v, vf_streams[j],
-                                                config.run.check_invariants, replay))
-
-        if owner:
-            for g in range(1, config.host.guests):
-                policies = config.host.guest_policies
-                config_g = config.with_overrides({"workload.policy": policies[g - 1]}) if policies else config
-                Partition(config_g, rng.guest_seed(seed, g), trace, vf_trace, None, None, machine, g)
+        if not v.count:
+            return
+        vf_streams, pf_stream = rng.vf_streams(seed, v.count)
+        self.pf = PhysicalFunction(self.env, v, pf_stream)
+        for j in range(v.count):
+            vp = self.vps[v.service_vps[j % len(v.service_vps)]]
+            replay = (vf_trace or {}).get(j, []) if vf_trace is not None else None
+            self.vfs.append(VirtualFunction(self.env, j, vp, self.pf, v, vf_streams[j],
+                                            config.run.check_invariants, replay))
 
     def vsm_for(self, vp_index: int) -> VsmSchedule | None:
         """The VTL1 entry schedule of a VP, or None if it has no VTL1."""

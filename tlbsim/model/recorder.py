@@ -130,7 +130,7 @@ class _Shootdown:
         self.clock = clock  # the initiator's clock when it started (VP.clock): the anatomy is its change
 
 
-class _Codes:
+class StringCodes:
     """A string column: a small-int code per row, each distinct value stored once."""
 
     __slots__ = ("codes", "table")
@@ -183,7 +183,7 @@ class ShootdownRecorder:
         self._spilled_ids = array("q") if spill is not None else None
         self.ints = {c: array("q") for c in _INT_COLUMNS}
         self.floats = {c: array("d") for c in _FLOAT_COLUMNS}
-        self.strings = {c: _Codes() for c in _STR_COLUMNS}
+        self.strings = {c: StringCodes() for c in _STR_COLUMNS}
         self.in_flight: dict[int, _Shootdown] = {}
         self.issued = 0
         self._chunk: list[_Shootdown] = []

@@ -96,3 +96,9 @@ def guest_seed(seed: int | np.random.SeedSequence, index: int) -> np.random.Seed
     own, so adding guests changes no draw of the first one."""
     root = _root(seed)
     return np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, GUEST_KEY, index))
+
+
+def replication_seed(root: int, replication: int) -> int:
+    """Replication ``replication``'s seed: the first word of SeedSequence(root, spawn_key=(replication,)).
+    Every command that replicates (run --replications, sweep, the regression gate) uses this one."""
+    return int(np.random.SeedSequence(root, spawn_key=(replication,)).generate_state(1, dtype=np.uint64)[0])

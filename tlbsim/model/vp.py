@@ -110,83 +110,11 @@ class VP(FlushTarget, InterruptTarget, LockHolder, LpUser, TimeAccount):
         self.arrivals = arrivals
         self.costs = cfg.costs
         self._refill_us = cfg.costs.refill_us
-
-        # Exit mix: cumulative probabilities over EXIT_REASONS by rate.
-        specs = part.exit_specs
-        total_rate = sum(s.rate_per_ms for s in specs)
-        self.exit_gap_mean_us = 1000.0 / total_rate if total_rate > 0 else math.inf
-        running, cum = 0.0, []
-        for s in specs:
-            running += s.rate_per_ms
-            cum.append(running / total_rate if total_rate else 0.0)
-        self._exit_cum = cum
-        self._exit_cost = [s.cost_us for s in specs]
-        self.halt_idle_mean_us = cfg.exits.halt_idle_mean_us
-
-        # Flush bookkeeping (per-VP columns of the vps table).
-        self.refill_entries = 0.0
-        self.collateral_entries = 0.0
-        self.evicted_entries = 0.0
-        self.flushes_applied = 0
-        self.guest_flush_due_us = 0.0  # lazy-TLB flushes the guest owes before it runs guest code again
-        self.deferred_applied = 0
-        self.ipi_send_us = 0.0  # in exits sending IPIs (trapped ICR writes or PV send-IPI hypercalls)
-        # Interrupt delivery (docs/model.md "Interrupt delivery"): with the APIC in the hypervisor, an IPI
-        # interrupts a running target without an exit to the stack (and without any exit with posted
-        # interrupts), and its EOI traps unless posted interrupts virtualize it; with a user-mode APIC
-        # the stack cancels the target's run (a Canceled exit) and sees every ICR write.
-        user_apic = cfg.partition.apic_emulation == "user"
-        posted = cfg.costs.posted_interrupts
-        self._ipi_kick = KICK_CANCELED if user_apic else (0 if posted else KICK_IPI)
-        self._ipi_interrupt_us = cfg.costs.target_interrupt_us
-        # an EOI: with posted interrupts virtualized (no exit); else a trap to the hypervisor, or with a
-        # user-mode x2APIC an X64MsrAccess exit to the stack (its cost; set below, with the exit mix)
-        self._eoi_us = 0.0 if posted else (self._exit_cost[I_MSR] if user_apic else cfg.costs.vmexit_roundtrip_us)
-        self._eoi_exit = user_apic
-        self.icr_writes = 0  # trapped ICR writes the hypervisor handled (not exits to the stack)
-        self.pv_ipi_hypercalls = 0  # KVM PV send-IPI hypercalls (handled in the hypervisor)
-        self.sched_yield_hypercalls = 0  # KVM_HC_SCHED_YIELD
-        self.sched_yield_us = 0.0  # ... and their time (in the exit state)
-        self.ipis_received = 0
-        self.eoi_traps = 0
-        self.ipi_interrupt_us = 0.0  # the hypervisor's interruptions of guest code to deliver IPIs
-        # eviction while away (docs/model.md "TLB contents across descheduling"): what ran on the LP
-        tau = t.retention_tau_us or (t.capacity / t.fill_rate_per_us if t.fill_rate_per_us else math.inf)
-        self.retention_tau_us = tau
-        self.left_lp = None  # the LP it left last (None: it has not run yet)
-        self.left_busy_us = 0.0  # that LP's busy time when it left (Host._put_prev)
-
-        # Scheduling.
-        self.on_lp = False
-        self.preempt_pending = False
-        self.preempted = False  # descheduled while runnable (KVM's steal-time "preempted")
-        self.preempted_in_kernel = False  # ... in guest kernel mode (kvm_arch_vcpu_preempted_in_kernel)
-        self.in_shootdown = False  # in a shootdown of its own (kernel mode, whatever its state)
-        self.kernel_fraction = cfg.guest.kernel_fraction
-        self.lp = None  # the LP it last ran on
-        self.deadline_us = 0.0  # EEVDF's virtual deadline
-        self.vlag_us = 0.0  # EEVDF's lag, kept across a sleep
-        self.dispatch_event = None
-        self.vruntime_us = 0.0  # LP time had (the host's fair queue order)
-        self.dispatched_us = 0.0
-
-        # Spinning that yields (None: spin until acked or preempted).
-        self.spin: SpinYield | None = part.spin_yield
-        self.spin_window_us = self.spin.base_window_us if self.spin is not None else 0.0  # vmx->ple_window
-        self.spin_exit_us = 0.0  # in pause-loop exits / long spin wait notifications
-        self.spin_epoch = 0
-        self.spin_exit_due = False
-        self.spin_exits = 0
-        self.spin_yields = 0
-
-        # VTL1 (VSM): entries per guest time; None when this VP has no VTL1.
-        self.vsm = part.vsm_for(index)
-        self.vtl1_budget_us = self.vsm.next_gap_us() if self.vsm is not None else math.inf
-        self.vtl1_end_us = 0.0
-        self.in_vtl1 = False  # holds VSM TlbLocked (in VTL1, on an LP or preempted)
-        self.emulating = False  # holds TlbFlushInhibit (its MemoryAccess exit is being emulated)
-        self.lock_holder_preemptions = 0  # preempted by the host while holding a TLB lock
-        self.lock_release = None  # fires when it releases its TLB lock, if a caller waits for that
+        self._init_exits(part, cfg)
+        self._init_flush_counters(cfg)
+        self._init_interrupt_delivery(cfg)
+        self._init_scheduling(cfg)
+        self._init_spin_and_locks(part, index)
 
         # Work and interrupts.
         self.irqs: list = []  # (shootdown, scope, ack wait) IPIs waiting to be taken
@@ -206,6 +134,92 @@ class VP(FlushTarget, InterruptTarget, LockHolder, LpUser, TimeAccount):
         # sleeps after its operation idles its VP until then (``_idle``)
         self.idle_until_us = 0.0 if has_thread else math.inf
         self.proc = self.env.process(self._run())
+
+    def _init_exits(self, part: Partition, cfg) -> None:
+        """The exit mix: cumulative probabilities over EXIT_REASONS by rate, and each one's cost."""
+        specs = part.exit_specs
+        total_rate = sum(s.rate_per_ms for s in specs)
+        self.exit_gap_mean_us = 1000.0 / total_rate if total_rate > 0 else math.inf
+        running, cum = 0.0, []
+        for s in specs:
+            running += s.rate_per_ms
+            cum.append(running / total_rate if total_rate else 0.0)
+        self._exit_cum = cum
+        self._exit_cost = [s.cost_us for s in specs]
+        self.halt_idle_mean_us = cfg.exits.halt_idle_mean_us
+
+    def _init_flush_counters(self, cfg) -> None:
+        """Flush bookkeeping (per-VP columns of the vps table) and TLB eviction while away."""
+        self.refill_entries = 0.0
+        self.collateral_entries = 0.0
+        self.evicted_entries = 0.0
+        self.flushes_applied = 0
+        self.guest_flush_due_us = 0.0  # lazy-TLB flushes the guest owes before it runs guest code again
+        self.deferred_applied = 0
+        self.ipi_send_us = 0.0  # in exits sending IPIs (trapped ICR writes or PV send-IPI hypercalls)
+        # eviction while away (docs/model.md "TLB contents across descheduling"): what ran on the LP
+        t = cfg.tlb
+        tau = t.retention_tau_us or (t.capacity / t.fill_rate_per_us if t.fill_rate_per_us else math.inf)
+        self.retention_tau_us = tau
+        self.left_lp = None  # the LP it left last (None: it has not run yet)
+        self.left_busy_us = 0.0  # that LP's busy time when it left (Host._put_prev)
+
+    def _init_interrupt_delivery(self, cfg) -> None:
+        """How IPIs reach this VP and what its EOIs cost, with their counters."""
+        # Interrupt delivery (docs/model.md "Interrupt delivery"): with the APIC in the hypervisor, an IPI
+        # interrupts a running target without an exit to the stack (and without any exit with posted
+        # interrupts), and its EOI traps unless posted interrupts virtualize it; with a user-mode APIC
+        # the stack cancels the target's run (a Canceled exit) and sees every ICR write.
+        user_apic = cfg.partition.apic_emulation == "user"
+        posted = cfg.costs.posted_interrupts
+        self._ipi_kick = KICK_CANCELED if user_apic else (0 if posted else KICK_IPI)
+        self._ipi_interrupt_us = cfg.costs.target_interrupt_us
+        # an EOI: with posted interrupts virtualized (no exit); else a trap to the hypervisor, or with a
+        # user-mode x2APIC an X64MsrAccess exit to the stack (its cost; set below, with the exit mix)
+        self._eoi_us = 0.0 if posted else (self._exit_cost[I_MSR] if user_apic else cfg.costs.vmexit_roundtrip_us)
+        self._eoi_exit = user_apic
+        self.icr_writes = 0  # trapped ICR writes the hypervisor handled (not exits to the stack)
+        self.pv_ipi_hypercalls = 0  # KVM PV send-IPI hypercalls (handled in the hypervisor)
+        self.sched_yield_hypercalls = 0  # KVM_HC_SCHED_YIELD
+        self.sched_yield_us = 0.0  # ... and their time (in the exit state)
+        self.ipis_received = 0
+        self.eoi_traps = 0
+        self.ipi_interrupt_us = 0.0  # the hypervisor's interruptions of guest code to deliver IPIs
+
+    def _init_scheduling(self, cfg) -> None:
+        """What the host and KVM's spin logic read and write about this VP."""
+        self.on_lp = False
+        self.preempt_pending = False
+        self.preempted = False  # descheduled while runnable (KVM's steal-time "preempted")
+        self.preempted_in_kernel = False  # ... in guest kernel mode (kvm_arch_vcpu_preempted_in_kernel)
+        self.in_shootdown = False  # in a shootdown of its own (kernel mode, whatever its state)
+        self.kernel_fraction = cfg.guest.kernel_fraction
+        self.lp = None  # the LP it last ran on
+        self.deadline_us = 0.0  # EEVDF's virtual deadline
+        self.vlag_us = 0.0  # EEVDF's lag, kept across a sleep
+        self.dispatch_event = None
+        self.vruntime_us = 0.0  # LP time had (the host's fair queue order)
+        self.dispatched_us = 0.0
+
+    def _init_spin_and_locks(self, part: Partition, index: int) -> None:
+        """Spinning that yields (None: spin until acked or preempted) and TLB-lock holding (VTL1,
+        MemoryAccess emulation)."""
+        self.spin: SpinYield | None = part.spin_yield
+        self.spin_window_us = self.spin.base_window_us if self.spin is not None else 0.0  # vmx->ple_window
+        self.spin_exit_us = 0.0  # in pause-loop exits / long spin wait notifications
+        self.spin_epoch = 0
+        self.spin_exit_due = False
+        self.spin_exits = 0
+        self.spin_yields = 0
+
+        # VTL1 (VSM): entries per guest time; None when this VP has no VTL1.
+        self.vsm = part.vsm_for(index)
+        self.vtl1_budget_us = self.vsm.next_gap_us() if self.vsm is not None else math.inf
+        self.vtl1_end_us = 0.0
+        self.in_vtl1 = False  # holds VSM TlbLocked (in VTL1, on an LP or preempted)
+        self.emulating = False  # holds TlbFlushInhibit (its MemoryAccess exit is being emulated)
+        self.lock_holder_preemptions = 0  # preempted by the host while holding a TLB lock
+        self.lock_release = None  # fires when it releases its TLB lock, if a caller waits for that
 
     # ------------------------------------------------------------ accounting
     def clock(self) -> list[float]:

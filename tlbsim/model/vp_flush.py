@@ -1,7 +1,7 @@
 """How flushes reach a VP (a mixin of ``vp.VP``): the hypervisor flushing it on its LP, deferring its
 flush to its next entry, a broadcast reaching it off its LP, the guest's own flush, and the TLB
 entries it loses when it runs on an LP others used meanwhile. Every flush is booked once
-(``_book``: refill debt, the VP's counters, the recorder)."""
+(``book_flush``: refill debt, the VP's counters, the recorder)."""
 
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ class FlushTarget:
         """A hardware broadcast (INVLPGB) flushed this VP's entries on every LP while it was not
         running: applied now, at no cost to it but the refills."""
         required, removed = self.tlb.flush(scope, whole_context)
-        self._book(shootdown, required, removed)
+        self.book_flush(shootdown, required, removed)
 
-    def _book(self, shootdown, required: float, removed: float) -> None:
+    def book_flush(self, shootdown, required: float, removed: float) -> None:
         """Refills owed for ``removed`` entries; the flush reported to the recorder."""
         self.refill_debt_us += removed * self._refill_us
         self.refill_entries += required
@@ -55,7 +55,7 @@ class FlushTarget:
         Once per running target of every Space call (List calls go through
         ``flush_pages_by_hypervisor``, the batched form of this with the page
         scope): a Space call's scope takes the TLB's address-space fast path,
-        and ``_book``'s VP half is done in place (with ``recorder.flushed`` per
+        and ``book_flush``'s VP half is done in place (with ``recorder.flushed`` per
         target, this path measured 0.61 instead of 0.51 us per target)."""
         self.advance_guest(now)
         self.hv_debt_us += debt_us
@@ -83,7 +83,7 @@ class FlushTarget:
     def flush_locally(self, scope: FlushScope, shootdown) -> None:
         """The guest's own flush (INVLPG / CR3 reload): exact."""
         required, removed = self.tlb.flush(scope, False)
-        self._book(shootdown, required, removed)
+        self.book_flush(shootdown, required, removed)
 
     def apply_deferred_flushes(self) -> None:
         """Flushes deferred while this VP was off its LP, applied before it
@@ -102,7 +102,7 @@ class FlushTarget:
         charged = False
         for shootdown, scope, whole_context in deferred:
             required, removed = self.tlb.flush(scope, bool(whole_context))
-            self._book(shootdown, required, removed)
+            self.book_flush(shootdown, required, removed)
             if whole_context is None:  # the guest's own (lazy TLB): its flush when it runs again
                 self.guest_flush_due_us += self.costs.local_flush_cost_us(scope.pages)
             elif not (overflow and charged):  # an overflow is one flush of everything: charged once
