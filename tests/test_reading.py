@@ -145,3 +145,51 @@ def test_in_flight_calls_are_charged_only_the_time_that_elapsed():
     assert (res.shootdowns["hypercall_us"].fillna(0) <= 2000.0 + 1e-9).all()
     assert s["shootdown_time_fraction"] <= 1.0 + 1e-9
     assert s["shootdown_refill_us"] <= s["refill_us"] + 1e-9
+
+
+# ------------------------------------------------------------ tlbsim explain and the anatomy figure
+def _small_overcommit_sweep(tmp_path):
+    from tlbsim.sweep import SweepSpec, run_sweep
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    spec = SweepSpec.from_dict({
+        "name": "anatomy", "base": str(root / "experiments" / "configs" / "default.toml"), "replications": 1,
+        "seed": 7, "fixed": {"partition.vps": 8, "partition.lps": 8, "partition.duration_us": 15000.0},
+        "grid": {"workload.policy": ["ipi", "mask"], "host.guests": [1, 2]}, "plot": {"kind": "overcommit"}})
+    out = tmp_path / "sweep"
+    assert not run_sweep(spec, out, jobs=1, progress=False).failed
+    return out
+
+
+def test_anatomy_bands_add_up_and_the_figure_stacks_them(tmp_path):
+    from tlbsim.anatomy import STACK, anatomy_figure, sweep_anatomy
+    from tlbsim.plots import load_sweep
+
+    out = _small_overcommit_sweep(tmp_path)
+    points, shootdowns, _ = load_sweep(out)
+    table = sweep_anatomy(points, shootdowns, ["vps_per_lp", "workload.policy"])
+    assert len(table) == 2 * 2 * 2  # levels x policies x bands
+    np.testing.assert_allclose(table[list(STACK)].sum(axis=1), table["elapsed_us"], rtol=1e-9)
+    # the tail band is at least the typical one, in every group
+    wide = table.pivot_table(index=["vps_per_lp", "workload.policy"], columns="band", values="elapsed_us")
+    assert (wide["tail"] >= wide["typical"]).all()
+    paths = anatomy_figure(table, "vps_per_lp", tmp_path / "fig")
+    assert {p.suffix for p in paths} == {".png", ".svg"} and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_explain_prints_the_anatomy_of_a_run_and_of_a_sweep(tmp_path, capsys):
+    from tlbsim.cli import main
+
+    out = _small_overcommit_sweep(tmp_path)
+    assert main(["explain", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "vps_per_lp = 2.0, workload.policy = mask" in text and "typical (p40-p60)" in text
+    assert "IPI sends" in text and "latency (sum)" in text
+    run_dir = tmp_path / "run"
+    default = __import__("pathlib").Path(__file__).resolve().parents[1] / "experiments" / "configs" / "default.toml"
+    assert main(["run", str(default), "--set", "partition.duration_us=3000", "--out", str(run_dir)]) == 0
+    capsys.readouterr()
+    assert main(["explain", str(run_dir)]) == 0
+    assert "policy = mask" in capsys.readouterr().out
+    assert main(["explain", str(tmp_path / "nothing")]) == 2
+    assert "no tlbsim results" in capsys.readouterr().err

@@ -307,22 +307,27 @@ def cdf_figure(points, shootdowns, out_dir, where: dict | None = None, name="lat
     and its tail 1 - F on log-log axes (right), where p99 and beyond are read. Shootdowns still
     incomplete at the end of a run are in the denominator but never reach the curve (their latency is
     only known to exceed the time they waited), so a curve that stops below 1 shows how many are
-    missing; the legend gives the count. Policies in a fixed order, one colour each."""
+    missing; the legend gives the count, and how many arrivals were never started (QUEUED: no latency,
+    counted in the response time). Policies in a fixed order, one colour each."""
     sel = points[points["status"] == "ok"] if "status" in points else points
     for k, v in (where or {}).items():
         sel = sel[sel[k] == v]
     keep = sel[["point", "replication", "workload.policy"]]
-    sd = shootdowns[shootdowns["status"].isin(["SUCCESS", "INCOMPLETE"])].merge(keep, on=["point", "replication"])
+    every = shootdowns[shootdowns["status"].isin(["SUCCESS", "INCOMPLETE", "QUEUED"])].merge(
+        keep, on=["point", "replication"])
+    sd = every[every["status"] != "QUEUED"]
     fig, (ax, tail) = new_figure((10.4, 4.2), 2)
     for policy in policy_order(sd["workload.policy"]):
         g = sd[sd["workload.policy"] == policy]
+        queued = int(((every["workload.policy"] == policy) & (every["status"] == "QUEUED")).sum())
         n = len(g)
         lat = np.sort(g.loc[g["status"] == "SUCCESS", "latency_us"].to_numpy(dtype=float))
         if not lat.size:
             continue
         f = np.arange(1, lat.size + 1) / n
         inc = n - lat.size
-        label = f"{policy} (n={n:,}" + (f", {inc:,} incomplete)" if inc else ")")
+        label = (f"{policy} (n={n:,}" + (f", {inc:,} in flight" if inc else "")
+                 + (f"; {queued:,} never started" if queued else "") + ")")
         colour = POLICY_COLOURS.get(policy)
         ax.step(lat, f, where="post", label=label, color=colour)
         # 1 - F just before each sample, so the last completed shootdown still shows (at 1/n or above)
@@ -400,6 +405,12 @@ def plot_sweep(directory: str | Path, out_dir: str | Path | None = None) -> list
         paths += cdf_figure(points, shootdowns, out, {"vps_per_lp": worst}, "latency_cdf_overcommitted")
         best = points["vps_per_lp"].min()
         paths += cdf_figure(points, shootdowns, out, {"vps_per_lp": best}, "latency_cdf_dedicated")
+        if "hypercall_us" in shootdowns:  # the anatomy columns (sweeps since the latency anatomy)
+            from tlbsim.anatomy import anatomy_figure, sweep_anatomy
+
+            table = sweep_anatomy(points, shootdowns, ["vps_per_lp", "workload.policy"])
+            paths += anatomy_figure(table, "vps_per_lp", out, x_label="VPs per LP",
+                                    title="What shootdown latency is made of, by policy and overcommit")
         if "ops_per_s" in points and (points.get("workload.mode") == "closed").any():
             paths += metric_figure(points, "vps_per_lp", "ops_per_s", out, "throughput_vs_overcommit",
                                    title="Closed loop: operations per second vs overcommit")
