@@ -25,6 +25,65 @@ class UsageError(Exception):
     pass
 
 
+EXIT_TERMINATED = 128 + 15  # SIGTERM, as a shell reports a process it ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it stops as on Ctrl-C: workers stopped, temporary
+    files removed, finished sweep runs kept, one line said (exit 143)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not interrupt the cleanup
+    raise Terminated()
+
+
+def _output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """An output directory, created if needed and proven writable now (before a long run), or one line
+    saying why not: it is a file, lies under one, cannot be created or written, its name is too long."""
+    from tlbsim.results import writable_directory
+
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{flag} {path} exists and is not a directory")
+        _no_file_above(path, flag)
+        return writable_directory(path)
+    except OSError as e:
+        raise UsageError(f"cannot write to {flag} {path}: {e.strerror or e}") from None
+
+
+def _no_file_above(path: Path, flag: str) -> None:
+    """A UsageError when a directory that ``path`` needs is a file (mkdir would say only "File exists")."""
+    for above in path.absolute().parents:
+        if above.exists():
+            if not above.is_dir():
+                raise UsageError(f"cannot write {flag} {path}: {above} is a file, not a directory")
+            return
+
+
+def _output_file(path: str | Path, flag: str) -> Path:
+    """An output file that can be written now (checked before a long run): not a directory, not a file
+    we may not write, in a directory we can write (created if needed)."""
+    import os
+
+    from tlbsim.results import writable_directory
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise UsageError(f"{flag} {path} is a directory; give a file name")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UsageError(f"cannot write {flag} {path}: permission denied")
+        _no_file_above(path, flag)
+        writable_directory(path.resolve().parent)
+    except OSError as e:
+        raise UsageError(f"cannot write {flag} {path}: {e.strerror or e}") from None
+    return path
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's own convention)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -32,8 +91,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _seed(text: str) -> int:
     """A root seed: an integer in 0..2^63-1 (numpy's SeedSequence takes no negative entropy)."""
-    try:
-        value = int(text, 0)
+    try:  # decimal (leading zeros too: "010" is 10), or 0x / 0o / 0b; ASCII digits only
+        if not text.isascii():
+            raise ValueError(text)
+        value = int(text, 10) if text.strip().lstrip("+-").isdigit() else int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"a seed is an integer, not {text!r}") from None
     if not 0 <= value < 2**63:
@@ -114,10 +175,20 @@ RUN_CI_METRICS = ("latency_mean_us", "latency_p50_us", "latency_p99_us", "guest_
 
 
 def cmd_run(args) -> int:
+    spilled: list[Path] = []  # shootdown tables written as the runs went
+    try:
+        return _cmd_run(args, spilled)
+    finally:  # one that was not moved into place (a failure, an interrupt) is not left behind
+        for path in spilled:
+            path.unlink(missing_ok=True)
+
+
+def _cmd_run(args, spilled: list[Path]) -> int:
     import json
 
+    from tlbsim.config import read_text
     from tlbsim.model import rng
-    from tlbsim.results import writable_directory
+    from tlbsim.results import remove_stale_temp_files
     from tlbsim.runner import simulate
 
     config = _load_config(args.config, args.set)
@@ -125,20 +196,16 @@ def cmd_run(args) -> int:
         raise UsageError("--replications must be in 1..1000")
     out = Path(args.out) if args.out else None
     if out is not None:  # before the run: an unwritable --out must not cost a whole simulation
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out} exists and is not a directory")
+        _output_dir(out)
         manifest = out / "manifest.json"
         if manifest.exists() and not args.force:
             try:
-                kind = json.loads(manifest.read_text()).get("kind", "?")
-            except (OSError, ValueError, AttributeError):
+                kind = json.loads(read_text(manifest, "manifest")).get("kind", "?")
+            except (ConfigError, ValueError, AttributeError):
                 kind = "unreadable"
             raise UsageError(f"--out {out} already holds results ({kind}); use --force to overwrite them "
                              "or choose another directory")
-        try:
-            writable_directory(out)
-        except OSError as e:
-            raise UsageError(f"cannot write results to {out}: {e.strerror or e}") from None
+        remove_stale_temp_files(out)  # of an earlier run here that was killed
     guests = f"{config.host.guests} guest partitions of " if config.host.guests > 1 else ""
     banner = (f"tlbsim run {args.config} (seed {args.seed}, {guests}{config.partition.vps} VPs on "
               f"{config.partition.lps} LPs" + (f" shared with {config.host.cotenants} co-tenant partition(s) of "
@@ -151,12 +218,10 @@ def cmd_run(args) -> int:
 
         start, end = _window(args.window, config.partition.duration_us)
         timeline = Timeline(start, end)
-        for target in (args.trace, args.timeline):
-            if target:
-                try:
-                    writable_directory(Path(target).resolve().parent)
-                except OSError as e:
-                    raise UsageError(f"cannot write {target}: {e.strerror or e}") from None
+        if args.trace:  # every output is checked before the run, which may take minutes
+            _output_file(args.trace, "--trace")
+        if args.timeline:
+            args.timeline = _figure_file(args.timeline, "--timeline")
     results = []
     for r in range(args.replications):
         seed = args.seed if args.replications == 1 else rng.replication_seed(args.seed, r)
@@ -174,6 +239,8 @@ def cmd_run(args) -> int:
         spill_dir = None if out is None else (out if args.replications == 1 else out / f"replication-{r}")
         res = simulate(config, seed=seed, progress=progress, timeline=timeline if r == 0 else None,
                        spill_dir=spill_dir)
+        if res.shootdowns_file is not None:
+            spilled.append(Path(res.shootdowns_file))
         if out is not None and args.replications > 1:
             # saved as soon as it is made: N replications need the memory of one, not N
             try:
@@ -197,18 +264,7 @@ def cmd_run(args) -> int:
             print(format_partitions(result.partitions, closed_loop=closed_loop))
     else:
         print(format_replications([r.summary for r in results], closed_loop=closed_loop))
-    if timeline is not None:
-        vf0 = result.vf[result.vf["partition"] == 0] if len(result.vf) else result.vf  # the guest drawn
-        vf_rows = vf0.to_dict("records") if len(vf0) else None
-        if args.trace:
-            timeline.write_json(args.trace, config.partition.vps, vf_rows)
-            print(f"timeline ({timeline.start_us:,.0f}-{timeline.end_us:,.0f} us) written to {args.trace}: "
-                  "open it in Perfetto (ui.perfetto.dev) or chrome://tracing")
-        if args.timeline:
-            timeline.figure(args.timeline, config.partition.vps,
-                            f"{config.workload.policy}: VP states, {timeline.start_us:,.0f}-{timeline.end_us:,.0f} us")
-            print(f"timeline figure written to {args.timeline}")
-    if out is not None:
+    if out is not None:  # first: a timeline that cannot be written does not cost the results
         try:
             if args.replications == 1:
                 result.save(out)
@@ -217,7 +273,39 @@ def cmd_run(args) -> int:
         except OSError as e:
             raise UsageError(f"cannot write results to {out}: {e.strerror or e}") from None
         print(f"results written to {out}/")
+    if timeline is not None:
+        vf0 = result.vf[result.vf["partition"] == 0] if len(result.vf) else result.vf  # the guest drawn
+        vf_rows = vf0.to_dict("records") if len(vf0) else None
+        try:
+            if args.trace:
+                timeline.write_json(args.trace, config.partition.vps, vf_rows)
+                print(f"timeline ({timeline.start_us:,.0f}-{timeline.end_us:,.0f} us) written to {args.trace}: "
+                      "open it in Perfetto (ui.perfetto.dev) or chrome://tracing")
+            if args.timeline:
+                timeline.figure(args.timeline, config.partition.vps, f"{config.workload.policy}: VP states, "
+                                f"{timeline.start_us:,.0f}-{timeline.end_us:,.0f} us")
+                print(f"timeline figure written to {args.timeline}")
+        except (OSError, ValueError) as e:  # checked before the run: the disk filled, or the file went meanwhile
+            raise UsageError(f"cannot write the timeline: {e}") from None
     return EXIT_OK
+
+
+def _figure_file(path: str, flag: str) -> str:
+    """A figure's file name with a format matplotlib writes (the name as given, or with ".png" added when
+    it has no extension, as matplotlib would), checked writable before the run."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if Path(path).is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name, e.g. {Path(path) / 'timeline.png'}")
+    if not suffix:
+        path += ".png"
+    elif suffix not in formats:
+        raise UsageError(f"{flag} {path}: .{suffix} is not a figure format matplotlib writes "
+                         f"({', '.join(sorted(formats))})")
+    _output_file(path, flag)
+    return path
 
 
 def _window(text: str | None, duration_us: float) -> tuple[float, float]:
@@ -230,6 +318,8 @@ def _window(text: str | None, duration_us: float) -> tuple[float, float]:
         raise UsageError(f"--window is START:END in microseconds, not {text!r}") from None
     if not (0 <= a < b) or b != b or a != a:
         raise UsageError(f"--window needs 0 <= START < END, got {text!r}")
+    if a >= duration_us:
+        raise UsageError(f"--window {text} starts after the run ends ({duration_us:,.0f} us simulated)")
     return a, min(b, duration_us)
 
 
@@ -289,23 +379,32 @@ def cmd_sweep(args) -> int:
 
     if args.jobs is not None and args.jobs < 1:
         raise UsageError("--jobs must be >= 1")
+    if args.force and (args.resume or args.retry_failed):
+        raise UsageError("--force recomputes every run and --resume keeps the finished ones: give one of them")
+    if args.dask_local is not None and args.dask_local < 1:
+        raise UsageError("--dask-local needs a number of workers >= 1")
     spec = SweepSpec.from_toml(args.spec, replications=args.replications)
     out = args.out or str(Path("results") / spec.name)
     n_tasks = len(spec.points) * spec.replications
-    print(f"tlbsim sweep {spec.name}: {len(spec.points)} points x {spec.replications} replications "
-          f"= {n_tasks} runs -> {out}/")
-    if args.dask_local is not None and args.dask_local < 1:
-        raise UsageError("--dask-local needs a number of workers >= 1")
+
+    def announce(todo: int, kept: int) -> None:  # once the directory is accepted: a refusal comes first
+        print(f"tlbsim sweep {spec.name}: {len(spec.points)} points x {spec.replications} replications "
+              f"= {n_tasks} runs -> {out}/" + (f" ({kept} finished runs kept, {todo} to compute)" if kept else ""),
+              flush=True)
+
     try:
         outcome = run_sweep(spec, out, jobs=args.jobs, resume=args.resume or args.retry_failed,
                             dask_scheduler=args.dask_scheduler, dask_local=args.dask_local,
-                            progress=not args.no_progress, retry_failed=args.retry_failed)
-    except KeyboardInterrupt:
-        print(f"tlbsim: interrupted; finished runs are kept in {out}/parts: "
+                            progress=not args.no_progress, retry_failed=args.retry_failed, force=args.force,
+                            recompute_hint="use --force to compute every run again (it removes only the sweep's "
+                            "own files there), or choose another --out", announce=announce)
+    except KeyboardInterrupt as e:
+        how = ("terminated (SIGTERM)", EXIT_TERMINATED) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"tlbsim: {how[0]}; finished runs are kept in {out}/parts: "
               f"`tlbsim sweep {args.spec} --out {out}"
               + (f" --replications {args.replications}" if args.replications else "")
               + " --resume` finishes the rest", file=sys.stderr)
-        return 130
+        return how[1]
     print(f"{outcome.computed} runs computed, {outcome.skipped} resumed, in {outcome.wall_s:.1f} s; "
           f"tables in {outcome.directory}/ (points.parquet, shootdowns.parquet, manifest.json)")
     if outcome.failed:
@@ -391,9 +490,9 @@ def cmd_validate(args) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise UsageError("--jobs must be >= 1")
     cases = validate.load_cases(args.case, quick=args.quick)
-    out = Path(args.out or ("results/validation-quick" if args.quick else "results/validation"))
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
+    out = _output_dir(args.out or ("results/validation-quick" if args.quick else "results/validation"))
+    if args.docs:  # written after every case has run: checked now
+        _output_file(args.docs, "--docs")
     if not args.json:
         print(f"tlbsim validate: {len(cases)} case(s) ({'quick' if args.quick else 'full'}): "
               f"{', '.join(c.name for c in cases)} -> {out}/", flush=True)
@@ -417,7 +516,7 @@ def cmd_sensitivity(args) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise UsageError("--jobs must be >= 1")
     spec = sensitivity.load_spec(args.spec)
-    out = Path(args.out or Path("results") / "sensitivity" / spec.name)
+    out = _output_dir(args.out or Path("results") / "sensitivity" / spec.name)
     n = len(spec.sample())
     print(f"tlbsim sensitivity {spec.name}: {spec.method}, {n} sample points x {len(spec.variants)} variants x "
           f"{spec.replications} replication(s) = {n * len(spec.variants) * spec.replications} runs -> {out}/",
@@ -517,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--replications", type=int, help="override the spec's replications")
     sw.add_argument("--resume", action="store_true", help="finish an interrupted sweep in --out")
     sw.add_argument("--retry-failed", action="store_true", help="with --resume: compute failed runs again")
+    sw.add_argument("--force", action="store_true",
+                    help="compute every run again in an --out that holds this or another sweep (removes only the "
+                    "files a sweep writes there)")
     g = sw.add_mutually_exclusive_group()
     g.add_argument("--dask-scheduler", metavar="ADDR", help="run on a Dask cluster, e.g. tcp://host:8786")
     g.add_argument("--dask-local", type=int, metavar="N", help="start a Dask LocalCluster with N workers")
@@ -591,6 +693,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):  # no command: list them
         parser.print_help()
         return EXIT_OK
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM stops a command as Ctrl-C does
+        previous = (signal.getsignal(signal.SIGTERM),)
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except (ConfigError, UsageError, EventBudgetExceeded) as e:
@@ -599,7 +708,10 @@ def main(argv: list[str] | None = None) -> int:
     except InvariantError as e:  # run.check_invariants = true and the model broke one
         print(f"tlbsim: invariant violated: {e}", file=sys.stderr)
         return EXIT_INVARIANT
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):
+            print("tlbsim: terminated (SIGTERM)", file=sys.stderr)
+            return EXIT_TERMINATED
         print("tlbsim: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (| head): stop quietly
@@ -607,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous[0] if previous[0] is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

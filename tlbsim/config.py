@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import tomllib
 import types
 import typing
@@ -50,20 +51,47 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}" if key else message)
 
 
+#: the largest input file read (a config, a spec, a trace: about 8 million trace rows)
+MAX_INPUT_BYTES = 256 << 20
+
+
 def read_text(path: str | Path, what: str, key: str = "") -> str:
     """A user-supplied text file, or a ConfigError naming it (missing,
-    unreadable, not UTF-8 text)."""
+    unreadable, not UTF-8 text, larger than MAX_INPUT_BYTES, or not a regular
+    file: a device such as /dev/zero would be read until memory runs out, a
+    FIFO would block; neither is waited for)."""
+    import stat
+
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        # O_NONBLOCK: opening a FIFO does not wait for a writer; a regular file reads as usual
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
         raise ConfigError(key, f"{what} {path} does not exist") from None
     except IsADirectoryError:
         raise ConfigError(key, f"{what} {path} is a directory, not a file") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        raise ConfigError(key, f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(key, f"{what} {path} is a directory, not a file")
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+                    else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "not a regular file")
+            raise ConfigError(key, f"{what} {path} is {kind}, not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_INPUT_BYTES + 1)
+        if len(data) > MAX_INPUT_BYTES:
+            raise ConfigError(key, f"{what} {path} is larger than {MAX_INPUT_BYTES >> 20:,} MiB")
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open()
     except OSError as e:
         raise ConfigError(key, f"cannot read {what} {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise ConfigError(key, f"{what} {path} is not UTF-8 text") from None
+    finally:
+        os.close(fd)
 
 
 def read_toml(path: str | Path, what: str, key: str = "") -> dict[str, Any]:

@@ -128,6 +128,23 @@ def writable_directory(directory: str | Path) -> Path:
     return directory
 
 
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Remove the temporary files a run killed while writing into ``directory`` (or its
+    ``replication-R/``) left behind: only names tlbsim gives its own temporary files (a spilled
+    shootdown table, an atomic write of a table or manifest, a writability probe)."""
+    directory = Path(directory)
+    names = [*(f"{t}.parquet" for t in TABLES), "replications.parquet", MANIFEST]
+    patterns = [".shootdowns.partial.*.tmp", ".tlbsim-probe.*.tmp", *(f".{n}.*.tmp" for n in names)]
+    removed = []
+    for folder in [directory, *sorted(directory.glob("replication-*"))]:
+        for pattern in patterns:
+            for f in folder.glob(pattern):
+                if f.is_file() and not f.is_symlink():
+                    f.unlink(missing_ok=True)
+                    removed.append(f)
+    return removed
+
+
 @contextmanager
 def _replacing(path: Path):
     """A temporary file beside ``path`` for the caller to write: on success it replaces ``path``

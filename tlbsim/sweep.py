@@ -25,14 +25,22 @@ Output directory: ``parts/`` holds one finished (point, replication) at a
 time, written atomically; ``points.parquet`` (one row per point and
 replication: its parameters and summary, or its error), ``shootdowns.parquet``
 (every shootdown, with point and replication) and ``manifest.json`` are
-assembled from the parts at the end. ``--resume`` skips parts already there.
+assembled from the parts at the end. ``--resume`` skips parts already there,
+and refuses to mix configurations: each part records a hash of its run's
+fully resolved configuration (and of the trace files it names), and a part
+whose hash is not the one its point resolves to now stops the resume with
+one line naming the first key that differs (``resolved.json`` keeps the base
+config the finished parts were made with). ``--force`` recomputes every run
+(it removes only the files a sweep writes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -45,10 +53,11 @@ import numpy as np
 import pandas as pd
 
 from tlbsim import __version__
-from tlbsim.config import Config, ConfigError, read_toml
+from tlbsim.config import Config, ConfigError, read_text, read_toml
 from tlbsim.results import atomic_write_parquet, atomic_write_text, git_revision
 
 SPEC_KEYS = {"name", "base", "replications", "seed", "fixed", "grid", "zip", "description", "plot"}
+MAX_NAME = 100  # a sweep's name is a directory name (file systems allow 255 bytes)
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,9 @@ class SweepSpec:
                 or name.startswith("."):
             raise ConfigError("name", f"a sweep name is letters, digits, '-', '_' and '.', not {name!r} "
                               "(it names the output directory under results/)")
+        if len(name) > MAX_NAME:
+            raise ConfigError("name", f"a sweep name is at most {MAX_NAME} characters, not {len(name)} "
+                              "(it names the output directory under results/)")
         spec = cls(name, base, tuple(points), reps, seed,
                    tuple([*grid, *zipped]), source=data)
         for p in spec.points:  # validate every point up front: a typo fails before any work
@@ -137,6 +149,73 @@ class SweepSpec:
         return [(p.index, r) for p in self.points for r in range(self.replications)]
 
 
+# ---------------------------------------------------------------- what a run was made with
+def config_hash(config: Config) -> str:
+    """A hash of a run's fully resolved configuration and of the contents of the trace files it names:
+    two runs with the same hash (and seed) are the same run."""
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    for path in _input_files(config):
+        h.update(f"\0{path}\0{file_digest(path)}".encode())
+    return h.hexdigest()[:16]
+
+
+def configs_digest(spec: SweepSpec) -> str:
+    """One hash of every point's config_hash: whether any run of ``spec`` would be another run now."""
+    h = hashlib.sha256()
+    for point in spec.points:
+        h.update(config_hash(spec.config(point)).encode())
+    return h.hexdigest()[:16]
+
+
+def _input_files(config: Config) -> list[str]:
+    return [p for p in (config.workload.trace, config.vf.trace if config.vf.count else "") if p]
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a regular file's contents; "missing" or "not a regular file" otherwise (never blocks
+    on a FIFO or reads a device: the run itself reports those)."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return "missing"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "not a regular file"
+        h = hashlib.sha256()
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()[:16]
+    except OSError:
+        return "unreadable"
+    finally:
+        os.close(fd)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _first_difference(old: dict, new: dict) -> str | None:
+    """The first dotted key whose value differs, as "key = OLD in the finished runs, NEW now"."""
+    a, b = flatten(old), flatten(new)
+    unset = object()
+    for key in [*b, *(k for k in a if k not in b)]:
+        x, y = a.get(key, unset), b.get(key, unset)
+        if x != y:
+            x, y = ("(unset)" if v is unset else json.dumps(v, default=str) for v in (x, y))
+            return f"{key} = {x} in the finished runs, {y} now"
+    return None
+
+
 # ---------------------------------------------------------------- one task
 def run_task(spec: SweepSpec, point_index: int, replication: int) -> dict:
     """Run one (point, replication); never raises: errors are recorded."""
@@ -144,11 +223,13 @@ def run_task(spec: SweepSpec, point_index: int, replication: int) -> dict:
 
     point = spec.points[point_index]
     seed = spec.seed_for(replication)
-    row: dict[str, Any] = {"point": point_index, "replication": replication, "seed": str(seed)}
+    row: dict[str, Any] = {"point": point_index, "replication": replication, "seed": str(seed), "config_hash": ""}
     row.update({k: _scalar(v) for k, v in point.overrides.items() if k in spec.varied})
     t = time.perf_counter()
     try:
-        result = simulate(spec.config(point), seed=seed)
+        config = spec.config(point)
+        row["config_hash"] = config_hash(config)
+        result = simulate(config, seed=seed)
     except Exception as e:  # recorded per run, the sweep goes on (desmod-style)
         row.update(status="error", error=f"{type(e).__name__}: {e}",
                    traceback=traceback.format_exc(limit=8), wall_s=time.perf_counter() - t)
@@ -236,20 +317,54 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the parent, which stops them (no traceback from every worker)."""
+def _worker_init(parent: int) -> None:
+    """A local worker leaves Ctrl-C to the parent, which stops them (no traceback from every worker), and
+    dies with the parent: a worker left behind by a parent killed with SIGKILL (or SIGTERM from outside)
+    would idle on with its memory, holding the parent's stdout and stderr open (a caller waiting for
+    end-of-output would wait forever). Linux: the parent-death signal; elsewhere a watchdog thread."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ppid = os.getppid()  # the sweep's process (or, started by a fork server, the server, which dies with it)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # PR_SET_PDEATHSIG
+                if os.getppid() != ppid or not _alive(parent):  # it died before the signal was armed
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != ppid or not _alive(parent):
+                os._exit(1)
+
+    threading.Thread(target=watch, name="tlbsim-parent-watchdog", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, not ours to signal
+        return True
+    return True
 
 
 WORKER_DIED = ("the worker process running it died (killed, e.g. by the out-of-memory killer?); "
                "rerun with --resume --retry-failed")
 
 
-def _failed_part(parts: Path, point: int, rep: int, error: str) -> None:
-    row = {"point": point, "replication": rep, "seed": "", "status": "error", "error": error, "traceback": "",
-           "wall_s": 0.0}
+def _failed_part(parts: Path, spec: SweepSpec, point: int, rep: int, error: str) -> None:
+    row = {"point": point, "replication": rep, "seed": "", "config_hash": config_hash(spec.config(spec.points[point])),
+           "status": "error", "error": error, "traceback": "", "wall_s": 0.0}
     _write_part(parts, {"row": row, "shootdowns": None, "vf": None})
 
 
@@ -280,14 +395,14 @@ def _run_local(spec, todo, parts, jobs, progress):
     suspects: list[tuple[int, int]] = []
     while queue or suspects:
         isolate = bool(suspects)
-        ex = ProcessPoolExecutor(1 if isolate else jobs, initializer=_ignore_sigint)
+        ex = ProcessPoolExecutor(1 if isolate else jobs, initializer=_worker_init, initargs=(os.getpid(),))
         try:
             if isolate:  # one at a time: a task that kills its worker again is the culprit
                 task = suspects.pop()
                 try:
                     ex.submit(_task_in_process, (spec, *task, parts)).result()
                 except BrokenProcessPool:
-                    _failed_part(parts, *task, WORKER_DIED)
+                    _failed_part(parts, spec, *task, WORKER_DIED)
                 progress.update()
                 continue
             inflight: dict = {}
@@ -375,41 +490,49 @@ class SweepOutcome:
     skipped: int
 
 
+RECOMPUTE_HINT = "remove it or choose another --out to compute it again"
+#: what a sweep writes in its directory (--force removes these and nothing else)
+SWEEP_FILES = ("manifest.json", "points.parquet", "shootdowns.parquet", "vf.parquet", "spec.json", "resolved.json")
+PART_FILE = re.compile(r"p\d{5,}_r\d{3,}(\.json|\.parquet|\.vf\.parquet)")
+#: manifest kinds that are not sweeps, as the refusal to write a sweep over them names them
+OTHER_RESULTS = {"tlbsim-run": "a single run's results (from `tlbsim run --out`)",
+                 "tlbsim-run-replications": "a run's replications (from `tlbsim run --replications N --out`)",
+                 "tlbsim-validation": "validation results (from `tlbsim validate`)",
+                 "tlbsim-sensitivity": "a sensitivity study (from `tlbsim sensitivity`)"}
+
+
 def run_sweep(spec: SweepSpec, out: str | Path, *, jobs: int | None = None, resume: bool = False,
               dask_scheduler: str | None = None, dask_local: int | None = None,
-              progress: bool = True, retry_failed: bool = False) -> SweepOutcome:
+              progress: bool = True, retry_failed: bool = False, force: bool = False,
+              recompute_hint: str = RECOMPUTE_HINT, announce=None) -> SweepOutcome:
+    """Run every (point, replication) of ``spec`` not finished in ``out`` yet (``resume``), or all of
+    them (a new ``out``, or ``force``). Every refusal (``out`` holds something else, or a sweep without
+    ``resume``, or runs of another configuration) comes before anything is written; ``recompute_hint``
+    ends the refusals (how to compute the sweep again). ``announce(to_compute, kept)`` is called once the
+    directory is accepted, before the runs."""
     out = Path(out)
     parts = out / "parts"
-    if out.exists() and not out.is_dir():
-        raise ConfigError("--out", f"{out} exists and is not a directory")
-    if (out / "manifest.json").exists() or (parts.exists() and any(parts.glob("*.json"))):
-        if not resume:
-            raise ConfigError("--out", f"{out} already holds a sweep; use --resume to finish it or choose another")
-        try:
-            old = json.loads((out / "spec.json").read_text()) if (out / "spec.json").exists() else None
-        except (OSError, ValueError) as e:
-            raise ConfigError("--resume", f"{out}/spec.json is unreadable ({e}); cannot tell which sweep this is") \
-                from None
-        if old is not None and old != _jsonable(spec.source):
-            raise ConfigError("--resume", f"{out} holds a different sweep spec; refusing to mix results "
-                              "(move it away or choose another --out)")
     if dask_local is not None and dask_local < 1:
         raise ConfigError("--dask-local", "needs a number of workers >= 1")
-    parts.mkdir(parents=True, exist_ok=True)
-    for stale in parts.glob(".*.tmp"):  # half-written files of an interrupted or killed run
-        stale.unlink(missing_ok=True)
-    atomic_write_text(out / "spec.json", json.dumps(_jsonable(spec.source), indent=2))
-
-    done = set()
-    for f in parts.glob("*.json"):
-        try:
-            row = json.loads(f.read_text())
-            if retry_failed and row.get("status") != "ok":
-                continue  # --retry-failed: compute it again
-            done.add((row["point"], row["replication"]))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # unreadable part (written by hand?): recompute it; the atomic rewrite replaces it
+    if force and (resume or retry_failed):
+        raise ConfigError("--force", "recomputes every run and --resume keeps the finished ones: give one of them")
+    try:
+        done = _kept_runs(spec, out, resume=resume, force=force, retry_failed=retry_failed, hint=recompute_hint)
+    except OSError as e:  # a name too long, a directory we may not read
+        raise ConfigError("--out", f"cannot use {out} for the sweep: {e.strerror or e}") from None
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+        if force:
+            _remove_sweep_files(out)
+        for stale in parts.glob(".*.tmp"):  # half-written files of an interrupted or killed run
+            stale.unlink(missing_ok=True)
+        atomic_write_text(out / "spec.json", json.dumps(_jsonable(spec.source), indent=2))
+        atomic_write_text(out / "resolved.json", json.dumps(_resolved_inputs(spec), indent=2, default=str))
+    except OSError as e:
+        raise ConfigError("--out", f"cannot write the sweep to {out}: {e.strerror or e}") from None
     todo = [t for t in spec.tasks() if t not in done]
+    if announce is not None:
+        announce(len(todo), len(done))
     bar = Progress(len(todo), f"sweep {spec.name}", enabled=progress)
     t0 = time.perf_counter()
     if dask_scheduler or dask_local:
@@ -420,9 +543,134 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, jobs: int | None = None, resu
     return assemble(spec, out, wall, computed=len(todo), skipped=len(done))
 
 
+def describe_other_results(out: Path) -> str | None:
+    """What ``out`` holds when it holds tlbsim results other than a sweep's (a run's, a validation's...),
+    in words; None for a sweep, an empty or a new directory."""
+    manifest = out / "manifest.json"
+    if manifest.exists() or manifest.is_symlink():
+        try:
+            kind = json.loads(read_text(manifest, "manifest")).get("kind", "?")
+        except (ConfigError, ValueError, AttributeError):
+            return "an unreadable manifest.json (not a sweep's that tlbsim can read)"
+        if kind == "tlbsim-sweep":
+            return None
+        return OTHER_RESULTS.get(kind, f"results of another kind ({kind!r} in manifest.json)")
+    if not (out / "parts").is_dir() and any((out / f).exists() for f in ("vps.parquet", "exits.parquet",
+                                                                          "replication-0")):
+        return "a single run's tables (from `tlbsim run --out`; it has no manifest.json: interrupted?)"
+    return None
+
+
+def _kept_runs(spec: SweepSpec, out: Path, *, resume: bool, force: bool, retry_failed: bool,
+               hint: str) -> set[tuple[int, int]]:
+    """The finished (point, replication)s of ``out`` that this sweep keeps, or a ConfigError saying why
+    ``out`` cannot take this sweep (nothing is written here)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{out} exists and is not a directory")
+    if not out.is_dir():
+        return set()
+    other = describe_other_results(out)
+    if other:
+        raise ConfigError("--out", f"{out} holds {other}, not a sweep; a sweep will not write over it: "
+                          "choose another --out")
+    parts = out / "parts"
+    if not ((out / "manifest.json").exists() or (parts.is_dir() and any(parts.glob("*.json")))):
+        return set()
+    if force:
+        return set()
+    if not resume:
+        raise ConfigError("--out", f"{out} already holds a sweep; use --resume to finish it, or {hint}")
+    spec_file = out / "spec.json"
+    try:
+        old = json.loads(read_text(spec_file, "sweep spec record")) if spec_file.exists() else None
+    except (ConfigError, ValueError) as e:
+        raise ConfigError("--resume", f"{spec_file} is unreadable ({e}); cannot tell which sweep this is: "
+                          f"{hint}") from None
+    if old is not None and old != _jsonable(spec.source):
+        raise ConfigError("--resume", f"{out} holds a different sweep spec; refusing to mix results: {hint}")
+    tasks = set(spec.tasks())
+    hashes: dict[int, str] = {}
+    kept = set()
+    for (p, r), row in sorted(_finished_parts(parts).items()):
+        if (p, r) not in tasks or (retry_failed and row.get("status") != "ok"):
+            continue  # not this sweep's, or --retry-failed: computed again
+        if not row.get("config_hash"):
+            continue  # written before tlbsim recorded configurations: computed again, not mixed in
+        if p not in hashes:
+            hashes[p] = config_hash(spec.config(spec.points[p]))
+        if row["config_hash"] != hashes[p]:
+            raise ConfigError("--resume", f"{out} holds runs made with another configuration than this sweep's "
+                              f"now: {_what_changed(spec, out, p)} (point {p}); refusing to mix them: {hint}")
+        kept.add((p, r))
+    return kept
+
+
+def _finished_parts(parts: Path) -> dict[tuple[int, int], dict]:
+    """Every readable part record of ``parts``, by (point, replication); an unreadable one (written by
+    hand?) is left out: it is computed again and its atomic rewrite replaces it."""
+    out = {}
+    for f in parts.glob("*.json") if parts.is_dir() else ():
+        try:
+            row = json.loads(read_text(f, "sweep part"))
+            out[(int(row["point"]), int(row["replication"]))] = row
+        except (ConfigError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+    return out
+
+
+def _resolved_inputs(spec: SweepSpec) -> dict:
+    """What a sweep's runs are made from besides its spec: the base config and the trace files named
+    (resolved.json; a refused --resume names the first key that differs from it)."""
+    files: dict[str, str] = {}
+    base = flatten(spec.base)
+    for point in spec.points:
+        named = {**base, **point.overrides}
+        for key in ("workload.trace", "vf.trace"):
+            path = named.get(key)
+            if isinstance(path, str) and path and path not in files:
+                files[path] = file_digest(path)
+    return {"base": spec.base, "files": files, "tlbsim": __version__}
+
+
+def _what_changed(spec: SweepSpec, out: Path, p: int) -> str:
+    """Why point ``p`` resolves to another configuration than the finished runs recorded, in words."""
+    from tlbsim.config import apply_overrides
+
+    now = spec.config(spec.points[p])
+    try:
+        old = json.loads(read_text(out / "resolved.json", "sweep inputs record"))
+        old_base, old_files = dict(old["base"]), dict(old.get("files", {}))
+    except (ConfigError, ValueError, KeyError, TypeError):
+        return f"its resolved configuration hashes to {config_hash(now)} now"
+    try:
+        diff = _first_difference(Config.from_dict(apply_overrides(old_base, spec.points[p].overrides)).to_dict(),
+                                 now.to_dict())
+    except ConfigError:  # the old base is not valid any more: compare the base configs as written
+        diff = _first_difference(old_base, spec.base)
+    if diff:
+        return diff
+    for path in _input_files(now):
+        if old_files.get(path, file_digest(path)) != file_digest(path):
+            return f"the contents of {path} changed"
+    return (f"the same keys resolve differently with this tlbsim (a default changed since tlbsim "
+            f"{old.get('tlbsim', '?')} made them)")
+
+
+def _remove_sweep_files(out: Path) -> None:
+    """--force: remove what a sweep wrote in ``out`` (its tables, manifest and parts), nothing else."""
+    (out / "manifest.json").unlink(missing_ok=True)  # first: the directory no longer claims a finished sweep
+    for name in SWEEP_FILES:
+        (out / name).unlink(missing_ok=True)
+    parts = out / "parts"
+    for f in parts.iterdir() if parts.is_dir() else ():
+        if PART_FILE.fullmatch(f.name) and (f.is_file() or f.is_symlink()):
+            f.unlink(missing_ok=True)
+
+
 def assemble(spec: SweepSpec, out: Path, wall_s: float, computed: int, skipped: int) -> SweepOutcome:
     parts = out / "parts"
-    rows = [json.loads(f.read_text()) for f in sorted(parts.glob("*.json"))]
+    tasks = set(spec.tasks())  # parts of another sweep once in this directory are not this one's
+    rows = [row for task, row in sorted(_finished_parts(parts).items()) if task in tasks]
     points = pd.DataFrame(rows).sort_values(["point", "replication"]).reset_index(drop=True)
     done = {_part_name(int(r["point"]), int(r["replication"])) for r in rows}
     frames = [pd.read_parquet(f) for f in sorted(parts.glob("*.parquet"))
@@ -474,9 +722,9 @@ def load_results(directory: str | Path) -> dict[str, pd.DataFrame]:
     if not manifest_path.exists():
         raise FileNotFoundError(f"{directory} holds no tlbsim results (no manifest.json)")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(read_text(manifest_path, "manifest"))
         tables = dict(manifest["tables"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # ConfigError is a ValueError
         raise ValueError(f"{manifest_path} is not a tlbsim manifest ({type(e).__name__}: {e})") from None
     root = directory.resolve()
     out = {}

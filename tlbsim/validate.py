@@ -280,16 +280,19 @@ def evaluate(case: Case, points: pd.DataFrame) -> list[dict]:
 
 def run_cases(cases: list[Case], out: Path, quick: bool = False, jobs: int | None = None, resume: bool = False,
               progress: bool = False, dask_scheduler: str | None = None, dask_local: int | None = None) -> pd.DataFrame:
-    from tlbsim.sweep import run_sweep
+    from tlbsim.sweep import configs_digest, run_sweep
 
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for case in cases:
         case_dir = out / case.name
-        _forget_if_stale(case_dir, fingerprint([case]))
-        outcome = run_sweep(case.spec(quick), case_dir, jobs=jobs, resume=resume, progress=progress,
+        spec = case.spec(quick)
+        # the model, the case file and every run's resolved configuration (its base config may have changed)
+        stamp = f"{fingerprint([case])}-{configs_digest(spec)}"
+        _forget_if_stale(case_dir, stamp)
+        outcome = run_sweep(spec, case_dir, jobs=jobs, resume=resume, progress=progress,
                             dask_scheduler=dask_scheduler, dask_local=dask_local)
-        atomic_write_text(case_dir / FINGERPRINT_FILE, fingerprint([case]))
+        atomic_write_text(case_dir / FINGERPRINT_FILE, stamp)
         if outcome.failed:
             point, rep, err = outcome.failed[0]
             raise ConfigError(case.name, f"{len(outcome.failed)} runs failed (point {point} replication {rep}: {err})")
