@@ -193,3 +193,35 @@ def test_explain_prints_the_anatomy_of_a_run_and_of_a_sweep(tmp_path, capsys):
     assert "policy = mask" in capsys.readouterr().out
     assert main(["explain", str(tmp_path / "nothing")]) == 2
     assert "no tlbsim results" in capsys.readouterr().err
+
+
+def test_make_run_s_commands_succeed_twice(tmp_path, capsys):
+    """The README: `make run` is idempotent. Its recipe's tlbsim commands (read from the Makefile), run
+    twice into a scratch directory on a shrunk headline spec, both exit 0; the second resumes the sweep."""
+    import re
+    import shlex
+    import tomllib
+    from pathlib import Path
+
+    from tlbsim.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = re.search(r"^run: .*\n((?:\t.*\n)+)", (root / "Makefile").read_text(), re.M).group(1)
+    commands = [shlex.split(line.strip().replace("$(BIN)/tlbsim", "tlbsim")) for line in recipe.splitlines()]
+    assert [c[1] for c in commands] == ["run", "sweep", "plot"]
+    spec = tomllib.loads((root / "experiments" / "overcommit.toml").read_text())
+    small = tmp_path / "overcommit.toml"
+    small.write_text("\n".join([
+        f'name = "{spec["name"]}"', f'base = "{root / "experiments" / spec["base"]}"', "replications = 1",
+        f"seed = {spec['seed']}", "[fixed]", '"partition.vps" = 4', '"partition.lps" = 4',
+        '"partition.duration_us" = 3000.0', "[grid]", '"workload.policy" = ["ipi", "mask"]',
+        '"host.guests" = [1, 2]', "[plot]", 'kind = "overcommit"']))
+    swap = {"experiments/configs/default.toml": str(root / "experiments" / "configs" / "default.toml"),
+            "experiments/overcommit.toml": str(small), "results/default": str(tmp_path / "default"),
+            "results/overcommit": str(tmp_path / "overcommit")}
+    for attempt in range(2):
+        for command in commands:
+            argv = [swap.get(a, a) for a in command[1:]] + (["--no-progress"] if command[1] == "sweep" else [])
+            assert main(argv) == 0, (attempt, argv)
+    assert "4 resumed" in capsys.readouterr().out
+    assert (tmp_path / "overcommit" / "figures" / "latency_anatomy.png").exists()
