@@ -111,6 +111,49 @@ class SchedParams:
         return period / nr_running
 
 
+class Schedulable:
+    """What the host may ask of anything it schedules (a guest VP, a co-tenant VP): a small protocol,
+    so that the host writes no field of the entity but its own bookkeeping.
+
+    The entity declares these fields in its own ``__slots__`` (one slot layout per class): what the
+    protocol's methods keep, ``on_lp``, ``lp``, ``dispatched_us``, ``left_busy_us``, ``preempt_pending``,
+    ``dispatch_event``; and the scheduler's per-entity state (Linux's ``sched_entity``), which only
+    the host reads and writes: ``vruntime_us``, ``deadline_us``, ``vlag_us``. It implements ``kick``."""
+
+    __slots__ = ()
+
+    def kick(self) -> None:
+        """Look at a pending preemption now, if waiting interruptibly (guest code, a spin, HLT)."""
+        raise NotImplementedError
+
+    def dispatched(self, lp: int, now: float) -> None:
+        """The host gave it LP ``lp`` at ``now``."""
+        self.on_lp = True
+        self.lp = lp
+        self.dispatched_us = now
+
+    def taken_off_lp(self, lp_busy_us: float) -> None:
+        """The host took its LP back; ``lp_busy_us``: that LP's busy time then (what runs there after it
+        evicts its TLB entries)."""
+        self.on_lp = False
+        self.preempt_pending = False
+        self.left_busy_us = lp_busy_us
+
+    def queued(self, event) -> None:
+        """It waits for an LP: ``event`` fires when it is dispatched."""
+        self.dispatch_event = event
+
+    def take_dispatch_event(self):
+        """Dispatched from the queue: the event to fire (it no longer waits)."""
+        event, self.dispatch_event = self.dispatch_event, None
+        return event
+
+    def preempt(self) -> None:
+        """The host preempts it (slice end, wakeup preemption): it gives up its LP at its next chance."""
+        self.preempt_pending = True
+        self.kick()
+
+
 class Host:
     def __init__(self, env, n_lps: int, sched: SchedParams):
         self.env = env
@@ -202,7 +245,7 @@ class Host:
             self._dispatch(entity, lp)
             return None
         ev = self.env.event()
-        entity.dispatch_event = ev
+        entity.queued(ev)
         self._enqueue(entity)
         if woken:
             self._check_preempt_wakeup(entity)
@@ -223,9 +266,8 @@ class Host:
         if curr is None or curr.preempt_pending:
             return
         if self.vruntime_now(curr) - woken.vruntime_us > gran:
-            curr.preempt_pending = True
             self.wakeup_preemptions += 1
-            curr.kick()
+            curr.preempt()
 
     def release(self, entity) -> None:
         """``entity`` gives up its LP (halt, suspension, preemption, idle period); the LP runs the
@@ -244,26 +286,21 @@ class Host:
 
     def _put_prev(self, entity) -> int:
         del self.running[entity]
-        entity.on_lp = False
-        entity.preempt_pending = False
         ran = self.env.now - entity.dispatched_us
         entity.vruntime_us += ran
         lp = entity.lp
         busy = self.lp_busy_us[lp] + ran
         self.lp_busy_us[lp] = busy
-        entity.left_busy_us = busy  # what ran on the LP after it is what evicts its TLB entries there
+        entity.taken_off_lp(busy)
         return lp
 
     def _dispatch_waiting(self, entity, lp: int) -> None:
         self._dispatch(entity, lp)
-        ev, entity.dispatch_event = entity.dispatch_event, None
-        ev.succeed()
+        entity.take_dispatch_event().succeed()
 
     def _dispatch(self, entity, lp: int) -> None:
-        entity.on_lp = True
-        entity.lp = lp
+        entity.dispatched(lp, self.env.now)
         self._lp_curr[lp] = entity
-        entity.dispatched_us = self.env.now
         self.running[entity] = None
         self.dispatches += 1
 
@@ -351,10 +388,9 @@ class Host:
             if waiting <= 0:
                 break
             if not vp.preempt_pending and self._slice_over(vp, slice_us, now):
-                vp.preempt_pending = True
                 self.preemptions += 1
                 waiting -= 1
-                vp.kick()
+                vp.preempt()
         self._arm()
 
     def _first_slice_end(self, candidates) -> float:
@@ -484,9 +520,8 @@ class EevdfHost(Host):
         v_curr = self.vruntime_now(curr)
         self._renew_deadline(curr, v_curr)
         if v_curr > big_v and woken.vruntime_us <= big_v and woken.deadline_us < curr.deadline_us:
-            curr.preempt_pending = True
             self.wakeup_preemptions += 1
-            curr.kick()
+            curr.preempt()
 
     # ------------------------------------------------------------ slices
     def _first_slice_end(self, candidates) -> float:
@@ -521,7 +556,7 @@ class EevdfHost(Host):
     def _yield_pick(self, target):
         return self._pick()  # the next buddy is not honoured (NEXT_BUDDY off, no PICK_BUDDY)
 
-class CoTenantVp:
+class CoTenantVp(Schedulable):
     """A VP of another partition: runnable for busy periods (forever if
     CPU-bound), halted in between; takes LPs from the host like any VP."""
 

@@ -1,6 +1,6 @@
 """A VP and its LP (a mixin of ``vp.VP``): waiting for an LP, giving it up to sleep (HLT, a
 suspension) or to the host (preemption), directed yields, and the idle loop's and HLT's sleeps. What
-the host asks of anything it schedules is host.Schedulable."""
+the host asks of anything it schedules is host.Schedulable, this mixin's base."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import math
 from simpy import Interrupt
 
 from tlbsim.model.accounting import DESCHEDULED, EXIT, GUEST, HALTED, I_HALT, SUSPENDED
-from tlbsim.model.host import YIELD_FAILED, YIELD_LEFT_LP
+from tlbsim.model.host import YIELD_FAILED, YIELD_LEFT_LP, Schedulable
 
 
-class LpUser:
+class LpUser(Schedulable):
     """The VP's side of the LP protocol (``wait_for_lp``, ``give_up_lp``, ``give_up_lp_preempted``,
     ``descheduled_runnable``, ``yield_lp_to``) and its sleeps (``_idle``, ``_halt``)."""
 
