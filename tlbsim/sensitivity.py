@@ -43,8 +43,9 @@ import numpy as np
 import pandas as pd
 
 from tlbsim import __version__
-from tlbsim.config import Config, ConfigError, apply_overrides, read_toml
+from tlbsim.config import Config, ConfigError, apply_overrides
 from tlbsim.results import atomic_write_parquet, atomic_write_text, git_revision
+from tlbsim.specs import read_spec
 
 SPEC_KEYS = {"name", "description", "base", "method", "samples", "seed", "replications", "fixed", "variants",
              "metric", "parameter", "levels"}
@@ -115,18 +116,7 @@ def _field_type(key: str):
 
 def load_spec(path: str | Path) -> SensitivitySpec:
     path = Path(path)
-    data = read_toml(path, "sensitivity spec")
-    unknown = set(data) - SPEC_KEYS
-    if unknown:
-        raise ConfigError(sorted(unknown)[0], f"{path}: unknown sensitivity spec key")
-    name = data.get("name", path.stem)
-    if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
-        raise ConfigError("name", "letters, digits, '_' and '-' only (it names the output directory)")
-    base: dict[str, Any] = {}
-    if "base" in data:
-        if not isinstance(data["base"], str):
-            raise ConfigError("base", "must be a path to a config TOML")
-        base = read_toml((path.parent / data["base"]).resolve(), "base config", "base")
+    data, name, base = read_spec(path, "sensitivity spec", SPEC_KEYS)
     method = data.get("method", "morris")
     if method not in ("morris", "sobol"):
         raise ConfigError("method", "must be 'morris' or 'sobol'")
