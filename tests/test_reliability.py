@@ -333,3 +333,31 @@ def test_inputs_that_are_not_regular_files_are_refused_at_once(tmp_path, capsys)
     for args in (["run", str(adir)], ["run", str(DEFAULT), "--set", f'workload.trace="{adir}"'], ["sweep", str(adir)]):
         assert main([*args, "--no-progress"]) == 2
         assert "is a directory" in one_error_line(capsys.readouterr().err), args
+
+
+# ---------------------------------------------------------------- 24.5 (config side): costs a hypervisor could have
+def test_every_cost_key_is_bounded_and_the_bounds_are_documented():
+    import dataclasses
+    import re
+
+    from tlbsim import Config, ConfigError
+    from tlbsim.config import COST_LIMITS_US, CostConfig
+
+    keys = [f.name for f in dataclasses.fields(CostConfig) if f.name.endswith("_us")]
+    assert sorted(keys) == sorted(COST_LIMITS_US), "a [costs] time without a bound"
+    table = (ROOT / "docs" / "calibration.md").read_text().split("**Accepted values.**", 1)[1].split("## ", 1)[0]
+    for key, limit in COST_LIMITS_US.items():
+        assert 0 <= getattr(CostConfig(), key) <= limit
+        Config().with_overrides({f"costs.{key}": limit})  # the bound itself is accepted
+        with pytest.raises(ConfigError, match=re.escape(f"costs.{key}: must be in 0-{limit:,g} us")):
+            Config().with_overrides({f"costs.{key}": limit * 1.001})
+        row = next(line for line in table.splitlines() if line.startswith("|") and re.search(rf"\b{key}\b", line))
+        assert f"0-{limit:,g} us" in row, key
+
+
+@pytest.mark.parametrize("setting", ["costs.vmexit_roundtrip_us=1e300", "costs.hypercall_decode_us=20000",
+                                     "costs.refill_us=11", "costs.continuation_limit_us=1e5"])
+def test_costs_no_hypervisor_could_have_are_one_line_and_exit_2(capsys, setting, no_simulation):
+    assert main(["run", str(DEFAULT), "--set", setting, "--no-progress"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert setting.split("=")[0] in line and "us" in line

@@ -151,6 +151,25 @@ class PartitionConfig:
             raise ConfigError(f"{key}.duration_us", "at most 1e10 us (about 3 simulated hours)")
 
 
+#: The range a [costs] key may take, us: what a hypervisor could take for it, generously (every key's
+#: default, source and plausible range are in docs/calibration.md, which also states these bounds). An
+#: operation: at most 1 ms, a tenth of Hyper-V's 10 ms scheduler slice and 200 times the largest figure
+#: published for any of them (5 us); a step repeated per item (a VP, a bank, a range, a page, a TLB entry):
+#: at most 10 us, 40 times the largest plausible one; the continuation limit: at most 10 ms (0: none).
+COST_OPERATION_MAX_US, COST_STEP_MAX_US, CONTINUATION_MAX_US = 1000.0, 10.0, 10_000.0
+COST_STEPS = ("mask_per_vp_us", "vp_set_per_bank_us", "list_per_range_us", "invlpg_us", "refill_us")
+COST_OPERATIONS = ("vmexit_roundtrip_us", "hypercall_decode_us", "hv_ipi_send_us", "hv_ipi_roundtrip_us",
+                   "hv_context_flush_us", "vtl2_roundtrip_us", "broadcast_issue_us", "broadcast_sync_us",
+                   "target_interrupt_us", "deferred_flush_us", "local_flush_us", "full_flush_us", "vipi_send_us",
+                   "pv_ipi_per_target_us", "halt_wake_us", "lock_release_wake_us", "sched_yield_hypercall_us")
+COST_LIMITS_US = {**{k: COST_OPERATION_MAX_US for k in COST_OPERATIONS}, **{k: COST_STEP_MAX_US for k in COST_STEPS},
+                  "continuation_limit_us": CONTINUATION_MAX_US}
+COST_LIMIT_REASONS = {**{k: "a hypervisor operation: at most a tenth of a 10 ms scheduler slice"
+                         for k in COST_OPERATIONS},
+                      **{k: "a step repeated per item: at most 40 times the largest plausible one" for k in COST_STEPS},
+                      "continuation_limit_us": "a rep call returns to its caller within 10 ms; 0: never early"}
+
+
 @dataclass(frozen=True)
 class CostConfig:
     """Costs of the flush paths, microseconds."""
@@ -206,6 +225,9 @@ class CostConfig:
             value = getattr(self, f.name)
             if not isinstance(value, bool):
                 _finite_non_negative(value, f"{key}.{f.name}")
+            if f.name in COST_LIMITS_US and value > COST_LIMITS_US[f.name]:
+                raise ConfigError(f"{key}.{f.name}", f"must be in 0-{COST_LIMITS_US[f.name]:,g} us, got {value!r} "
+                                  f"({COST_LIMIT_REASONS[f.name]}; docs/calibration.md)")
         if self.flush_ceiling_pages > hv.GVA_RANGE_MAX_PAGES * 4096:
             raise ConfigError(f"{key}.flush_ceiling_pages", f"at most {hv.GVA_RANGE_MAX_PAGES * 4096:,} pages")
         if not 0 <= self.posted_interrupt_discount < 1:
