@@ -47,8 +47,9 @@ from typing import Any
 import pandas as pd
 
 from tlbsim import __version__
-from tlbsim.config import ConfigError, read_toml
+from tlbsim.config import ConfigError
 from tlbsim.results import atomic_write_parquet, atomic_write_text, git_revision
+from tlbsim.specs import read_spec
 from tlbsim.stats import mean_ci
 
 CASE_DIR = Path(__file__).resolve().parent.parent / "experiments" / "validation"
@@ -120,18 +121,7 @@ def _text(data: dict, key: str, path: Path) -> str:
 
 def load_case(path: str | Path) -> Case:
     path = Path(path)
-    data = read_toml(path, "validation case")
-    unknown = set(data) - CASE_KEYS
-    if unknown:
-        raise ConfigError(sorted(unknown)[0], f"{path}: unknown validation case key")
-    name = data.get("name", path.stem)
-    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
-        raise ConfigError("name", f"{path}: a case name is letters, digits, '_' and '-'")
-    base: dict[str, Any] = {}
-    if "config" in data:
-        if not isinstance(data["config"], str):
-            raise ConfigError("config", f"{path}: must be a path")
-        base = read_toml((path.parent / data["config"]).resolve(), "base config", "config")
+    data, name, base = read_spec(path, "validation case", CASE_KEYS, base_key="config")
     fixed, quick_fixed = data.get("fixed", {}), data.get("quick_fixed", {})
     for key, table in (("fixed", fixed), ("quick_fixed", quick_fixed)):
         if not isinstance(table, dict):
