@@ -419,13 +419,11 @@ def flush_pages_by_hypervisor(targets, scope: FlushScope, whole_context: bool, s
     The one fast path of the hottest loop of a large partition (a 1-page List call to 4,095
     running targets, every shootdown of the default guest): the same arithmetic in the same
     order as ``flush_by_hypervisor`` with ``Tlb.flush_pages`` (tests/test_model.py checks the
-    results bit for bit), inline, without two calls and a tuple per target (calling a Tlb method for
-    the page arithmetic instead cost 14 % a target at 16 VPs, measured alternating in one process;
-    guest accounting stays a call: inlining it too saved only 3-4 %). Collateral entries
-    are left alone: adding ``removed - required`` (+0.0) to a sum that starts at 0.0 and never
-    falls below it changes no bit (the VP's ``collateral_entries`` and the row's alike). ``refill_us``
-    and ``record_ids`` (the invariant checks are on: every VP keeps ``applied_ids``) are passed, not
-    read per target: 8-11 % of a target's cost, measured alternating in one process."""
+    results bit for bit), inline, without two calls and a tuple per target (docs/performance.md says
+    what that saves). Collateral entries are left alone: adding ``removed - required`` (+0.0) to a sum
+    that starts at 0.0 and never falls below it changes no bit (the VP's ``collateral_entries`` and the
+    row's alike). ``refill_us`` and ``record_ids`` (the invariant checks are on: every VP keeps
+    ``applied_ids``) are passed, not read per target."""
     address_space, pages = scope.address_space, scope.pages
     required_list = []
     append = required_list.append

@@ -29,9 +29,8 @@ from tlbsim.model.vp import GUEST, VP
 from tlbsim.model.workload import ClosedLoop, PoissonArrivals, TraceArrivals, TraceEvent
 
 #: Up to this many sharers of an address space, each VP's targets among them are a list of its own
-#: (0.5 MB at 256 VPs): iterating a list beats the chained islices of an ``OtherVPs`` view by about
-#: 4 % of the standard scenario's wall (16 VPs, alternating runs). Beyond, the view: lists would
-#: take n x (n - 1) pointers.
+#: (0.5 MB at 256 VPs): iterating a list is faster than the chained islices of an ``OtherVPs`` view
+#: (docs/performance.md). Beyond, the view: lists would take n x (n - 1) pointers.
 TARGET_LISTS_UP_TO = 256
 
 

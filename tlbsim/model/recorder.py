@@ -21,7 +21,7 @@ the end.
 With a ``spill`` callback the recorder hands its rows over in chunks as the
 run goes (the caller writes them to Parquet: results.ShootdownSpill) and keeps
 in memory only the two columns a late deferred flush can still change and
-the ids (24 bytes a row instead of 173). The model itself does no I/O.
+the ids. The model itself does no I/O.
 """
 
 from __future__ import annotations

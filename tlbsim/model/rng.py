@@ -24,8 +24,8 @@ _BLOCK = 512
 class Stream:
     """Exponential and uniform draws from one Generator, refilled in blocks
     (a numpy call per block instead of per draw). A block is a typed array
-    (8 bytes a draw; a list of floats took 32): a 4,096-VP partition holds
-    about 16,000 blocks, 128 instead of 512 MB."""
+    (8 bytes a draw, where a list of floats takes 32: a 4,096-VP partition holds
+    about 16,000 blocks)."""
 
     __slots__ = ("_gen", "_exp", "_ei", "_uni", "_ui")
 

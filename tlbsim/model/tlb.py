@@ -131,8 +131,7 @@ class Tlb:
         entries only (``FlushScope(address_space, True, None)``: every Space call a
         guest makes). Same result as ``flush`` (tests/test_model.py checks it on
         random TLBs); it skips building and testing the scope, which is most of
-        the per-target cost of a mask / ALL_PROCESSORS shootdown: measured
-        0.87 instead of 1.04 us per running target (bench.target_flush_us)."""
+        the per-target cost of a mask / ALL_PROCESSORS shootdown (bench.target_flush_us)."""
         removed = self.nonglobal
         required = removed if address_space is None or address_space == self.address_space else 0.0
         if not whole_context:
@@ -144,8 +143,7 @@ class Tlb:
         """``flush`` of a page scope (``FlushScope(address_space, _, pages)``: every List call and
         INVLPG; page flushes are exact, so ``whole_context`` and ``non_global_only`` do not matter):
         removes what ``required`` says the scope requires (tests/test_model.py checks it on random
-        TLBs). Callers with the scope's fields at hand skip building and testing a scope: measured
-        0.31 instead of 0.62-0.85 us a call on its own."""
+        TLBs). Callers with the scope's fields at hand skip building and testing a scope."""
         if (address_space is not None and address_space != self.address_space) or not self.working_set:
             return 0.0, 0.0
         nonglobal = self.nonglobal
