@@ -46,6 +46,7 @@ import simpy
 
 from tlbsim.config import Config
 from tlbsim.model.partition import CountingEnvironment, simulate_records
+from tlbsim.model.recorder import ROW_BYTES
 
 #: how much worse than the reference a figure must be to be flagged, by default (``--tolerance``)
 DEFAULT_TOLERANCE = 0.10
@@ -376,6 +377,26 @@ def main(quick: bool = False, json_out: str | None = None, compare: str | None =
     print(f"tlbsim bench ({'quick' if quick else 'full'}), Python {meta['python']}, SimPy {meta['simpy']}, "
           f"{meta['cores']} cores")
 
+    _bench_floor(figures, quick, dur, reps)
+    _bench_scenarios(figures, quick, dur, reps)
+    _bench_per_shootdown(figures, quick, dur, reps)
+    _bench_growth(figures, quick, dur, reps)
+    _bench_naive(figures, quick, dur, reps)
+    _bench_large(figures, quick, dur, reps)
+    _bench_memory(figures, quick, dur, reps)
+    _bench_sweep(figures, quick, dur, reps)
+
+    report = {"meta": meta, "figures": figures}
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        print(f"figures written to {json_out}")
+    if compare:
+        print_comparison(report, load_report(compare), compare, tolerance)
+    return 0
+
+
+def _bench_floor(figures: dict, quick: bool, dur: float, reps: int) -> None:
+    """Section 1: raw SimPy and the flush arithmetic alone."""
     raw = raw_simpy_rate(100_000 if quick else 300_000)
     raw_us = 1e6 / raw
     _figure(figures, "raw_simpy_timeout_us", raw_us, "us", better="lower")
@@ -387,6 +408,9 @@ def main(quick: bool = False, json_out: str | None = None, compare: str | None =
           f"arithmetic alone (no SimPy): {per_target:.3f} us for the default 1-page List call, {space_target:.3f} us "
           "for a Space call (the whole address space refills between flushes)")
 
+
+def _bench_scenarios(figures: dict, quick: bool, dur: float, reps: int) -> None:
+    """Section 2: scenarios against their floor."""
     print(f"\n2. scenarios ({dur / 1000:,.0f} ms simulated), wall against floor (events as raw SimPy timeouts + "
           "target flushes as arithmetic alone)")
     reps_floor = max(reps, 2)
@@ -407,6 +431,9 @@ def main(quick: bool = False, json_out: str | None = None, compare: str | None =
                         standard(dur, **{"partition.semantics": "kvm", "workload.mode": "closed",
                                          "workload.closed_work_us": 300.0}), reps_floor)
 
+
+def _bench_per_shootdown(figures: dict, quick: bool, dur: float, reps: int) -> None:
+    """Section 3: events and wall time per shootdown, per policy."""
     print("\n3. per shootdown, standard scenario   total: events  wall us (x raw)   marginal: events  wall us (x raw)")
     per_policy = {}
     for policy in ("ipi", "mask", "all", "linux", "kvm-pv"):
@@ -434,6 +461,9 @@ def main(quick: bool = False, json_out: str | None = None, compare: str | None =
           f"{per_target_events:.2f} SimPy events per target (target <= 3; the floor is 2: the IPI's "
           "delivery, which wakes the target, and its handler)")
 
+
+def _bench_growth(figures: dict, quick: bool, dur: float, reps: int) -> None:
+    """Section 4: marginal wall time per shootdown against VP count."""
     print("\n4. marginal wall us per shootdown vs VP count (groups of 8 VPs share an address space: 7 targets)")
     sizes = (8, 16, 32, 64, 256)
     for policy in ("mask", "all", "ipi", "kvm-pv", "linux"):
@@ -449,6 +479,9 @@ def main(quick: bool = False, json_out: str | None = None, compare: str | None =
               + f"   64/8 = {cells[3] / base8:4.2f}")
     print("   target: mask 64/8 <= 1.5; no policy faster than linear in VP count")
 
+
+def _bench_naive(figures: dict, quick: bool, dur: float, reps: int) -> None:
+    """Section 5: a naive SimPy model against tlbsim."""
     naive_dur = 50_000.0 if quick else 200_000.0
     print("\n5. a naive SimPy model (a process per target flush, exits as timeouts, no scheduler or records) against "
           "tlbsim, same scenario, wall us per simulated ms")
@@ -465,6 +498,9 @@ def main(quick: bool = False, json_out: str | None = None, compare: str | None =
         print(f"   {n} VPs (mask): naive {naive_us:8,.0f} ({naive_events:,} events), tlbsim {ours_us:8,.0f} "
               f"({rec.events:,} events): tlbsim is {f['value']:.2f} x faster" + (" (target >= 5)" if n == 16 else ""))
 
+
+def _bench_large(figures: dict, quick: bool, dur: float, reps: int) -> None:
+    """Section 6: a large partition."""
     big_vps, big_dur = (1024, 2_000.0) if quick else (4096, 10_000.0)
     big_floor = Floor()
     big_floor.sample()
@@ -478,6 +514,9 @@ def main(quick: bool = False, json_out: str | None = None, compare: str | None =
           f"peak RSS {big['peak_mb']:,.0f} MB; {big['shootdowns']:,} shootdowns flushed {big['running_targets']:,} "
           f"running targets: floor {floor:.1f} s, {f['over_floor']:.2f} x floor")
 
+
+def _bench_memory(figures: dict, quick: bool, dur: float, reps: int) -> None:
+    """Section 7: peak memory recording many shootdowns."""
     n_rows = 100_000 if quick else 1_000_000
     rows, before, after = memory_for(n_rows)
     table_mb = rows * _ROW_BYTES / 2**20
@@ -488,6 +527,9 @@ def main(quick: bool = False, json_out: str | None = None, compare: str | None =
           f"imports, +{after - before:,.0f} MB for the run and its tables; the shootdown table alone is "
           f"{table_mb:,.0f} MB at {_ROW_BYTES} B a row): floor {before + table_mb:,.0f} MB")
 
+
+def _bench_sweep(figures: dict, quick: bool, dur: float, reps: int) -> None:
+    """Section 8: sweep speed-up on every core."""
     points = 8 if quick else 32
     one, many, jobs = sweep_speedup(points, 50_000.0 if quick else 200_000.0, 1 if quick else 3)
     _figure(figures, "sweep_speedup", one / many, "ratio", target=">= 1.7", better="higher")
@@ -495,17 +537,8 @@ def main(quick: bool = False, json_out: str | None = None, compare: str | None =
           f"speed-up {one / many:.2f}x (target >= 1.7x on 2 cores)")
     print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
 
-    report = {"meta": meta, "figures": figures}
-    if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-        print(f"figures written to {json_out}")
-    if compare:
-        print_comparison(report, load_report(compare), compare, tolerance)
-    return 0
 
-
-#: bytes of one shootdown row: 12 int64 + 9 float64 columns + 5 one-byte string codes
-_ROW_BYTES = 12 * 8 + 9 * 8 + 5
+_ROW_BYTES = ROW_BYTES  # bytes of one recorded shootdown row
 
 
 def load_report(path: str | Path) -> dict:

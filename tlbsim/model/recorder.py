@@ -76,6 +76,8 @@ _INT_COLUMNS = ("id", "partition", "initiator_vp", "address_space", "pages", "ca
 _FLOAT_COLUMNS = ("arrival_us", "issue_us", "complete_us", "latency_us", "queue_us", *ANATOMY_COLUMNS,
                   "refill_entries", "collateral_entries")
 _STR_COLUMNS = ("policy", "origin", "status", "hypercall_status", "stuck_on")
+#: bytes a recorded row takes: 8 a number, a one-byte code a string
+ROW_BYTES = 8 * (len(_INT_COLUMNS) + len(_FLOAT_COLUMNS)) + len(_STR_COLUMNS)
 
 _ROW_CHUNK = 1024
 #: _Shootdown attribute of each column, where the names differ
