@@ -538,6 +538,7 @@ def test_incomplete_shootdowns_are_censored_not_dropped():
 def test_a_timeline_changes_nothing_and_is_valid_chrome_trace(tmp_path):
     from tlbsim.model.timeline import Timeline, TracingVP
     from tlbsim.model.vp import VP
+    from tlbsim.timeline_output import chrome_trace, draw_timeline
 
     cfg = make_config(partition__vps=6, partition__lps=3, workload__policy="ipi", partition__duration_us=20_000.0,
                       locks__vsm_rate_per_ms=1.0, vf__count=1)
@@ -547,7 +548,7 @@ def test_a_timeline_changes_nothing_and_is_valid_chrome_trace(tmp_path):
     for table in ("shootdowns", "vps", "exits", "vf"):
         pd.testing.assert_frame_equal(getattr(plain, table), getattr(traced, table))
     assert timeline.segments and timeline.instants and timeline.shootdowns
-    trace = timeline.chrome_trace(6, traced.vf.to_dict("records"))
+    trace = chrome_trace(timeline, 6, traced.vf.to_dict("records"))
     for e in trace["traceEvents"]:
         assert e["ph"] in {"M", "X", "i", "b", "e"}
         if e["ph"] == "X":
@@ -558,7 +559,7 @@ def test_a_timeline_changes_nothing_and_is_valid_chrome_trace(tmp_path):
     seg = sorted((s for s in timeline.segments if s[0] == 0), key=lambda s: s[2])
     for a, b in zip(seg, seg[1:], strict=False):
         assert b[2] >= a[3] - 1e-9
-    timeline.figure(tmp_path / "t.png", 6)
+    draw_timeline(timeline, tmp_path / "t.png", 6)
     assert (tmp_path / "t.png").stat().st_size > 5000
     # off by default: the plain VP class, no per-event hook
     from tlbsim.model.partition import Partition

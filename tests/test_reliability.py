@@ -292,12 +292,12 @@ def test_a_failed_save_leaves_no_temporary_file_and_a_later_run_removes_stale_on
 
 
 def test_a_timeline_that_cannot_be_written_after_the_run_does_not_cost_the_results(tmp_path, capsys, monkeypatch):
-    from tlbsim.model.timeline import Timeline
+    import tlbsim.timeline_output
 
-    def fails(self, path, vps, title=""):
+    def fails(timeline, path, vps, title=""):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Timeline, "figure", fails)
+    monkeypatch.setattr(tlbsim.timeline_output, "draw_timeline", fails)
     out = tmp_path / "o"
     assert main(["run", str(DEFAULT), "--set", "partition.duration_us=3000", "--out", str(out),
                  "--timeline", str(tmp_path / "t.png"), "--no-progress"]) == 2
@@ -361,3 +361,92 @@ def test_costs_no_hypervisor_could_have_are_one_line_and_exit_2(capsys, setting,
     assert main(["run", str(DEFAULT), "--set", setting, "--no-progress"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert setting.split("=")[0] in line and "us" in line
+
+
+# ---------------------------------------------------------------- 24.7: trace errors name the file's line
+def test_trace_errors_name_the_line_of_the_file_blank_lines_counted(tmp_path, capsys):
+    rows = ["time_us,vp,address_space,pages", "10,0,0,1", "", "", "20,1,0,1", "",
+            *[f"{30 + i},0,0,1" for i in range(8)]]
+    rows.append("nan,1,0,1")  # line 15
+    assert len(rows) == 15
+    trace = tmp_path / "t.csv"
+    trace.write_text("\n".join(rows) + "\n")
+    assert main(["run", str(DEFAULT), "--set", f'workload.trace="{trace}"', "--no-progress"]) == 2
+    assert f"{trace}:15:" in one_error_line(capsys.readouterr().err)
+    vf = tmp_path / "vf.csv"
+    vf.write_text("time_us,vf,block_mask\n10,0,1\n\n\n\nnan,0,1\n")
+    assert main(["run", str(DEFAULT), "--set", "vf.count=1", "--set", f'vf.trace="{vf}"', "--no-progress"]) == 2
+    assert f"{vf}:6:" in one_error_line(capsys.readouterr().err)
+    trace.write_text("time_us,vp,address_space,pages\n10,0,0,1\n\n20,1,1,1\n")  # address space 1 under sharing all
+    assert main(["run", str(DEFAULT), "--set", f'workload.trace="{trace}"', "--no-progress"]) == 2
+    assert f"{trace}:4:" in one_error_line(capsys.readouterr().err)
+
+
+def test_trace_numbers_are_ascii_digits(tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    trace.write_text("time_us,vp,address_space,pages\n10,0,0,1\n\u0663,1,0,1\n")  # an Arabic-Indic 3
+    assert main(["run", str(DEFAULT), "--set", f'workload.trace="{trace}"', "--no-progress"]) == 2
+    assert f"{trace}:3: time_us is not a number in ASCII digits" in one_error_line(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------- 24.8: the Python API
+def test_simulate_records_a_drawn_seed_and_refuses_what_is_not_one():
+    import numpy as np
+
+    from tlbsim import Config
+    from tlbsim.runner import simulate
+
+    config = Config().with_overrides({"partition.duration_us": 2000.0, "partition.vps": 4})
+    drawn = simulate(config, seed=None)
+    assert isinstance(drawn.seed, int) and drawn.manifest()["seed"] == drawn.seed
+    again = simulate(config, seed=drawn.seed)  # the recorded seed repeats the run
+    pd.testing.assert_frame_equal(drawn.shootdowns, again.shootdowns)
+    assert simulate(config, seed=np.int64(3)).seed == 3
+    for bad, error in ((True, TypeError), (1.5, TypeError), ("7", TypeError), (-1, ValueError)):
+        with pytest.raises(error, match="seed"):
+            simulate(config, seed=bad)
+
+
+def test_with_overrides_takes_numpy_values_and_paths(tmp_path):
+    import numpy as np
+
+    from tlbsim import Config
+
+    trace = tmp_path / "t.csv"
+    config = Config().with_overrides({"partition.vps": np.int64(8), "run.check_invariants": np.bool_(True),
+                                      "costs.refill_us": np.float64(0.05), "workload.trace": trace,
+                                      "workload.initiators": np.array([1, 2])})
+    assert (config.partition.vps, config.run.check_invariants, config.workload.trace) == (8, True, str(trace))
+    assert type(config.partition.vps) is int and config.workload.initiators == [1, 2]
+
+
+def test_sections_built_directly_are_checked_at_construction():
+    from tlbsim import Config, ConfigError
+    from tlbsim.config import CostConfig, PartitionConfig
+    from tlbsim.runner import simulate
+
+    with pytest.raises(ConfigError, match=r"partition\.vps: must be an integer, got 16\.5"):
+        PartitionConfig(vps=16.5)
+    with pytest.raises(ConfigError, match=r"costs\.hypercall_decode_us: must be in 0-1,000 us"):
+        CostConfig(hypercall_decode_us=20000.0)
+    with pytest.raises(ConfigError, match="partition: must be a PartitionConfig"):
+        Config(partition={"vps": 8})
+    part = PartitionConfig(vps=4, duration_us=2000)  # an int where a float goes is a float, as from TOML
+    assert type(part.duration_us) is float
+    assert simulate(Config(partition=part), seed=1).summary["shootdowns_completed"] >= 0
+
+
+# ---------------------------------------------------------------- 24.9: small ones
+def test_seed_with_leading_zeros_and_timeline_named_as_written(tmp_path, capsys):
+    from tlbsim.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["run", "x", "--seed", "010"]).seed == 10 and parse(["run", "x", "--seed", "0x10"]).seed == 16
+    with pytest.raises(SystemExit):
+        parse(["run", "x", "--seed", "\u0663"])
+    capsys.readouterr()
+    figure = tmp_path / "tl"
+    assert main(["run", str(DEFAULT), "--set", "partition.duration_us=2000", "--set", "partition.vps=4",
+                 "--timeline", str(figure), "--no-progress"]) == 0
+    assert f"timeline figure written to {figure}.png" in capsys.readouterr().out
+    assert (tmp_path / "tl.png").exists() and not figure.exists()

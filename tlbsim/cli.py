@@ -184,80 +184,20 @@ def cmd_run(args) -> int:
 
 
 def _cmd_run(args, spilled: list[Path]) -> int:
-    import json
-
-    from tlbsim.config import read_text
-    from tlbsim.model import rng
-    from tlbsim.results import remove_stale_temp_files
-    from tlbsim.runner import simulate
-
     config = _load_config(args.config, args.set)
     if args.replications < 1 or args.replications > 1000:
         raise UsageError("--replications must be in 1..1000")
-    out = Path(args.out) if args.out else None
-    if out is not None:  # before the run: an unwritable --out must not cost a whole simulation
-        _output_dir(out)
-        manifest = out / "manifest.json"
-        if manifest.exists() and not args.force:
-            try:
-                kind = json.loads(read_text(manifest, "manifest")).get("kind", "?")
-            except (ConfigError, ValueError, AttributeError):
-                kind = "unreadable"
-            raise UsageError(f"--out {out} already holds results ({kind}); use --force to overwrite them "
-                             "or choose another directory")
-        remove_stale_temp_files(out)  # of an earlier run here that was killed
-    guests = f"{config.host.guests} guest partitions of " if config.host.guests > 1 else ""
-    banner = (f"tlbsim run {args.config} (seed {args.seed}, {guests}{config.partition.vps} VPs on "
-              f"{config.partition.lps} LPs" + (f" shared with {config.host.cotenants} co-tenant partition(s) of "
-                                                f"{config.host.cotenant_vps} VPs" if config.host.cotenants else "")
-              + f", {config.partition.duration_us:,.0f} us simulated"
-              + (f", {args.replications} replications" if args.replications > 1 else "") + ")")
-    timeline = None
-    if args.trace or args.timeline:
-        from tlbsim.model.timeline import Timeline
-
-        start, end = _window(args.window, config.partition.duration_us)
-        timeline = Timeline(start, end)
-        if args.trace:  # every output is checked before the run, which may take minutes
-            _output_file(args.trace, "--trace")
-        if args.timeline:
-            args.timeline = _figure_file(args.timeline, "--timeline")
-    results = []
-    for r in range(args.replications):
-        seed = args.seed if args.replications == 1 else rng.replication_seed(args.seed, r)
-        progress = None
-        if not args.no_progress:
-            from tlbsim.sweep import Progress
-
-            label = f"simulating {config.partition.duration_us:,.0f} us" + (
-                f" (replication {r + 1}/{args.replications})" if args.replications > 1 else "")
-            bar = Progress(100, label)
-
-            def progress(_fraction: float, bar=bar) -> None:  # called once per 1 % of simulated time
-                bar.update()
-        # with --out the shootdown table goes to disk as the run makes it (memory: 24 bytes a row, not 173)
-        spill_dir = None if out is None else (out if args.replications == 1 else out / f"replication-{r}")
-        res = simulate(config, seed=seed, progress=progress, timeline=timeline if r == 0 else None,
-                       spill_dir=spill_dir)
-        if res.shootdowns_file is not None:
-            spilled.append(Path(res.shootdowns_file))
-        if out is not None and args.replications > 1:
-            # saved as soon as it is made: N replications need the memory of one, not N
-            try:
-                res.save(out / f"replication-{r}")
-            except OSError as e:
-                raise UsageError(f"cannot write results to {out}: {e.strerror or e}") from None
-        if r > 0:
-            res = SimpleNamespace(summary=res.summary)  # its tables are on disk or not wanted
-        results.append(res)
-    print(banner)
+    out = _run_out(args)
+    timeline = _run_timeline(args, config)  # every output is checked before the run, which may take minutes
+    results = _replications(args, config, out, timeline, spilled)
+    print(_run_banner(args, config))
     result = results[0]
     closed_loop = config.workload.mode == "closed"
     worst = max(float(r.summary["incomplete_fraction"]) for r in results)
     if worst > INCOMPLETE_WARNING:
-        print(f"tlbsim: warning: {worst:.1%} of shootdowns were still in flight at the end; latency statistics "
-              "count them with the time they had waited (lower bounds): run longer or lighten the load",
-              file=sys.stderr)
+        print(f"tlbsim: warning: {worst:.1%} of the arrivals were unfinished at the end (in flight, or never "
+              "started); latency statistics count those in flight with the time they had waited (lower bounds): "
+              "run longer or lighten the load", file=sys.stderr)
     if args.replications == 1:
         print(format_summary(result.summary, closed_loop=closed_loop))
         if config.host.guests > 1:
@@ -274,20 +214,110 @@ def _cmd_run(args, spilled: list[Path]) -> int:
             raise UsageError(f"cannot write results to {out}: {e.strerror or e}") from None
         print(f"results written to {out}/")
     if timeline is not None:
-        vf0 = result.vf[result.vf["partition"] == 0] if len(result.vf) else result.vf  # the guest drawn
-        vf_rows = vf0.to_dict("records") if len(vf0) else None
-        try:
-            if args.trace:
-                timeline.write_json(args.trace, config.partition.vps, vf_rows)
-                print(f"timeline ({timeline.start_us:,.0f}-{timeline.end_us:,.0f} us) written to {args.trace}: "
-                      "open it in Perfetto (ui.perfetto.dev) or chrome://tracing")
-            if args.timeline:
-                timeline.figure(args.timeline, config.partition.vps, f"{config.workload.policy}: VP states, "
-                                f"{timeline.start_us:,.0f}-{timeline.end_us:,.0f} us")
-                print(f"timeline figure written to {args.timeline}")
-        except (OSError, ValueError) as e:  # checked before the run: the disk filled, or the file went meanwhile
-            raise UsageError(f"cannot write the timeline: {e}") from None
+        _write_timeline(args, config, timeline, result)
     return EXIT_OK
+
+
+def _run_out(args) -> Path | None:
+    """``--out``, checked before the run: writable, and holding no results unless ``--force``; stale
+    temporary files of a killed run there are removed."""
+    import json
+
+    from tlbsim.config import read_text
+    from tlbsim.results import remove_stale_temp_files
+
+    out = Path(args.out) if args.out else None
+    if out is None:
+        return None
+    _output_dir(out)
+    manifest = out / "manifest.json"
+    if manifest.exists() and not args.force:
+        try:
+            kind = json.loads(read_text(manifest, "manifest")).get("kind", "?")
+        except (ConfigError, ValueError, AttributeError):
+            kind = "unreadable"
+        raise UsageError(f"--out {out} already holds results ({kind}); use --force to overwrite them "
+                         "or choose another directory")
+    remove_stale_temp_files(out)  # of an earlier run here that was killed
+    return out
+
+
+def _run_timeline(args, config):
+    """The Timeline ``--trace`` / ``--timeline`` ask for (None without them), their files checked."""
+    if not (args.trace or args.timeline):
+        return None
+    from tlbsim.model.timeline import Timeline
+
+    start, end = _window(args.window, config.partition.duration_us)
+    if args.trace:
+        _output_file(args.trace, "--trace")
+    if args.timeline:
+        args.timeline = _figure_file(args.timeline, "--timeline")
+    return Timeline(start, end)
+
+
+def _run_banner(args, config) -> str:
+    guests = f"{config.host.guests} guest partitions of " if config.host.guests > 1 else ""
+    return (f"tlbsim run {args.config} (seed {args.seed}, {guests}{config.partition.vps} VPs on "
+            f"{config.partition.lps} LPs" + (f" shared with {config.host.cotenants} co-tenant partition(s) of "
+                                              f"{config.host.cotenant_vps} VPs" if config.host.cotenants else "")
+            + f", {config.partition.duration_us:,.0f} us simulated"
+            + (f", {args.replications} replications" if args.replications > 1 else "") + ")")
+
+
+def _replications(args, config, out: Path | None, timeline, spilled: list[Path]) -> list:
+    """Run every replication (the first with the timeline); with ``--out`` and several, each is saved
+    as it is made and only its summary kept."""
+    from tlbsim.model import rng
+    from tlbsim.runner import simulate
+
+    results = []
+    for r in range(args.replications):
+        seed = args.seed if args.replications == 1 else rng.replication_seed(args.seed, r)
+        progress = None
+        if not args.no_progress:
+            from tlbsim.sweep import Progress
+
+            label = f"simulating {config.partition.duration_us:,.0f} us" + (
+                f" (replication {r + 1}/{args.replications})" if args.replications > 1 else "")
+            bar = Progress(100, label)
+
+            def progress(_fraction: float, bar=bar) -> None:  # called once per 1 % of simulated time
+                bar.update()
+        # with --out the shootdown table goes to disk as the run makes it
+        spill_dir = None if out is None else (out if args.replications == 1 else out / f"replication-{r}")
+        res = simulate(config, seed=seed, progress=progress, timeline=timeline if r == 0 else None,
+                       spill_dir=spill_dir)
+        if res.shootdowns_file is not None:
+            spilled.append(Path(res.shootdowns_file))
+        if out is not None and args.replications > 1:
+            # saved as soon as it is made: N replications need the memory of one, not N
+            try:
+                res.save(out / f"replication-{r}")
+            except OSError as e:
+                raise UsageError(f"cannot write results to {out}: {e.strerror or e}") from None
+        if r > 0:
+            res = SimpleNamespace(summary=res.summary)  # its tables are on disk or not wanted
+        results.append(res)
+    return results
+
+
+def _write_timeline(args, config, timeline, result) -> None:
+    from tlbsim.timeline_output import draw_timeline, write_chrome_trace
+
+    vf0 = result.vf[result.vf["partition"] == 0] if len(result.vf) else result.vf  # the guest drawn
+    vf_rows = vf0.to_dict("records") if len(vf0) else None
+    try:
+        if args.trace:
+            write_chrome_trace(timeline, args.trace, config.partition.vps, vf_rows)
+            print(f"timeline ({timeline.start_us:,.0f}-{timeline.end_us:,.0f} us) written to {args.trace}: "
+                  "open it in Perfetto (ui.perfetto.dev) or chrome://tracing")
+        if args.timeline:
+            draw_timeline(timeline, args.timeline, config.partition.vps, f"{config.workload.policy}: VP states, "
+                          f"{timeline.start_us:,.0f}-{timeline.end_us:,.0f} us")
+            print(f"timeline figure written to {args.timeline}")
+    except (OSError, ValueError) as e:  # checked before the run: the disk filled, or the file went meanwhile
+        raise UsageError(f"cannot write the timeline: {e}") from None
 
 
 def _figure_file(path: str, flag: str) -> str:
