@@ -622,7 +622,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tlbsim", description="Discrete-event simulator of TLB shootdowns in multi-VP VMs.")
     p.add_argument("--version", action="version", version=f"tlbsim {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    _add_run(sub)
+    _add_sweep(sub)
+    _add_plot(sub)
+    _add_explain(sub)
+    _add_check(sub)
+    _add_validate(sub)
+    _add_sensitivity(sub)
+    _add_config(sub)
+    _add_bench(sub)
+    return p
 
+
+def _add_run(sub) -> None:
     run = sub.add_parser("run", help="simulate one configuration and print its summary")
     run.add_argument("config", help="TOML configuration (see experiments/configs/default.toml)")
     run.add_argument("--seed", type=_seed, default=0, help="root seed (default 0)")
@@ -639,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="no progress (a bar on a terminal, a line per 10 %% otherwise)")
     run.set_defaults(func=cmd_run)
 
+
+def _add_sweep(sub) -> None:
     sw = sub.add_parser("sweep", help="run a parameter sweep (grid x replications) and save its tables")
     sw.add_argument("spec", help="sweep spec TOML (see experiments/*.toml)")
     sw.add_argument("--out", metavar="DIR", help="output directory (default results/<name>)")
@@ -655,15 +669,21 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-progress", action="store_true", help="no progress bar")
     sw.set_defaults(func=cmd_sweep)
 
+
+def _add_plot(sub) -> None:
     pl = sub.add_parser("plot", help="draw a sweep's standard figures (PNG and SVG)")
     pl.add_argument("dir", help="a sweep output directory")
     pl.add_argument("--out", metavar="DIR", help="where to write figures (default DIR/figures)")
     pl.set_defaults(func=cmd_plot)
 
+
+def _add_explain(sub) -> None:
     ex = sub.add_parser("explain", help="what shootdown latency is made of (typical and tail), per policy")
     ex.add_argument("dir", help="a `tlbsim run --out` or `tlbsim sweep` directory")
     ex.set_defaults(func=cmd_explain)
 
+
+def _add_check(sub) -> None:
     ck = sub.add_parser("check", help="compare simulated latency with committed baselines (CI gate)")
     ck.add_argument("--baseline", default="results/baselines", metavar="DIR",
                     help="baseline directory holding scenarios.toml (default results/baselines)")
@@ -675,6 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--scenario", action="append", help="check only this scenario (repeatable)")
     ck.set_defaults(func=cmd_check)
 
+
+def _add_validate(sub) -> None:
     va = sub.add_parser("validate", help="compare the model with published measurements (experiments/validation)")
     va.add_argument("case", nargs="*", help="case names (default: every case; with --quick, the quick subset)")
     va.add_argument("--quick", action="store_true", help="the quick subset, fewer replications (CI)")
@@ -686,6 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--no-progress", action="store_true", help="no progress bar")
     va.set_defaults(func=cmd_validate)
 
+
+def _add_sensitivity(sub) -> None:
     se = sub.add_parser("sensitivity", help="which parameters move an answer (Morris / Sobol indices, SALib)")
     se.add_argument("spec", help="sensitivity spec TOML (see experiments/sensitivity/*.toml)")
     se.add_argument("--out", metavar="DIR", help="output directory (default results/sensitivity/<name>)")
@@ -697,6 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--no-progress", action="store_true", help="no progress bar")
     se.set_defaults(func=cmd_sensitivity)
 
+
+def _add_config(sub) -> None:
     cf = sub.add_parser("config", help="show the merged configuration (defaults, a config file, --set)")
     cf_sub = cf.add_subparsers(dest="config_command", parser_class=_Parser, metavar="show", required=True)
     show = cf_sub.add_parser("show", help="print the merged configuration as TOML")
@@ -704,6 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set partition.vps=32")
     show.set_defaults(func=cmd_config_show)
 
+
+def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="measure simulator speed against raw SimPy")
     bench.add_argument("--quick", action="store_true", help="smaller workloads (a smoke test, not a measurement)")
     bench.add_argument("--json", metavar="FILE", help="write every figure (value, floor, target) as JSON")
@@ -712,7 +740,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tolerance", type=float, default=10.0, metavar="PCT",
                        help="with --compare: flag figures worse than the reference by more than PCT %% (default 10)")
     bench.set_defaults(func=cmd_bench)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
