@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from tlbsim import Config
-from tlbsim.plots import flatten
+from tlbsim.sweep import flatten
 
 REPO = Path(__file__).resolve().parent.parent
 

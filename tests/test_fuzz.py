@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tlbsim import Config
 from tlbsim.cli import main
-from tlbsim.plots import flatten
+from tlbsim.sweep import flatten
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT = str(REPO / "experiments" / "configs" / "default.toml")

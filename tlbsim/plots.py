@@ -24,6 +24,7 @@ import pandas as pd  # noqa: E402
 
 from tlbsim.config import Config, apply_overrides  # noqa: E402
 from tlbsim.stats import t_quantile  # noqa: E402
+from tlbsim.sweep import flatten  # noqa: E402
 
 LABELS = {
     "latency_mean_us": "shootdown latency, mean (us)",
@@ -107,16 +108,6 @@ def new_figure(figsize: tuple[float, float], ncols: int = 1):
 def t95(n: int) -> float:
     """Two-sided 95 % Student t critical value for a mean of n replications."""
     return t_quantile(0.975, n - 1) if n >= 2 else float("nan")
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def load_sweep(directory: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:

@@ -195,6 +195,7 @@ def file_digest(path: str | Path) -> str:
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested table's values by dotted key ("partition.vps")."""
     out: dict[str, Any] = {}
     for k, v in data.items():
         if isinstance(v, dict):
