@@ -11,8 +11,10 @@ trust. Every error names the dotted key that is wrong.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import tomllib
@@ -109,8 +111,30 @@ def read_toml(path: str | Path, what: str, key: str = "") -> dict[str, Any]:
     return data
 
 
+_BUILDING: contextvars.ContextVar[bool] = contextvars.ContextVar("tlbsim_config_building", default=False)
+
+
+class _Section:
+    """A configuration section checks itself when it is built directly (``PartitionConfig(vps=16.5)`` is
+    a ConfigError at once, not a TypeError deep in a run): every field's type as a TOML value's would be
+    (an int where a float goes becomes a float), then the section's own ``check``. Sections built from a
+    table (Config.from_dict, with_overrides) are coerced by _build and checked by Config with their keys."""
+
+    def __post_init__(self) -> None:
+        if _BUILDING.get() or "SECTION_KEYS" not in globals():  # (the defaults, made as this module loads)
+            return
+        key = SECTION_KEYS.get(type(self), type(self).__name__)
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            coerced = _coerce(value, hints[f.name], f"{key}.{f.name}")
+            if coerced is not value:
+                object.__setattr__(self, f.name, coerced)
+        self.check(key)
+
+
 @dataclass(frozen=True)
-class PartitionConfig:
+class PartitionConfig(_Section):
     vps: int = 16  # virtual processors; > 64 means the Ex calls
     lps: int = 16  # host logical processors, shared with any co-tenants ([host]); fewer than VPs is overcommit
     # hypervisor profile (model/profiles.py): "tlfs" (Hyper-V), "kvm" (KVM emulating the Hyper-V
@@ -171,7 +195,7 @@ COST_LIMIT_REASONS = {**{k: "a hypervisor operation: at most a tenth of a 10 ms 
 
 
 @dataclass(frozen=True)
-class CostConfig:
+class CostConfig(_Section):
     """Costs of the flush paths, microseconds."""
 
     vmexit_roundtrip_us: float = 0.6  # src: calibration "VM exit + entry round trip"
@@ -248,7 +272,7 @@ class CostConfig:
 
 
 @dataclass(frozen=True)
-class TlbConfig:
+class TlbConfig(_Section):
     capacity: int = 1536  # entries; src: calibration "second-level TLB entries" (Skylake STLB)
     working_set_pages: int = 1024  # non-global pages a VP touches in its address space (estimate)
     global_pages: int = 256  # global (PTE.G, kernel) pages a VP touches (estimate)
@@ -278,7 +302,7 @@ class TlbConfig:
 
 
 @dataclass(frozen=True)
-class ExitSpec:
+class ExitSpec(_Section):
     rate_per_ms: float = 0.0  # exits per ms of guest execution
     cost_us: float = 1.0  # time the virtualization stack takes to handle one
 
@@ -290,7 +314,7 @@ class ExitSpec:
 
 
 @dataclass(frozen=True)
-class ExitsConfig:
+class ExitsConfig(_Section):
     """Exit rates per ms of guest time and handling costs; all *estimates*
     (no public source gives a WHP exit mix), except that every handling cost
     is at least the 0.6 us round trip of calibration.md."""
@@ -322,7 +346,7 @@ class ExitsConfig:
 
 
 @dataclass(frozen=True)
-class LocksConfig:
+class LocksConfig(_Section):
     # VTL1 entries per ms of the VP's guest time (0: VSM off). While in VTL1 the VP runs no VTL0 code,
     # takes no VTL0 interrupts and holds VSM TlbLocked (its time is the vtl1 column).
     vsm_rate_per_ms: float = 0.0
@@ -349,7 +373,7 @@ class LocksConfig:
 
 
 @dataclass(frozen=True)
-class WorkloadConfig:
+class WorkloadConfig(_Section):
     policy: str = "mask"  # one of POLICIES
     # "open": arrivals per VP at rate_per_ms whatever the VP is doing, queued until it can serve them
     # (every policy sees the same offered load); "closed": each VP does closed_work_us of useful guest
@@ -403,7 +427,7 @@ class WorkloadConfig:
 
 
 @dataclass(frozen=True)
-class GuestConfig:
+class GuestConfig(_Section):
     """What the guest OS does around a shootdown (policies are in [workload])."""
 
     # Hypercall form of mask / all: "list" (HvCallFlushVirtualAddressList for ranges up to
@@ -431,7 +455,7 @@ class GuestConfig:
 
 
 @dataclass(frozen=True)
-class SpinConfig:
+class SpinConfig(_Section):
     """A VP spinning for IPI acks gives up its LP to a preempted VP of its partition (directed yield)."""
 
     # "profile" (kvm: pause-loop exiting; tlfs / openhcl: the long spin wait notification), "ple",
@@ -469,7 +493,7 @@ class SpinConfig:
 
 
 @dataclass(frozen=True)
-class HostConfig:
+class HostConfig(_Section):
     """Other partitions on the same LPs (co-tenants), under the same host scheduler."""
 
     cotenants: int = 0  # co-tenant partitions
@@ -538,7 +562,7 @@ class HostConfig:
 
 
 @dataclass(frozen=True)
-class VfConfig:
+class VfConfig(_Section):
     """SR-IOV VF configuration-block invalidations (the NdisMInvalidateConfigBlock chain).
 
     No public source gives a VMBus round trip, a block read or the guest's
@@ -605,7 +629,7 @@ FAULTS = ("", "drop_deferred_flush", "deny_hypercalls")
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Section):
     check_invariants: bool = False  # assert the model's invariants during the run (on in tests)
     # fault injection: "" (none), "drop_deferred_flush" (a VP that is not on an LP loses the flushes
     # deferred to it: the invariant checks must catch it) or "deny_hypercalls" (every flush hypercall
@@ -635,7 +659,11 @@ class Config:
     run: RunConfig = RunConfig()
 
     def __post_init__(self) -> None:
+        hints = _hints(Config)
         for f in dataclasses.fields(self):
+            if not isinstance(getattr(self, f.name), hints[f.name]):
+                raise ConfigError(f.name, f"must be a {hints[f.name].__name__}, got "
+                                  f"{type(getattr(self, f.name)).__name__}")
             getattr(self, f.name).check(f.name)
         n = self.partition.vps
         for key, vps in (("locks.vsm_vps", self.locks.vsm_vps), ("workload.initiators", self.workload.initiators),
@@ -774,8 +802,26 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _plain(value):
+    """What notebooks pass as the Python value it stands for: a numpy scalar (numpy.int64, numpy.bool_,
+    numpy.float64) as int, bool or float, a numpy array as a list, a path (pathlib.Path) as its string."""
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()  # a 0-d value: its Python scalar; an array: a list
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _coerce(value, tp, key: str):
+    value = _plain(value)
     origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, tp):
+        return value  # a section built directly has checked itself
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(key, f"must be a table, got {type(value).__name__}")
@@ -817,7 +863,7 @@ def _coerce(value, tp, key: str):
 
 
 def _build(cls, data: dict[str, Any], prefix: str):
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
@@ -828,4 +874,12 @@ def _build(cls, data: dict[str, Any], prefix: str):
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(prefix + key, f"unknown key{hint}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
-    return cls(**kwargs)
+    token = _BUILDING.set(True)  # coerced here; Config checks every section with its key
+    try:
+        return cls(**kwargs)
+    finally:
+        _BUILDING.reset(token)
+
+
+#: the key of each section type (its errors name it when it is built on its own)
+SECTION_KEYS = {tp: name for name, tp in _hints(Config).items()}

@@ -23,17 +23,39 @@ from tlbsim.records import (
 from tlbsim.results import Result, ShootdownSpill
 
 
-def load_trace(path: str | Path, n_vps: int) -> list[TraceEvent]:
-    """Read a CSV trace with columns time_us, vp, address_space, pages
-    (pages 0 = the whole address space). Errors name the line."""
+def csv_rows(path: str | Path, what: str, key: str, need: set[str]):
+    """(line number in the file, row) for each data row of a CSV input with the columns ``need``: the
+    line numbers count blank lines and quoted line breaks as the file does; a needed field with a
+    character outside ASCII (a "٣", which Python's float() would read as 3) is refused with its line."""
     path = Path(path)
-    text = read_text(path, "trace", "workload.trace").removeprefix("\ufeff")  # a BOM is not a column name
-    rows = list(csv.DictReader(text.splitlines()))
+    text = read_text(path, what, key).removeprefix("\ufeff")  # a BOM is not a column name
+    reader = csv.DictReader(text.splitlines())
+    found = False
+    for row in reader:
+        if not found and not need <= set(reader.fieldnames or ()):
+            break
+        found = True
+        bad = [c for c in sorted(need) if not str(row[c]).isascii()]
+        if bad:
+            raise ConfigError(key, f"{path}:{reader.line_num}: {bad[0]} is not a number in ASCII digits: "
+                              f"{row[bad[0]]!r}")
+        yield reader.line_num, row
+    if not found:
+        if need <= set(reader.fieldnames or ()):
+            raise ConfigError(key, f"{path} has a header but no rows")
+        raise ConfigError(key, f"{path} needs a header with columns {', '.join(sorted(need))}")
+
+
+def load_trace(path: str | Path, n_vps: int, lines: list[int] | None = None) -> list[TraceEvent]:
+    """Read a CSV trace with columns time_us, vp, address_space, pages
+    (pages 0 = the whole address space). Errors name the line; ``lines``, if
+    given, receives each event's line number in the file."""
+    path = Path(path)
     need = {"time_us", "vp", "address_space", "pages"}
-    if not rows or not need <= set(rows[0]):
-        raise ConfigError("workload.trace", f"{path} needs a header with columns {', '.join(sorted(need))}")
     events = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in csv_rows(path, "trace", "workload.trace", need):
+        if lines is not None:
+            lines.append(line)
         try:
             e = TraceEvent(float(row["time_us"]), int(row["vp"]), int(row["address_space"]), int(row["pages"]))
         except (TypeError, ValueError, OverflowError):
@@ -52,21 +74,44 @@ def load_trace(path: str | Path, n_vps: int) -> list[TraceEvent]:
 MAX_TRACE_PAGES = 4096 * 4096  # the most a flush can name (GVA ranges of 4,096 pages, one page of them)
 
 
-def check_trace_address_spaces(events: list[TraceEvent], config: Config) -> None:
+def check_trace_address_spaces(events: list[TraceEvent], config: Config, lines: list[int] | None = None) -> None:
     """Each trace row names an address space its VP runs (a flush of an address space nobody runs
-    would be a 0-target, 0-latency row: silent nonsense)."""
+    would be a 0-target, 0-latency row: silent nonsense). ``lines``: each event's line in the file."""
     from tlbsim.model.partition import address_space_index
 
     for i, e in enumerate(events):
         own = address_space_index(config, e.vp)
         if e.address_space != own:
-            raise ConfigError("workload.trace", f"row {i + 2}: VP {e.vp} runs address space {own} under "
+            where = f"{config.workload.trace}:{lines[i]}" if lines else f"row {i + 2}"
+            raise ConfigError("workload.trace", f"{where}: VP {e.vp} runs address space {own} under "
                               f"workload.sharing = {config.workload.sharing!r}, not {e.address_space}")
 
 
-def simulate(config: Config, seed: int = 0, progress=None, timeline=None,
+MAX_SEED = 2**128  # numpy's SeedSequence takes any integer >= 0; a seed is recorded in the manifest as it is
+
+
+def check_seed(seed) -> int:
+    """A run's seed as an int: an integer in 0..2^128 (numpy's too); None draws one from the operating
+    system's entropy, which the Result and its manifest record (the run can be repeated with it);
+    True, 1.5 or "7" are refused (a TypeError or ValueError saying what a seed is)."""
+    import numbers
+
+    if seed is None:
+        import secrets
+
+        return secrets.randbits(63)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"a seed is an integer (or None: one is drawn and recorded), not {seed!r}")
+    seed = int(seed)
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"a seed is an integer in 0..2^128, not {seed}")
+    return seed
+
+
+def simulate(config: Config, seed: int | None = 0, progress=None, timeline=None,
              spill_dir: str | Path | None = None, spill_rows: int = 1 << 16) -> Result:
-    """Run one simulation of ``config`` with ``seed``; same inputs, same Result.
+    """Run one simulation of ``config`` with ``seed``; same inputs, same Result (``seed=None``: one
+    drawn from the operating system, recorded in ``Result.seed``).
     ``progress(fraction)`` is called as simulated time advances (optional); ``timeline``
     (model.timeline.Timeline) collects a per-VP timeline of a window (optional; the records are the
     same with or without it). ``spill_dir``: write the shootdown table there as the run goes
@@ -75,13 +120,16 @@ def simulate(config: Config, seed: int = 0, progress=None, timeline=None,
     are the same."""
     if not isinstance(config, Config):
         raise TypeError("simulate() takes a tlbsim.Config")
-    trace = load_trace(config.workload.trace, config.partition.vps) if config.workload.trace else None
+    seed = check_seed(seed)
+    lines: list[int] = []
+    trace = load_trace(config.workload.trace, config.partition.vps, lines) if config.workload.trace else None
     if trace:
-        check_trace_address_spaces(trace, config)
+        check_trace_address_spaces(trace, config, lines)
         threads = config.workload.threads or config.partition.vps
-        idle = [e.vp for e in trace if e.vp >= threads]
+        idle = [i for i, e in enumerate(trace) if e.vp >= threads]
         if idle:
-            raise ConfigError("workload.trace", f"a row names VP {idle[0]}, which has no thread "
+            raise ConfigError("workload.trace", f"{config.workload.trace}:{lines[idle[0]]}: a row names VP "
+                              f"{trace[idle[0]].vp}, which has no thread "
                               f"(workload.threads = {threads}: VPs 0..{threads - 1} run one)")
     vf_trace = load_vf_trace(config.vf.trace, config.vf.count, config.vf.blocks) \
         if config.vf.count and config.vf.trace else None
@@ -113,13 +161,8 @@ def load_vf_trace(path: str | Path, n_vfs: int, n_blocks: int) -> dict[int, list
     """Read a CSV of PF calls with columns time_us, vf, block_mask (decimal
     or 0x hex). Errors name the line."""
     path = Path(path)
-    text = read_text(path, "VF trace", "vf.trace").removeprefix("\ufeff")
-    rows = list(csv.DictReader(text.splitlines()))
-    need = {"time_us", "vf", "block_mask"}
-    if not rows or not need <= set(rows[0]):
-        raise ConfigError("vf.trace", f"{path} needs a header with columns {', '.join(sorted(need))}")
     out: dict[int, list[tuple[float, int]]] = {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in csv_rows(path, "VF trace", "vf.trace", {"time_us", "vf", "block_mask"}):
         try:
             t, vf, mask = float(row["time_us"]), int(row["vf"]), int(row["block_mask"].strip(), 0)
         except (TypeError, ValueError, AttributeError, OverflowError):
