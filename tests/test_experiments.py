@@ -174,7 +174,7 @@ def test_cdf_figure_has_a_tail_view_fixed_policy_order_and_counts_incomplete(mon
     plots.cdf_figure(points, shootdowns, tmp_path)
     cdf, tail = captured["fig"].axes
     labels = [t.get_text() for t in cdf.get_legend().get_texts()]
-    assert labels == ["ipi (n=2)", "mask (n=4, 1 incomplete)"]
+    assert labels == ["ipi (n=2)", "mask (n=4, 1 in flight)"]
     ipi_line, mask_line = cdf.get_lines()
     assert mcolors.to_hex(mask_line.get_color()) == plots.POLICY_COLOURS["mask"]
     assert list(mask_line.get_xdata()) == [10.0, 20.0, 30.0]
