@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 
 from tlbsim import hv
 from tlbsim.hv import FlushCall, HvStatus
-from tlbsim.model.accounting import HYPERCALL, SPINNING, SUSPENDED
+from tlbsim.model.accounting import GUEST, HYPERCALL, SPINNING, SUSPENDED
 from tlbsim.model.tlb import EVERYTHING, FlushScope
 
 if TYPE_CHECKING:
@@ -115,6 +115,7 @@ class Hypervisor:
         self.recorder = part.recorder
         self.whole_context = part.config.tlb.hypervisor_flush == "vpid"
         self.record_ids = part.config.run.check_invariants  # every VP keeps applied_ids (VP.__init__)
+        self.traced = part.timeline is not None  # its VPs are TracingVPs
         self.n_vps = part.config.partition.vps
         locks = part.config.locks
         self.lock_wait = self.profile.lock_wait if locks.wait == "profile" else locks.wait
@@ -329,7 +330,8 @@ class Hypervisor:
         defer_idle = mode != INVLPGB
         if scope.pages is not None:  # every List call: the fast path
             required, deferred = flush_pages_by_hypervisor(targets, scope, whole_context, sd, now, debt,
-                                                           self.costs.refill_us, self.record_ids, defer_idle)
+                                                           self.costs.refill_us, self.record_ids, defer_idle,
+                                                           self.traced)
             if deferred:
                 self.recorder.deferred(sd, deferred)
             elif not defer_idle and len(required) < len(targets):
@@ -407,7 +409,7 @@ class Hypervisor:
 
 def flush_pages_by_hypervisor(targets, scope: FlushScope, whole_context: bool, shootdown, now: float,
                               debt_us: float, refill_us: float, record_ids: bool,
-                              defer_idle: bool = True) -> tuple[list[float], int]:
+                              defer_idle: bool = True, traced: bool = False) -> tuple[list[float], int]:
     """The hypervisor flushes a page scope (``scope.pages`` is set) on every target at ``now``: each
     target on an LP as ``VP.flush_by_hypervisor`` does it (a List call's scope, ``debt_us`` of
     interruption and flush work owed by each), each other one deferred (``VP.defer_flush``), or, with
@@ -436,7 +438,11 @@ def flush_pages_by_hypervisor(targets, scope: FlushScope, whole_context: bool, s
             else:  # VP.flush_now_idle
                 t.book_flush(shootdown, *t.tlb.flush_pages(address_space, pages))
             continue
-        t.advance_guest(now)
+        if traced:  # a TracingVP: its timeline sees the guest time accounted
+            t.advance_guest(now)
+        elif t.state == GUEST and now > t.since:  # TimeAccount.advance_guest, inline
+            t.account_guest(now - t.since)
+            t.since = now
         tlb = t.tlb
         t.hv_debt_us += debt_us
         working_set = tlb.working_set
