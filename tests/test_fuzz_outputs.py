@@ -11,8 +11,7 @@ must hold together:
 - the shootdown table's rows equal the summary's counts, and every trace arrival before the end is a row.
 
 The suite runs a derandomized subset (TLBSIM_FUZZ_EXAMPLES examples per test, default 50: about half a
-minute on two cores); `make fuzz` runs 1,000 with fresh randomness (TLBSIM_FUZZ_RANDOM=1), the known
-model bug's tests included (--runxfail).
+minute on two cores); `make fuzz` runs 1,000 with fresh randomness (TLBSIM_FUZZ_RANDOM=1).
 """
 
 import math
@@ -218,19 +217,17 @@ IPI_SENDS_CHARGED_WHOLE = (
     "500 us of guest code in a 5,000 us run: shootdown_cost_us beyond the VPs' time)")
 
 
-@pytest.mark.xfail(strict=True, reason=IPI_SENDS_CHARGED_WHOLE)
 @pytest.mark.parametrize("overrides", [
     {"workload.policy": "kvm-pv", "partition.semantics": "kvm", "costs.pv_ipi_per_target_us": 1000.0},
     {"workload.policy": "ipi", "costs.vipi_send_us": 1000.0},
 ], ids=["pv-send-ipi", "trapped-icr"])
 def test_ipi_sends_under_way_at_the_end_are_charged_only_the_time_elapsed(overrides):
-    """Pins the bug the bounds fuzz below finds; when it is fixed this XPASSes: remove both marks."""
+    """An IPI send (or any exit) under way at the end is counted only as far as it went (VP.trim_charges)."""
     config = Config().with_overrides({"partition.vps": 4, "partition.duration_us": 2000.0,
                                       "run.check_invariants": True, **overrides})
     assert not problems(simulate(config, seed=1))
 
 
-@pytest.mark.xfail(strict=False, reason=IPI_SENDS_CHARGED_WHOLE + " (`make fuzz` runs it with --runxfail)")
 @FUZZ
 @given(data=st.data(), seed=st.integers(0, 2**32))
 def test_fuzzed_runs_at_the_cost_bounds_spend_no_time_beyond_the_run(data, seed):

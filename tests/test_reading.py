@@ -225,3 +225,17 @@ def test_make_run_s_commands_succeed_twice(tmp_path, capsys):
             assert main(argv) == 0, (attempt, argv)
     assert "4 resumed" in capsys.readouterr().out
     assert (tmp_path / "overcommit" / "figures" / "latency_anatomy.png").exists()
+
+
+def test_an_exit_under_way_at_the_end_counts_only_the_time_it_had():
+    """A 1 ms MemoryAccess-free exit mix of one 5 ms exit reason in a 2 ms run: the exits table's time
+    and the VP's exit state agree (the exit's whole cost was counted when it started)."""
+    from tests.conftest import QUIET_EXITS
+
+    config = make_config(**{k.replace(".", "__"): v for k, v in QUIET_EXITS.items()},
+                         exits__x64_io_port_access={"rate_per_ms": 2.0, "cost_us": 5000.0},
+                         partition__duration_us=2000.0, partition__vps=4, workload__rate_per_ms=0.0)
+    res = simulate(config, seed=1)
+    exit_time = res.exits.groupby("vp")["time_us"].sum()
+    np.testing.assert_allclose(exit_time.to_numpy(), res.vps.set_index("vp")["exit_us"].to_numpy(), rtol=1e-12)
+    assert (exit_time <= 2000.0).all() and exit_time.max() > 0

@@ -61,6 +61,12 @@ I_MEMORY, I_HALT, I_MSR, I_CANCELED, I_HYPERCALL = (
     _EXIT_INDEX[ExitReason.HYPERCALL],
 )
 
+#: What a charge made when an activity starts is counted in (``VP.charge``, trimmed at the run's end by
+#: ``VP.trim_charges``): an exit reason's index (the exits table's time), or one of these VP counters.
+CHARGE_SEND, CHARGE_SCHED_YIELD, CHARGE_SPIN_EXIT, CHARGE_IPI_INTERRUPT = 100, 101, 102, 103
+CHARGE_COUNTERS = {CHARGE_SEND: "ipi_send_us", CHARGE_SCHED_YIELD: "sched_yield_us",
+                   CHARGE_SPIN_EXIT: "spin_exit_us", CHARGE_IPI_INTERRUPT: "ipi_interrupt_us"}
+
 #: The hot path stores and compares plain ints (VpState's values): CPython's
 #: specialised list-index and compare instructions take exact ints only, and an
 #: IntEnum member there cost ~10 % of a run. ``VpState(vp.state)`` names one.

@@ -31,7 +31,7 @@ from functools import partial
 
 from tlbsim import hv
 from tlbsim.hv import FlushCall, HvFlushFlags, HvStatus, VpSet
-from tlbsim.model.accounting import I_HYPERCALL, I_MSR
+from tlbsim.model.accounting import CHARGE_SCHED_YIELD, CHARGE_SEND, I_HYPERCALL, I_MSR
 from tlbsim.model.tlb import EVERYTHING, FlushScope
 from tlbsim.model.vp import EXIT, FLUSH, HALTED
 from tlbsim.model.vp_interrupts import wake_for_ipi
@@ -160,6 +160,9 @@ class Policy:
             vp.pv_ipi_hypercalls += 1  # handled in the hypervisor (KVM): not an exit to the stack
             sent = _sent(env, send_us, partial(_deliver_all, targets, sd, scope, acks))
         vp.ipi_send_us += send_us
+        until = env.now + send_us
+        vp.charge = (((until, CHARGE_SEND, send_us), (until, exit_index, send_us)) if self.user_apic and staggered
+                     else ((until, CHARGE_SEND, send_us),))
         vp.exit_index = exit_index if self.user_apic and staggered else -1
         vp.set_state(EXIT)
         yield sent
@@ -170,6 +173,7 @@ class Policy:
                     cost = self.costs.vmexit_roundtrip_us + self.costs.sched_yield_hypercall_us
                     vp.sched_yield_hypercalls += 1  # KVM_HC_SCHED_YIELD, handled in the hypervisor
                     vp.sched_yield_us += cost
+                    vp.charge = ((env.now + cost, CHARGE_SCHED_YIELD, cost),)
                     vp.set_state(EXIT)
                     yield env.timeout(cost)
                     if t.dispatch_event is not None and vp.on_lp and not vp.preempt_pending:

@@ -100,6 +100,7 @@ class Machine:
         vps = self.vps
         for vp in vps:
             vp.settle()
+            vp.trim_charges(duration)
         for g in self.guests:
             if g.timeline is not None:
                 for vp in g.vps:

@@ -45,7 +45,7 @@ from functools import partial
 
 from simpy import Interrupt
 
-from tlbsim.model.accounting import EXIT, SPINNING
+from tlbsim.model.accounting import CHARGE_SPIN_EXIT, EXIT, SPINNING
 from tlbsim.model.host import YIELD_FAILED
 
 
@@ -119,6 +119,7 @@ def _spin_exit(vp, acks):
     # a pause-loop exit and HvCallNotifyLongSpinWait are the hypervisor's own: counted in spin_exits,
     # not in the exits table (nothing reaches the virtualization stack)
     vp.spin_exit_us += spin.exit_cost_us
+    vp.charge = ((vp.env.now + spin.exit_cost_us, CHARGE_SPIN_EXIT, spin.exit_cost_us),)
     vp.set_state(EXIT)
     yield vp.env.timeout(spin.exit_cost_us)
     if not acks.pending or not vp.on_lp or vp.preempt_pending:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 from simpy import Interrupt
 
 from tlbsim.model.accounting import (
+    CHARGE_COUNTERS,
     DESCHEDULED,
     EXIT,
     FLUSH,
@@ -78,7 +79,7 @@ __all__ = ["VP", "VpState", "GUEST", "EXIT", "HYPERCALL", "FLUSH", "SPINNING", "
 
 class VP(FlushTarget, InterruptTarget, LockHolder, LpUser, TimeAccount):
     __slots__ = (  # every field of a VP, its mixins' included (one slot layout)
-        "_exit_cost", "_exit_cum", "_refill_us", "address_space", "applied_ids", "closed", "evicted_entries",
+        "_exit_cost", "_exit_cum", "charge", "_refill_us", "address_space", "applied_ids", "closed", "evicted_entries",
         "kernel_fraction", "left_busy_us", "left_lp", "retention_tau_us", "lp", "preempted_in_kernel",
         "spin_exit_us", "spin_window_us", "op_due_us", "part", "preempted", "spin", "spin_epoch",
         "spin_exit_due", "spin_exits", "spin_yields", "vsm", "vtl1_budget_us", "vtl1_end_us", "in_vtl1",
@@ -124,6 +125,8 @@ class VP(FlushTarget, InterruptTarget, LockHolder, LpUser, TimeAccount):
         self.interruptible = False
         self.kicked = 0  # what interrupted guest code is owed by the next _spend (KICK_*)
         self.exit_index = -1
+        # (end_us, what, us) of each activity under way whose whole time was counted when it started
+        self.charge: tuple = ()
         self.applied_ids: set[int] | None = set() if cfg.run.check_invariants else None
 
         self.exit_budget_us = streams["exits"].exp(self.exit_gap_mean_us)
@@ -233,6 +236,21 @@ class VP(FlushTarget, InterruptTarget, LockHolder, LpUser, TimeAccount):
         return c
 
 
+    def trim_charges(self, end_us: float) -> None:
+        """The run ended at ``end_us``: what an activity still under way had counted beyond it (its
+        exit's time, its IPI send, its spin exit) is taken back, so no count holds time beyond the run."""
+        for until_us, what, us in self.charge:
+            excess = until_us - end_us
+            if excess <= 0.0:
+                continue
+            excess = min(excess, us)
+            if what in CHARGE_COUNTERS:
+                name = CHARGE_COUNTERS[what]
+                setattr(self, name, getattr(self, name) - excess)
+            else:
+                self.exit_time[what] -= excess
+        self.charge = ()
+
     def spin_until_acked(self, acks):
         """Busy-wait until every target acked (spin.py)."""
         return spin_until_acked(self, acks)
@@ -327,6 +345,7 @@ class VP(FlushTarget, InterruptTarget, LockHolder, LpUser, TimeAccount):
             cost = exit_cost[index]
             exit_count[index] += 1
             exit_time[index] += cost
+            self.charge = ((end + cost, index, cost),)
             self.exit_index = index
             self.set_state(EXIT, end)
             if index == I_MEMORY and inhibit is not None:  # TlbFlushInhibit while the stack emulates

@@ -5,7 +5,17 @@ the work after it in one timeout)."""
 
 from __future__ import annotations
 
-from tlbsim.model.accounting import EXIT, FLUSH, HALTED, I_CANCELED, I_MSR, SPINNING, VF, VpState
+from tlbsim.model.accounting import (
+    CHARGE_IPI_INTERRUPT,
+    EXIT,
+    FLUSH,
+    HALTED,
+    I_CANCELED,
+    I_MSR,
+    SPINNING,
+    VF,
+    VpState,
+)
 from tlbsim.model.simpy_compat import resume_with_interrupt
 from tlbsim.model.tlb import FlushScope
 
@@ -94,13 +104,16 @@ class InterruptTarget:
             self.set_state(state)
             yield env.timeout(cost_us)
             return
+        start = env.now
         if kick == KICK_CANCELED:
             self.record_exit(I_CANCELED, 1, exit_us)
             self.exit_index = I_CANCELED
+            charge = (start + exit_us, I_CANCELED, exit_us)
         else:  # the hypervisor's own: not an exit to the stack
             self.ipi_interrupt_us += exit_us
+            charge = (start + exit_us, CHARGE_IPI_INTERRUPT, exit_us)
+        self.charge = (*(c for c in self.charge if c[0] > start), charge)  # with a handler's EOIs
         self.set_state(EXIT)
-        start = env.now
         yield env.timeout(exit_us + cost_us)
         self.exit_index = -1
         self.switch_at(state, start + exit_us)
@@ -129,6 +142,9 @@ class InterruptTarget:
         if self._eoi_us:  # no virtual-interrupt delivery: each handler's EOI write traps (its time: flush_us)
             if self._eoi_exit:  # a user-mode x2APIC: an X64MsrAccess exit to the stack
                 self.record_exit(I_MSR, len(irqs), self._eoi_us * len(irqs))
+                # the EOIs end the handler: due when its timeout ends
+                self.charge = ((self.env.now + self._spend_us(cost + self._eoi_us * len(irqs)), I_MSR,
+                                self._eoi_us * len(irqs)),)
             else:
                 self.eoi_traps += len(irqs)
             cost += self._eoi_us * len(irqs)

@@ -75,6 +75,7 @@ class LpUser(Schedulable):
         env = self.env
         cost = self._exit_cost[I_HALT]
         self.record_exit(I_HALT, 1, cost)
+        self.charge = ((env.now + cost, I_HALT, cost),)
         self.exit_index = I_HALT
         self.set_state(EXIT)
         yield env.timeout(cost)
