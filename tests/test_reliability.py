@@ -164,8 +164,11 @@ def started():
 @pytest.mark.skipif(not LINUX, reason="finds processes through /proc")
 def test_sigterm_stops_a_parallel_sweep_like_ctrl_c(tmp_path, started):
     proc, workers, out = _start_parallel_sweep(tmp_path, started)
+    signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=20)
+    # at once: a worker that inherited the CLI's SIGTERM handler went on with its queued runs (seconds)
+    assert time.monotonic() - signalled < 3.0
     assert proc.returncode == 143, err
     line = one_error_line(err)
     assert "SIGTERM" in line and "--resume" in line and str(out) in line
@@ -175,6 +178,7 @@ def test_sigterm_stops_a_parallel_sweep_like_ctrl_c(tmp_path, started):
     while time.monotonic() < deadline and any(_alive(w) for w in workers):
         time.sleep(0.1)
     assert not [w for w in workers if _alive(w)]
+    assert len(list((out / "parts").glob("*.json"))) == len(kept)  # nothing written after the stop
 
 
 @pytest.mark.skipif(not LINUX, reason="finds processes through /proc")

@@ -202,7 +202,8 @@ OVERCOMMIT_KEYS = ("host.guests", "partition.lps", "host.cotenants", "host.coten
 def sweep_keys(points: pd.DataFrame, manifest: dict) -> list[str]:
     """The keys a sweep's anatomy is grouped by: the overcommit level if it varies (instead of the
     keys that set it), the policy, then every other swept key that varies."""
-    grid = [k for k in manifest["spec"].get("grid", {}) if k in points and points[k].nunique() > 1]
+    spec = manifest["spec"]
+    grid = [k for k in (*spec.get("grid", {}), *spec.get("zip", {})) if k in points and points[k].nunique() > 1]
     keys = []
     if any(k in OVERCOMMIT_KEYS for k in grid) and points["vps_per_lp"].nunique() > 1:
         keys.append("vps_per_lp")
@@ -227,6 +228,11 @@ def explain(directory: str | Path) -> str:
         keys = sweep_keys(points, manifest)
         table = sweep_anatomy(points, shootdowns, keys)
         return header + "\n\n" + format_anatomy(table, keys)
-    shootdowns = pd.read_parquet(directory / manifest["tables"]["shootdowns"])
+    tables = manifest.get("tables", {})
+    if "shootdowns" not in tables:
+        replications = sorted(p.name for p in directory.glob("replication-*") if (p / "manifest.json").is_file())
+        hint = f": explain one of its replications, e.g. {directory / replications[0]}" if replications else ""
+        raise ValueError(f"{directory} holds no shootdown table (kind {manifest.get('kind', '?')!r}){hint}")
+    shootdowns = pd.read_parquet(directory / tables["shootdowns"])
     by = ["partition", "policy"] if shootdowns["partition"].nunique() > 1 else ["policy"]
     return header + "\n\n" + format_anatomy(anatomy_table(shootdowns, by), by)

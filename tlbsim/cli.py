@@ -111,11 +111,14 @@ SUMMARY_ROWS = (
     ("policy", "policy", "{}"),
     ("shootdowns_completed", "shootdowns completed", "{:,}"),
     ("shootdowns_incomplete", "shootdowns incomplete (still in flight at the end)", "{:,}"),
-    ("incomplete_fraction", "  as a fraction of all shootdowns", "{:.2%}"),
+    ("shootdowns_queued", "arrivals never started (queued at the end)", "{:,}"),
+    ("incomplete_fraction", "  unfinished, as a fraction of all arrivals", "{:.2%}"),
     ("shootdowns_failed", "shootdowns failed (HV_STATUS != SUCCESS)", "{:,}"),
     ("latency_mean_us", "latency mean (us)", "{:.3f}"),
     ("latency_p50_us", "latency p50 (us)", "{:.3f}"),
     ("latency_p99_us", "latency p99 (us)", "{:.3f}"),
+    ("response_p50_us", "response p50, arrival to completion (us)", "{:.3f}"),
+    ("response_p99_us", "response p99, arrival to completion (us)", "{:.3f}"),
     ("suspensions", "suspensions (locked TLB)", "{:,}"),
     ("latency_p99_is_lower_bound", "p99 is a lower bound (censored at the end)", "{}"),
     ("guest_work_fraction", "useful guest work, share of VP time", "{:.4f}"),
@@ -150,9 +153,9 @@ def format_summary(summary: pd.Series, *, closed_loop: bool) -> str:
     return "\n".join(lines)
 
 
-PARTITION_COLUMNS = (("policy", "{}"), ("shootdowns_completed", "{:,}"), ("latency_p50_us", "{:.2f}"),
-                     ("latency_p99_us", "{:.2f}"), ("ops_per_s", "{:,.0f}"), ("guest_work_fraction", "{:.4f}"),
-                     ("guest_system_us", "{:,.0f}"))
+PARTITION_COLUMNS = (("policy", "{}"), ("shootdowns_completed", "{:,}"), ("incomplete_fraction", "{:.2%}"),
+                     ("latency_p50_us", "{:.2f}"), ("latency_p99_us", "{:.2f}"), ("response_p99_us", "{:.2f}"),
+                     ("ops_per_s", "{:,.0f}"), ("guest_work_fraction", "{:.4f}"), ("guest_system_us", "{:,.0f}"))
 
 
 def format_partitions(partitions: pd.DataFrame, *, closed_loop: bool) -> str:
@@ -170,8 +173,9 @@ def format_partitions(partitions: pd.DataFrame, *, closed_loop: bool) -> str:
 
 
 INCOMPLETE_WARNING = 0.05  # warn when more than this fraction of shootdowns never completed
-RUN_CI_METRICS = ("latency_mean_us", "latency_p50_us", "latency_p99_us", "guest_work_fraction", "ops_per_s",
-                  "shootdowns_completed", "shootdowns_incomplete", "incomplete_fraction", "suspensions")
+RUN_CI_METRICS = ("latency_mean_us", "latency_p50_us", "latency_p99_us", "response_p50_us", "response_p99_us",
+                  "guest_work_fraction", "ops_per_s", "shootdowns_completed", "shootdowns_incomplete",
+                  "shootdowns_queued", "incomplete_fraction", "suspensions")
 
 
 def cmd_run(args) -> int:
@@ -353,7 +357,9 @@ def _window(text: str | None, duration_us: float) -> tuple[float, float]:
     return a, min(b, duration_us)
 
 
-SHOOTDOWN_COUNTS = ("shootdowns_completed", "shootdowns_failed", "shootdowns_incomplete")  # all shootdowns
+#: every row: an arrival completed, failed, in flight at the end or never started
+SHOOTDOWN_COUNTS = ("shootdowns_completed", "shootdowns_failed", "shootdowns_incomplete", "shootdowns_queued")
+UNFINISHED = ("shootdowns_incomplete", "shootdowns_queued")
 
 
 def format_replications(summaries: list, *, closed_loop: bool) -> str:
@@ -371,7 +377,7 @@ def format_replications(summaries: list, *, closed_loop: bool) -> str:
         if key == "incomplete_fraction":
             if not all(c in s for s in summaries for c in SHOOTDOWN_COUNTS):
                 continue
-            m, lo, hi = event_fraction_ci([int(s["shootdowns_incomplete"]) for s in summaries],
+            m, lo, hi = event_fraction_ci([sum(int(s[c]) for c in UNFINISHED) for s in summaries],
                                           [sum(int(s[c]) for c in SHOOTDOWN_COUNTS) for s in summaries])
             method = "Wilson hull"
         else:

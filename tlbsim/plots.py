@@ -215,18 +215,26 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
 
 
 def pooled_quantiles(points: pd.DataFrame, shootdowns: pd.DataFrame, x: str, hue: str | None,
-                     qs=(0.5, 0.99), boot: int = 200, seed: int = 0) -> pd.DataFrame:
+                     qs=(0.5, 0.99), boot: int = 200, seed: int = 0, response: bool = False) -> pd.DataFrame:
     """Quantiles of every shootdown pooled over the replications of each (hue, x), with a 95 %
     bootstrap interval that resamples whole replications (the unit of independence). Incomplete
-    shootdowns count with the time they had waited at the end (censored: lower bounds)."""
+    shootdowns count with the time they had waited at the end (censored: lower bounds). With
+    ``response``: the time from arrival to completion of every arrival, those never started (QUEUED)
+    with their queueing delay so far; ``incomplete_fraction`` is then of all arrivals."""
     keys = [k for k in (hue, x) if k]
     meta = points[points["status"] == "ok"][["point", "replication", "duration_us", *keys]]
-    sd = shootdowns[shootdowns["status"].isin(["SUCCESS", "INCOMPLETE"])][
-        ["point", "replication", "status", "latency_us", "issue_us"]].merge(meta, on=["point", "replication"])
+    kept = ["SUCCESS", "INCOMPLETE", "QUEUED"] if response else ["SUCCESS", "INCOMPLETE"]
+    columns = ["point", "replication", "status", "latency_us", "issue_us", "queue_us"]
+    sd = shootdowns[shootdowns["status"].isin(kept)][columns].merge(meta, on=["point", "replication"])
     lat = sd["latency_us"].to_numpy(dtype=float).copy()
     inc = (sd["status"] == "INCOMPLETE").to_numpy()
     lat[inc] = np.maximum(sd["duration_us"].to_numpy(dtype=float)[inc] - sd["issue_us"].to_numpy(dtype=float)[inc],
                           0.0)
+    if response:
+        queued = (sd["status"] == "QUEUED").to_numpy()
+        lat[queued] = 0.0
+        lat += sd["queue_us"].to_numpy(dtype=float)
+        inc = inc | queued
     sd = sd.assign(lat=lat, incomplete=inc)
     rng = np.random.default_rng(seed)
     rows = []
@@ -247,24 +255,29 @@ def pooled_quantiles(points: pd.DataFrame, shootdowns: pd.DataFrame, x: str, hue
     return pd.DataFrame(rows)
 
 
-def pooled_latency_figure(points, shootdowns, x, out_dir, name: str, title: str, logx: bool = False) -> list[Path]:
+def pooled_latency_figure(points, shootdowns, x, out_dir, name: str, title: str, logx: bool = False,
+                          response: bool = False) -> list[Path]:
     """p50 (solid) and p99 (dashed) of every shootdown pooled over replications, per policy; bands are
-    95 % bootstrap intervals over replications; the legend gives the largest incomplete fraction."""
+    95 % bootstrap intervals over replications; the legend gives the largest incomplete fraction. With
+    ``response``: arrival to completion, every arrival counted (``pooled_quantiles``)."""
     hue = "workload.policy" if points["workload.policy"].nunique() > 1 else None
-    q = pooled_quantiles(points, shootdowns, x, hue)
+    q = pooled_quantiles(points, shootdowns, x, hue, response=response)
     fig, ax = new_figure((7.8, 4.4))
     groups = [(h, q[q[hue] == h]) for h in policy_order(q[hue])] if hue else [("", q)]
     for h, g in groups:
         g = g.sort_values(x)
         colour = POLICY_COLOURS.get(h)
         inc = g["incomplete_fraction"].max()
-        tag = f" (up to {inc:.0%} incomplete)" if inc > 0.005 else ""
+        tag = f" (up to {inc:.0%} {'unfinished' if response else 'incomplete'})" if inc > 0.005 else ""
         for qq, style in ((0.5, "-"), (0.99, "--")):
             ax.plot(g[x], g[f"q{qq}"], style, marker="o", ms=3, color=colour,
                     label=f"{h} p{int(qq * 100)}" + (tag if qq == 0.5 else ""))
             ax.fill_between(g[x], g[f"q{qq}_lo"], g[f"q{qq}_hi"], color=colour, alpha=0.15, linewidth=0)
-    _finish(fig, ax, x, "shootdown latency (us), pooled p50 solid, p99 dashed",
-            f"{title}\nbands: 95 % bootstrap over replications; incomplete shootdowns counted as censored", True, logx)
+    what = "shootdown response, arrival to completion (us)" if response else "shootdown latency (us)"
+    note = ("every arrival counted; unfinished ones (in flight or never started) censored" if response
+            else "shootdowns issued; incomplete ones counted as censored")
+    _finish(fig, ax, x, f"{what}, pooled p50 solid, p99 dashed",
+            f"{title}\nbands: 95 % bootstrap over replications; {note}", True, logx)
     return _save(fig, out_dir, name)
 
 
@@ -390,15 +403,20 @@ def plot_sweep(directory: str | Path, out_dir: str | Path | None = None) -> list
     if kind == "overcommit":
         paths += pooled_latency_figure(points, shootdowns, "vps_per_lp", out, "latency_vs_overcommit",
                                        title="Shootdown latency vs overcommit")
+        if "shootdowns_queued" in points:  # sweeps made since every arrival is a row
+            paths += pooled_latency_figure(points, shootdowns, "vps_per_lp", out, "response_vs_overcommit",
+                                           title="Shootdown response time vs overcommit (queueing included)",
+                                           response=True)
         paths += metric_figure(points, "vps_per_lp", "lp_work_fraction", out, "guest_work_vs_overcommit",
                                title="Useful guest work vs overcommit")
         worst = points["vps_per_lp"].max()
         paths += cdf_figure(points, shootdowns, out, {"vps_per_lp": worst}, "latency_cdf_overcommitted")
         best = points["vps_per_lp"].min()
         paths += cdf_figure(points, shootdowns, out, {"vps_per_lp": best}, "latency_cdf_dedicated")
-        if "hypercall_us" in shootdowns:  # the anatomy columns (sweeps since the latency anatomy)
-            from tlbsim.anatomy import anatomy_figure, sweep_anatomy
+        from tlbsim.anatomy import anatomy_figure, sweep_anatomy
+        from tlbsim.model.recorder import ANATOMY_COLUMNS
 
+        if set(ANATOMY_COLUMNS) <= set(shootdowns.columns):  # sweeps made since the latency anatomy
             table = sweep_anatomy(points, shootdowns, ["vps_per_lp", "workload.policy"])
             paths += anatomy_figure(table, "vps_per_lp", out, x_label="VPs per LP",
                                     title="What shootdown latency is made of, by policy and overcommit")

@@ -326,6 +326,9 @@ def _worker_init(parent: int) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a forked worker inherits the CLI's SIGTERM handler, which would turn the parent's terminate() into an
+    # exception inside the task (caught by the pool, the worker going on with its queue): die at once instead
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     ppid = os.getppid()  # the sweep's process (or, started by a fork server, the server, which dies with it)
     if sys.platform.startswith("linux"):
         try:

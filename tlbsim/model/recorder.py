@@ -57,7 +57,7 @@ ANATOMY_COLUMNS = (
     "spin_exit_us",  # pause-loop exits / long spin wait notifications while spinning
     "suspended_us",  # suspended off its LP in a hypercall that met a locked TLB (or halted for OpenHCL's holders)
     "descheduled_us",  # runnable, waiting for an LP: preempted, after a directed yield, or back from a suspension
-    "interrupts_us",  # handling other shootdowns' IPIs meanwhile (their flush handlers)
+    "interrupts_us",  # handling other shootdowns' IPIs meanwhile (the interruption, their flush handlers)
     "other_us",  # anything else on the way (VTL1, VF work, other exits)
 )
 #: Anatomy columns that partition latency_us (fanout_us is a part of hypercall_us)
@@ -161,8 +161,8 @@ class StringCodes:
 
 _PAGES, _FLAGS, _COMPLETE, _ISSUE, _QUEUE_END, _ARRIVAL = (
     attrgetter(a) for a in ("pages", "flags", "complete_us", "issue_us", "queue_end_us", "arrival_us"))
-#: VP.clock's entries after the time per state: the VP's IPI send, PV sched-yield and spin-exit totals
-_SEND, _SCHED_YIELD, _SPIN_EXIT = N_STATES, N_STATES + 1, N_STATES + 2
+#: VP.clock's entries after the time per state: the VP's IPI send, PV sched-yield, spin-exit and kick totals
+_SEND, _SCHED_YIELD, _SPIN_EXIT, _KICKS = N_STATES, N_STATES + 1, N_STATES + 2, N_STATES + 3
 #: an anatomy's sum may differ from the latency by rounding (sums of a few dozen doubles of up to 1e10 us)
 _ANATOMY_TOLERANCE = 1e-6
 
@@ -354,8 +354,12 @@ class ShootdownRecorder:
         spin_exit = d[_SPIN_EXIT]
         if spin_exit > exits - send:
             spin_exit = exits - send
+        kicks = d[_KICKS]  # the interruption (or Canceled exit) before another shootdown's IPI handler
+        if kicks > exits - send - spin_exit:
+            kicks = exits - send - spin_exit
         sd.ipi_send_us = send
         sd.spin_exit_us = spin_exit
+        sd.interrupts_us += kicks
         hypercall = d[HYPERCALL]
         sd.hypercall_us = hypercall
         if sd.fanout_us > hypercall:
@@ -365,8 +369,8 @@ class ShootdownRecorder:
         sd.descheduled_us = d[DESCHEDULED]
         # the states a shootdown rarely meets: guest time, HLT, VF work, VTL1, and exits that are neither
         # sends nor spin exits
-        sd.other_us = (exits - send - spin_exit) + (sum(d[:N_STATES]) - flush - exits - hypercall - d[SPINNING]
-                                                    - d[SUSPENDED] - d[DESCHEDULED])
+        sd.other_us = (exits - send - spin_exit - kicks) + (sum(d[:N_STATES]) - flush - exits - hypercall
+                                                            - d[SPINNING] - d[SUSPENDED] - d[DESCHEDULED])
 
     def check_row(self, sd: _Shootdown, now: float) -> None:
         """The identities every row obeys (docs/model.md "Result tables"): its anatomy adds up to

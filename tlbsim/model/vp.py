@@ -50,6 +50,7 @@ from tlbsim.model.accounting import (
     GUEST,
     HALTED,
     HYPERCALL,
+    I_CANCELED,
     I_HALT,
     I_MEMORY,
     I_MSR,
@@ -227,12 +228,13 @@ class VP(FlushTarget, InterruptTarget, LockHolder, LpUser, TimeAccount):
     # ------------------------------------------------------------ accounting
     def clock(self) -> list[float]:
         """Time so far in each state (guest time with what it repaid, the current state up to now),
-        then the IPI send, PV sched-yield and spin-exit totals: a shootdown's latency anatomy is the
+        then the IPI send, PV sched-yield, spin-exit and kick totals: a shootdown's latency anatomy is the
         change of its initiator's clock (ShootdownRecorder._anatomy)."""
         c = self.state_us[:]
         c[GUEST] += self.hv_flush_us + self.refill_us
         c[self.state] += self.env.now - self.since
-        c += (self.ipi_send_us, self.sched_yield_us, self.spin_exit_us)
+        c += (self.ipi_send_us, self.sched_yield_us, self.spin_exit_us,
+              self.ipi_interrupt_us + self.exit_time[I_CANCELED])  # kicks before handlers and VF work
         return c
 
 
