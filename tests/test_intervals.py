@@ -155,3 +155,17 @@ def test_ops_per_s_is_printed_for_closed_loops_only(capsys):
     assert "ops_per_s" in _run(["--replications", "2", *closed], capsys)
     assert "ops_per_s" not in _run(["--set", "host.guests=2"], capsys)  # the per-partition table
     assert "ops_per_s" in _run(["--set", "host.guests=2", *closed], capsys)
+
+
+def test_a_bound_far_beyond_every_replication_is_printed_as_unbounded():
+    """[10, 20, 6600] gives a Cox upper bound of about 1e17 us: printed as (*) with a line saying the
+    replications disagree too much (run more), not as a number nobody can read."""
+    from tlbsim.cli import format_replications
+
+    summaries = [{"latency_p99_us": v, "latency_p50_us": 2.0} for v in (10.0, 20.0, 6600.0)]
+    text = format_replications(summaries, closed_loop=False)
+    p99 = next(line for line in text.splitlines() if line.strip().startswith("latency_p99_us"))
+    assert p99.rstrip().endswith("t/Cox hull") and "(*)" in p99 and "e+" not in p99
+    assert "run more replications" in text
+    p50 = next(line for line in text.splitlines() if line.strip().startswith("latency_p50_us"))
+    assert "(*)" not in p50

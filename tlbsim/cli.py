@@ -362,6 +362,10 @@ SHOOTDOWN_COUNTS = ("shootdowns_completed", "shootdowns_failed", "shootdowns_inc
 UNFINISHED = ("shootdowns_incomplete", "shootdowns_queued")
 
 
+#: an upper bound this many times the largest replication's value is printed as (*): unbounded, run more
+WIDE_INTERVAL = 100.0
+
+
 def format_replications(summaries: list, *, closed_loop: bool) -> str:
     """Each key metric's estimate and 95 % interval over replications, the method beside it and in a
     legend. Every metric here is never negative: ``nonnegative_mean_ci`` (guest_work_fraction also at
@@ -371,6 +375,7 @@ def format_replications(summaries: list, *, closed_loop: bool) -> str:
     from tlbsim.stats import EVENT_FRACTION_METHOD, NONNEGATIVE_METHOD, event_fraction_ci, nonnegative_mean_ci
 
     lines = [f"  {'metric':<28} {'estimate':>14} {'95 % interval':>32}  method"]
+    wide = False
     for key in RUN_CI_METRICS:
         if key in CLOSED_LOOP_ONLY and not closed_loop:
             continue
@@ -386,8 +391,14 @@ def format_replications(summaries: list, *, closed_loop: bool) -> str:
                 continue
             m, lo, hi = nonnegative_mean_ci(values, upper=1.0 if key == "guest_work_fraction" else float("inf"))
             method = "t/Cox hull"
-        ci = "n/a" if lo != lo else f"[{lo:,.4g}, {hi:,.4g}]"
+            if hi > WIDE_INTERVAL * max(values):  # a bound no replication came near says only "too few"
+                wide = True
+                hi = float("inf")
+        ci = "n/a" if lo != lo else f"[{lo:,.4g}, {'(*)' if hi == float('inf') else f'{hi:,.4g}'}]"
         lines.append(f"  {key:<28} {m:>14,.4g} {ci:>32}  {method}")
+    if wide:
+        lines.append(f"  (*) beyond {WIDE_INTERVAL:g} x the largest replication: the replications disagree too much to "
+                     "bound the mean; run more replications")
     lines.append("  intervals (95 %):")
     for name, text in (("t/Cox hull", "the mean; " + NONNEGATIVE_METHOD),
                        ("Wilson hull", "incomplete / all shootdowns, " + EVENT_FRACTION_METHOD)):
