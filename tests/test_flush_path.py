@@ -308,7 +308,8 @@ def test_the_host_preempts_a_memory_access_emulation_that_inhibits_flushes():
     assert over.summary["lock_holder_preemptions"] > 0 and dedicated.summary["lock_holder_preemptions"] == 0
     for res in (over, dedicated):
         x = res.exits[res.exits.reason == "MEMORY_ACCESS"]
-        assert x.time_us.sum() == pytest.approx(1000.0 * x["count"].sum())
+        # every emulation's 1 ms, but what those still under way at the end (at most one a VP) had yet to do
+        assert 1000.0 * (x["count"].sum() - 8) <= x.time_us.sum() <= 1000.0 * x["count"].sum()
         assert res.summary["suspensions"] > 0
 
     def per_suspension(res):

@@ -16,6 +16,7 @@ from tlbsim.model.host import (
     CoTenantVp,
     EevdfHost,
     SchedParams,
+    Schedulable,
     make_host,
     tunable_scaling,
 )
@@ -25,7 +26,7 @@ from tlbsim.model.host import (
 CFS = SchedParams.cfs(1, 6000.0, 750.0, 1000.0)
 
 
-class Entity:
+class Entity(Schedulable):
     """A runnable thing for the host: sleeps until ``start``, then needs ``busy`` us of LP time,
     preempted whenever the host says so; logs when it gets and leaves an LP."""
 
@@ -177,7 +178,7 @@ def test_an_idle_lp_is_taken_first_and_preferably_the_last_one():
 
 
 # ------------------------------------------------------------ yield_to
-class Stub:
+class Stub(Schedulable):
     """An entity the test moves by hand (no process)."""
 
     def __init__(self, host, vruntime=0.0):

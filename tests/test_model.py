@@ -268,7 +268,7 @@ def test_lock_holders_agree_with_asking_every_target():
         for t in targets:
             lock = None
             for source in locks.sources:
-                end = dict(source.locked(0.0)).get(t.index)
+                end = dict(source.locked()).get(t.index)
                 if end is not None and (lock is None or end > lock[0]):
                     lock = (end, source.name)
             if lock is not None and t.requires(None):

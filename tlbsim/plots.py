@@ -224,7 +224,7 @@ def pooled_quantiles(points: pd.DataFrame, shootdowns: pd.DataFrame, x: str, hue
     keys = [k for k in (hue, x) if k]
     meta = points[points["status"] == "ok"][["point", "replication", "duration_us", *keys]]
     kept = ["SUCCESS", "INCOMPLETE", "QUEUED"] if response else ["SUCCESS", "INCOMPLETE"]
-    columns = ["point", "replication", "status", "latency_us", "issue_us", "queue_us"]
+    columns = ["point", "replication", "status", "latency_us", "issue_us", *(["queue_us"] if response else [])]
     sd = shootdowns[shootdowns["status"].isin(kept)][columns].merge(meta, on=["point", "replication"])
     lat = sd["latency_us"].to_numpy(dtype=float).copy()
     inc = (sd["status"] == "INCOMPLETE").to_numpy()

@@ -69,8 +69,12 @@ class LockHolder:
             if self.preempt_pending:  # the host takes the LP: the lock stays held
                 self.lock_holder_preemptions += 1
                 publish_end(math.inf)
+                if exit_index >= 0:  # the exit's time, counted whole at its start: the rest is still to come
+                    self.charge = ((math.inf, exit_index, left_us),)
                 self.give_up_lp_preempted()
                 yield from self.wait_for_lp()
+                if exit_index >= 0:
+                    self.charge = ((env.now + left_us, exit_index, left_us),)
                 self.exit_index = exit_index
                 self.set_state(state)
 
