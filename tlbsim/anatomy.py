@@ -127,7 +127,7 @@ def anatomy_figure(table: pd.DataFrame, x: str, out_dir: Path, name: str = "late
 
     policies = policy_order(table["workload.policy"].unique())
     levels = sorted(table[x].unique())
-    fig, axes = plt.subplots(2, 1, figsize=(max(7.5, 0.5 * len(levels) * len(policies) + 3.5), 7.6),
+    fig, axes = plt.subplots(2, 1, figsize=(max(7.5, 0.5 * len(levels) * len(policies) + 3.5), 8.4),
                              layout="constrained")
     width = 0.8 / max(1, len(policies))
     for ax, band in zip(axes, BANDS, strict=True):
@@ -153,9 +153,10 @@ def anatomy_figure(table: pd.DataFrame, x: str, out_dir: Path, name: str = "late
                             ha="center", va="bottom", fontsize=6, rotation=90)
         ax.set_xticks(ticks, tick_labels, rotation=90, fontsize=7)
         for i, level in enumerate(levels):
-            ax.annotate(f"{x_label or x} = {level:g}", (i, 1.0), xycoords=("data", "axes fraction"),
-                        ha="center", va="bottom", fontsize=8)
-        ax.margins(y=0.12)
+            ax.annotate(f"{x_label or x} = {level:g}", (i, 0.97), xycoords=("data", "axes fraction"),
+                        ha="center", va="top", fontsize=8)
+        top = max((float(t[list(STACK)].sum(axis=1).max()) if len(t) else 0.0), 1e-9)
+        ax.set_ylim(0.0, top * 1.3)  # room for the totals above the bars
         ax.set_ylabel(f"mean latency (us),\n{'p40-p60' if band == 'typical' else '>= p99'} shootdowns")
     handles, labels = [], []
     for ax in axes:
