@@ -101,7 +101,7 @@ def censored_latencies(shootdowns: pd.DataFrame, duration_us: float) -> tuple[np
     return lat, np.maximum(waited, 0.0)
 
 
-def censored_responses(shootdowns: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def censored_responses(shootdowns: pd.DataFrame, duration_us: float) -> tuple[np.ndarray, np.ndarray]:
     """(response times, arrival to completion, of the shootdowns that succeeded; lower bounds of
     every other arrival not finished at the end: its queueing delay so far, plus its time in flight if
     it had started). Every arrival is in one of the two: the open loop's end-to-end figure."""
@@ -112,13 +112,14 @@ def censored_responses(shootdowns: pd.DataFrame) -> tuple[np.ndarray, np.ndarray
     open_ = (status == "INCOMPLETE").to_numpy(dtype=bool) | (status == "QUEUED").to_numpy(dtype=bool)
     queue = shootdowns["queue_us"].to_numpy(dtype=float)
     latency = shootdowns["latency_us"].to_numpy(dtype=float)
-    parts = shootdowns[list(ANATOMY_PARTS)].to_numpy(dtype=float).sum(axis=1) if len(shootdowns) else queue
-    return queue[done] + latency[done], queue[open_] + parts[open_]
+    # in flight: the time since its issue; QUEUED (no issue time): nothing more than its queueing delay
+    waited = np.nan_to_num(duration_us - shootdowns["issue_us"].to_numpy(dtype=float), nan=0.0)
+    return queue[done] + latency[done], queue[open_] + waited[open_]
 
 
 #: the shootdown columns ``summarize`` reads (a spilled run reads only these back)
 SUMMARY_COLUMNS = ("partition", "status", "origin", "latency_us", "issue_us", "queue_us", "suspensions", "reissues",
-                   "continuations", *ANATOMY_COLUMNS)
+                   "continuations", "suspended_us", "hypercall_us")
 
 
 def summarize(shootdowns: pd.DataFrame, vps: pd.DataFrame, duration_us: float, extra: dict) -> pd.Series:
@@ -157,7 +158,7 @@ def outcomes(shootdowns: pd.DataFrame, duration_us: float) -> dict:
         # every arrival not finished at the end: in flight (INCOMPLETE) or never started (QUEUED)
         "incomplete_fraction": float((incomplete + queued) / len(shootdowns)) if len(shootdowns) else 0.0,
         **stats,
-        **latency_stats(np.concatenate(censored_responses(shootdowns)), "response"),
+        **latency_stats(np.concatenate(censored_responses(shootdowns, duration_us)), "response"),
         "latency_p99_is_lower_bound": bool(censored.size and p99 == p99 and censored.max() >= p99),
         "latency_max_us": float(lat.max()) if lat.size else np.nan,
         # operations (workload shootdowns) completed per second of simulated time, all VPs together:
