@@ -145,9 +145,7 @@ def anatomy_figure(table: pd.DataFrame, x: str, out_dir: Path, name: str = "late
                 for c in STACK:
                     v = float(row[c].iloc[0])
                     if v > 0:
-                        ax.bar(pos, v, width * 0.9, bottom=bottom, color=STACK_COLOURS[c],
-                               label=STACK_LABELS[c] if (i, j) == (0, 0) or c not in _seen(ax) else None)
-                        _seen(ax).add(c)
+                        ax.bar(pos, v, width * 0.9, bottom=bottom, color=STACK_COLOURS[c], label=STACK_LABELS[c])
                         bottom += v
                 ax.annotate(_plain_us(bottom), (pos, bottom), xytext=(0, 2), textcoords="offset points",
                             ha="center", va="bottom", fontsize=6, rotation=90)
@@ -180,11 +178,6 @@ def anatomy_figure(table: pd.DataFrame, x: str, out_dir: Path, name: str = "late
 def _plain_us(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
-
-def _seen(ax) -> set:
-    if not hasattr(ax, "_tlbsim_seen"):
-        ax._tlbsim_seen = set()
-    return ax._tlbsim_seen
 
 
 def sweep_anatomy(points: pd.DataFrame, shootdowns: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

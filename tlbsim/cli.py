@@ -225,10 +225,7 @@ def _cmd_run(args, spilled: list[Path]) -> int:
 def _run_out(args) -> Path | None:
     """``--out``, checked before the run: writable, and holding no results unless ``--force``; stale
     temporary files of a killed run there are removed."""
-    import json
-
-    from tlbsim.config import read_text
-    from tlbsim.results import remove_stale_temp_files
+    from tlbsim.results import manifest_kind, remove_stale_temp_files
 
     out = Path(args.out) if args.out else None
     if out is None:
@@ -236,10 +233,7 @@ def _run_out(args) -> Path | None:
     _output_dir(out)
     manifest = out / "manifest.json"
     if manifest.exists() and not args.force:
-        try:
-            kind = json.loads(read_text(manifest, "manifest")).get("kind", "?")
-        except (ConfigError, ValueError, AttributeError):
-            kind = "unreadable"
+        kind = manifest_kind(manifest) or "unreadable"
         raise UsageError(f"--out {out} already holds results ({kind}); use --force to overwrite them "
                          "or choose another directory")
     remove_stale_temp_files(out)  # of an earlier run here that was killed

@@ -128,6 +128,19 @@ def writable_directory(directory: str | Path) -> Path:
     return directory
 
 
+def manifest_kind(manifest: Path) -> str | None:
+    """The ``kind`` a tlbsim manifest.json declares ("?" if it declares none), or None if it cannot be
+    read as one."""
+    import json
+
+    from tlbsim.config import ConfigError, read_text
+
+    try:
+        return json.loads(read_text(manifest, "manifest")).get("kind", "?")
+    except (ConfigError, ValueError, AttributeError):
+        return None
+
+
 def remove_stale_temp_files(directory: str | Path) -> list[Path]:
     """Remove the temporary files a run killed while writing into ``directory`` (or its
     ``replication-R/``) left behind: only names tlbsim gives its own temporary files (a spilled

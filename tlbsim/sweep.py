@@ -54,7 +54,7 @@ import pandas as pd
 
 from tlbsim import __version__
 from tlbsim.config import Config, ConfigError, read_text, read_toml
-from tlbsim.results import atomic_write_parquet, atomic_write_text, git_revision
+from tlbsim.results import atomic_write_parquet, atomic_write_text, git_revision, manifest_kind
 
 SPEC_KEYS = {"name", "base", "replications", "seed", "fixed", "grid", "zip", "description", "plot"}
 MAX_NAME = 100  # a sweep's name is a directory name (file systems allow 255 bytes)
@@ -552,9 +552,8 @@ def describe_other_results(out: Path) -> str | None:
     in words; None for a sweep, an empty or a new directory."""
     manifest = out / "manifest.json"
     if manifest.exists() or manifest.is_symlink():
-        try:
-            kind = json.loads(read_text(manifest, "manifest")).get("kind", "?")
-        except (ConfigError, ValueError, AttributeError):
+        kind = manifest_kind(manifest)
+        if kind is None:
             return "an unreadable manifest.json (not a sweep's that tlbsim can read)"
         if kind == "tlbsim-sweep":
             return None
