@@ -174,6 +174,7 @@ def test_a_failed_spilled_run_leaves_no_partial_files(tmp_path, capsys):
     ({"host.guests": 65}, "host.guests", "at most 64"),
     ({"workload.threads": 17}, "workload.threads", "17 threads, but the partition has 16 VPs"),
     ({"host.scheduler": "bfs"}, "host.scheduler", "must be one of"),
+    ({"host.runqueues": "global"}, "host.runqueues", "must be one of"),
     ({"partition.semantics": "kvm", "partition.slice_us": 3000.0}, "partition.slice_us", "no effect under the eevdf"),
     ({"host.sched_latency_us": 5.0}, "host.sched_latency_us", "10 us to 1 s"),
     ({"guest.kernel_fraction": 1.5}, "guest.kernel_fraction", ""),

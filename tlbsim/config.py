@@ -514,6 +514,10 @@ class HostConfig(_Section):
     # placement, wakeup preemption, sched_slice) or "hyperv" (a fair queue with the fixed partition.slice_us,
     # no wakeup preemption); docs/model.md "Host scheduling"
     scheduler: str = "profile"
+    # the run queues: "shared" (one queue for every LP: a freed LP runs the least-run waiting entity of the
+    # host, i.e. instantaneous balancing) or "per_lp" (a queue per LP with the kernel's wakeup placement,
+    # newidle and periodic balancing, cache-hot entities kept; model/runqueues.py)
+    runqueues: str = "shared"
     # cfs tunables, us; 0: Linux's default x (1 + ilog2(min(LPs, 8))) (6 ms, 0.75 ms, 1 ms; fair.c)
     sched_latency_us: float = 0.0
     sched_min_granularity_us: float = 0.0
@@ -538,6 +542,7 @@ class HostConfig(_Section):
         if self.invlpgb_max_pages > 65536:
             raise ConfigError(f"{key}.invlpgb_max_pages", "at most 65,536 (a 16-bit CPUID field + 1)")
         _one_of(self.scheduler, ("profile", "eevdf", "cfs", "hyperv"), f"{key}.scheduler")
+        _one_of(self.runqueues, ("shared", "per_lp"), f"{key}.runqueues")
         _positive(self.guests, f"{key}.guests")
         if self.guests > 64:
             raise ConfigError(f"{key}.guests", "at most 64 guest partitions")

@@ -155,7 +155,9 @@ class Schedulable:
 
 
 class Host:
-    def __init__(self, env, n_lps: int, sched: SchedParams):
+    def __init__(self, env, n_lps: int, sched: SchedParams, lps=None, lp_busy_us=None):
+        """``lps``: the LPs this queue serves (all by default; one for a per-LP run queue,
+        runqueues.PerLpHost, which also shares one ``lp_busy_us`` among its queues)."""
         self.env = env
         self.n_lps = n_lps
         self.sched = sched
@@ -167,8 +169,9 @@ class Host:
         # is O(1) (list.remove took a third of a 4,096-LP run)
         self.running: dict = {}
         self._lp_curr: list = [None] * n_lps  # the entity on each LP
-        self._idle_set: set[int] = set(range(n_lps))  # (set.pop on ints is deterministic)
-        self.lp_busy_us = [0.0] * n_lps  # time each LP ran entities (to the last one that left it)
+        self._idle_set: set[int] = set(range(n_lps) if lps is None else lps)  # (set.pop on ints is deterministic)
+        # time each LP ran entities (to the last one that left it)
+        self.lp_busy_us = [0.0] * n_lps if lp_busy_us is None else lp_busy_us
         self._timer_armed = False
         self._timer_due = math.inf
         self._timer_generation = 0
@@ -283,6 +286,10 @@ class Host:
     def _pick(self):
         """The waiting entity an LP runs next, taken off the queue (CFS: the least-run)."""
         return self._queue.pop(0)[2]
+
+    def _unqueue(self, index: int):
+        """Take the waiting entity at ``index`` off the queue (a migration, a buddy)."""
+        return self._queue.pop(index)[2]
 
     def _put_prev(self, entity) -> int:
         del self.running[entity]
@@ -425,8 +432,8 @@ class EevdfHost(Host):
       the LP goes to pick_eevdf's choice, the yielder included (then the yield changes nothing).
     - DELAY_DEQUEUE (6.12+) and PICK_BUDDY are not modelled."""
 
-    def __init__(self, env, n_lps: int, sched: SchedParams):
-        super().__init__(env, n_lps, sched)
+    def __init__(self, env, n_lps: int, sched: SchedParams, lps=None, lp_busy_us=None):
+        super().__init__(env, n_lps, sched, lps, lp_busy_us)
         self.slice_us = sched.latency_us
         self._queued_sum = 0.0  # sum of the waiting entities' virtual runtimes
         self._running_base = 0.0  # sum over running entities of (virtual runtime at dispatch - dispatch time)
@@ -622,6 +629,11 @@ class CoTenantVp(Schedulable):
                 woken = True
 
 
-def make_host(env, n_lps: int, sched: SchedParams) -> Host:
-    """The host with ``sched``'s rules: EevdfHost for "eevdf", else Host (cfs, hyperv)."""
+def make_host(env, n_lps: int, sched: SchedParams, runqueues: str = "shared"):
+    """The host with ``sched``'s rules: EevdfHost for "eevdf", else Host (cfs, hyperv), over one shared
+    run queue; ``runqueues = "per_lp"``: runqueues.PerLpHost, a queue of those rules per LP with
+    wakeup placement and load balancing."""
+    if runqueues == "per_lp":
+        from tlbsim.model.runqueues import PerLpHost
+        return PerLpHost(env, n_lps, sched)
     return (EevdfHost if sched.kind == "eevdf" else Host)(env, n_lps, sched)

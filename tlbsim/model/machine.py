@@ -67,7 +67,7 @@ class Machine:
         check = config.run.check_invariants
         self.recorder = (ShootdownRecorder(spill, spill.rows_per_group, check) if spill is not None
                          else ShootdownRecorder(check=check))
-        self.host = make_host(self.env, config.partition.lps, sched_params(config))
+        self.host = make_host(self.env, config.partition.lps, sched_params(config), config.host.runqueues)
         self.guests: list = []  # partition.Partition, in index order
         self.cotenants: list[CoTenantVp] = []
 
@@ -167,5 +167,7 @@ class Machine:
                   "directed_yield_failures": host.yield_failures,
                   "guest_partitions": len(self.guests),
                   "cotenant_vps": len(self.cotenants),
-                  "cotenant_run_us": sum(c.run_us for c in self.cotenants)},
+                  "cotenant_run_us": sum(c.run_us for c in self.cotenants),
+                  **({"lp_migrations": host.migrations, "newidle_pulls": host.newidle_pulls,
+                      "balance_pulls": host.balance_pulls} if hasattr(host, "migrations") else {})},
         )
