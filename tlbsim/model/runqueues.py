@@ -32,9 +32,10 @@ read in kernel/sched/fair.c and kernel/sched/topology.c (5.x to 6.x, names as th
   queue's next buddy and yields the caller on its own queue, then ``resched_curr(p_rq)``: the
   target's LP picks again, and runs the target if pick_next_entity would (CFS: within the wakeup
   granularity of the leftmost, the running entity included; EEVDF: pick_eevdf's choice, the next
-  buddy not honoured, and with RUN_TO_PARITY an eligible running entity keeps its LP). The yielder's own LP runs its queue's next entity, or the yielder again when
-  that queue is empty (yield_task_fair: "are we the only task in the tree?"): a directed yield hands
-  nothing over, and a spinner alone on its LP keeps spinning.
+  buddy not honoured, and with RUN_TO_PARITY an eligible running entity keeps its LP). The
+  yielder's own LP runs its queue's next entity, or the yielder again when that queue is empty
+  (yield_task_fair: "are we the only task in the tree?"): a directed yield hands nothing over,
+  and a spinner alone on its LP keeps spinning.
 
 What the shared queue (``runqueues = "shared"``) assumes instead: instantaneous balancing, so that
 a freed LP runs the least-run waiting entity of the whole host. docs/model.md "Host scheduling"
