@@ -43,12 +43,12 @@ def main(argv=None) -> int:
             spec = with_runqueues(case.spec(False), mode)
             o = run_sweep(spec, out / f"{case.name}-{mode}", jobs=args.jobs, resume=True, progress=False)
             for r in evaluate(case, o.points):
-                rows.append({"case": case.name, "check": r["check"], "mode": mode,
-                             "model": r.get("detail") or f"{r['simulated']:.4g} [{r['low']:.4g}, {r['high']:.4g}]",
+                model = (r["detail"] if r["kind"] == "increasing" else
+                         f"{r['simulated']:.3g} [{r['low']:.3g}, {r['high']:.3g}]")
+                rows.append({"case": case.name, "check": r["check"][:48], "mode": mode, "model": model,
                              "published": r["published"], "verdict": r["verdict"]})
     if rows:
-        t = pd.DataFrame(rows).pivot_table(index=["case", "check", "published"], columns="mode",
-                                           values=["model", "verdict"], aggfunc="first")
+        t = pd.DataFrame(rows).pivot(index=["case", "check"], columns="mode", values=["model", "verdict"])
         with pd.option_context("display.width", 200, "display.max_colwidth", 60):
             print(t.to_string())
     if not args.no_headline:
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
             o = run_sweep(with_runqueues(base, mode), out / f"overcommit-{mode}", jobs=args.jobs, resume=True,
                           progress=False)
             g = o.points.groupby(["workload.policy", "host.guests"])
-            tables[mode] = g[["latency_p99_us", "response_p99_us", "useful_fraction"]].mean()
+            tables[mode] = g[["latency_p99_us", "response_p99_us", "guest_work_fraction"]].mean()
         both = pd.concat(tables, axis=1)
         with pd.option_context("display.width", 200, "display.float_format", "{:,.3f}".format):
             print(both.to_string())

@@ -514,10 +514,11 @@ class HostConfig(_Section):
     # placement, wakeup preemption, sched_slice) or "hyperv" (a fair queue with the fixed partition.slice_us,
     # no wakeup preemption); docs/model.md "Host scheduling"
     scheduler: str = "profile"
-    # the run queues: "shared" (one queue for every LP: a freed LP runs the least-run waiting entity of the
-    # host, i.e. instantaneous balancing) or "per_lp" (a queue per LP with the kernel's wakeup placement,
-    # newidle and periodic balancing, cache-hot entities kept; model/runqueues.py)
-    runqueues: str = "shared"
+    # the run queues: "per_lp" (a queue per LP, as Linux and Windows have them, with the kernel's wakeup
+    # placement, newidle and periodic balancing, cache-hot entities kept; model/runqueues.py) or "shared"
+    # (one queue for every LP: a freed LP runs the least-run waiting entity of the host, i.e. instantaneous
+    # balancing; the model before 2026-12-02). They differ under overcommit: docs/model.md "Host scheduling"
+    runqueues: str = "per_lp"
     # cfs tunables, us; 0: Linux's default x (1 + ilog2(min(LPs, 8))) (6 ms, 0.75 ms, 1 ms; fair.c)
     sched_latency_us: float = 0.0
     sched_min_granularity_us: float = 0.0

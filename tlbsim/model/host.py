@@ -38,10 +38,12 @@ second"), the bounded sleeper credit of half a slice, and no wakeup
 preemption: Hyper-V's scheduler is not public beyond its slice and its
 types (classic, core, root); that is where the sources stop.
 
-One run queue ordered by virtual runtime stands for the per-LP queues with
+A ``Host`` is one run queue ordered by virtual runtime. Over all the LPs it is
+the ``shared`` option (``host.runqueues``): the per-LP queues with
 instantaneous idle balancing (an LP that frees picks the least-run waiting
-entity); LP identity is kept for wakeup preemption (an entity's last LP) and
-for an idle LP's choice (the entity's last LP if idle). The kernel's
+entity), LP identity kept for wakeup preemption (an entity's last LP) and for
+an idle LP's choice. The default, ``per_lp`` (model/runqueues.py), is one
+``Host`` per LP with the kernel's placement and balancing between them. The kernel's
 periodic tick is not simulated: a slice ends exactly when it is used up
 (decisions only at events). A slice timer exists only while someone waits,
 so a host with a free LP for everyone costs nothing.

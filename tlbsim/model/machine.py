@@ -169,5 +169,6 @@ class Machine:
                   "cotenant_vps": len(self.cotenants),
                   "cotenant_run_us": sum(c.run_us for c in self.cotenants),
                   **({"lp_migrations": host.migrations, "newidle_pulls": host.newidle_pulls,
-                      "balance_pulls": host.balance_pulls} if hasattr(host, "migrations") else {})},
+                      "balance_pulls": host.balance_pulls, "idle_kicks": host.idle_kicks,
+                      "yield_reschedules": host.yield_reschedules} if hasattr(host, "migrations") else {})},
         )

@@ -77,7 +77,27 @@ class _LpQueue:
             for i, item in enumerate(self._queue):
                 if item[2] is buddy:
                     return self._unqueue(i)
-        return super()._pick()
+        entity = super()._pick()
+        if not self._queue:
+            self.owner.waiting_lps.discard(self.lp_id)
+        return entity
+
+    # the host keeps the set of LPs with someone waiting (balancing looks only there)
+    def _enqueue(self, entity) -> None:
+        super()._enqueue(entity)
+        self.owner.waiting_lps.add(self.lp_id)
+
+    def _unqueue(self, index: int):
+        entity = super()._unqueue(index)
+        if not self._queue:
+            self.owner.waiting_lps.discard(self.lp_id)
+        return entity
+
+    def _yield_pick(self, target):
+        entity = super()._yield_pick(target)
+        if not self._queue:
+            self.owner.waiting_lps.discard(self.lp_id)
+        return entity
 
     def _put_prev(self, entity) -> int:
         self.update_min_vruntime()  # the kernel's update_curr keeps it moving while an entity runs
@@ -124,11 +144,13 @@ class PerLpHost:
             rq.owner, rq.lp_id, rq.next_buddy = self, lp, None
             self.rqs.append(rq)
         self.idle_lps: set[int] = set(range(n_lps))
+        self.waiting_lps: set[int] = set()  # LPs whose queue holds a waiting entity
         self.entities = 0
         self._queued_on: dict = {}  # a waiting entity -> the LP whose queue it waits in
         self._left_at: dict = {}  # an entity -> when it last left an LP (task_hot)
         self.balance_interval_us = n_lps * 1000.0 * BUSY_FACTOR  # sd_weight ms x busy_factor
         self._next_balance = [self.balance_interval_us] * n_lps
+        self._next_due = self.balance_interval_us  # the earliest of them
         self._retry_due = [math.inf] * n_lps  # an idle LP's next balance, when every candidate was hot
         self._yields = self._yields_to_target = self._yield_failures = 0
         self.yield_reschedules = 0  # a target's LP told to pick again (resched_curr(p_rq))
@@ -244,12 +266,13 @@ class PerLpHost:
     def _busiest(self, than: int):
         """find_busiest_queue: the LP with the most runnable entities and someone waiting, if it has
         more than ``than``."""
-        best, best_n = None, than
-        for rq in self.rqs:
-            if rq._queue:
-                n = len(rq._queue) + len(rq.running)
-                if n > best_n:
-                    best, best_n = rq, n
+        best, best_n, best_lp = None, than, 0
+        rqs = self.rqs
+        for lp in self.waiting_lps:
+            rq = rqs[lp]
+            n = len(rq._queue) + len(rq.running)
+            if n > best_n or n == best_n and best is not None and lp < best_lp:
+                best, best_n, best_lp = rq, n, lp
         return best
 
     def _cold(self, rq, count: int) -> list:
@@ -317,10 +340,15 @@ class PerLpHost:
         """Periodic load balancing at a slice's end: every LP whose balance interval has passed pulls
         half the imbalance (in runnable entities) from the busiest queue, cold entities only."""
         now = self.env.now
+        if now < self._next_due:
+            return
+        self._next_due = math.inf
         for lp in range(self.n_lps):
             if self._next_balance[lp] > now:
+                self._next_due = min(self._next_due, self._next_balance[lp])
                 continue
             self._next_balance[lp] = now + self.balance_interval_us
+            self._next_due = min(self._next_due, now + self.balance_interval_us)
             mine = self.runnable_on(lp)
             src = self._busiest(mine + 1)
             if src is None:
