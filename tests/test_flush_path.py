@@ -288,12 +288,14 @@ def test_the_host_preempts_lock_holders_and_callers_wait_for_the_release():
     # the time it waits for an LP is descheduled time
     v = over.vps
     assert (v.vtl1_us <= 1000.0 * (v.vtl1_us // 1000.0 + 1) + 1e-6).all() and v.descheduled_us.sum() > 0
-    # a suspension lasts until the first holder releases; preempted holders release late (seeds 1-3: about
-    # 1,100 us a suspension against 320 us with an LP each)
+    # a suspension lasts until the first holder releases; preempted holders release late (seeds 1-4, per-LP
+    # run queues: 600-660 us a suspension against 325-435 us with an LP each; a preempted holder waits
+    # about a slice behind the other VP of its LP. The shared queue of the model before 2026-12-02 made
+    # it wait for the whole host's rotation: about 1,100 us)
     def per_suspension(res):
         sd = res.shootdowns
         return (sd.suspended_us.sum() / sd.suspensions.sum())
-    assert per_suspension(over) > 2 * per_suspension(dedicated)
+    assert per_suspension(over) > 1.5 * per_suspension(dedicated)
 
 
 def test_the_host_preempts_a_memory_access_emulation_that_inhibits_flushes():

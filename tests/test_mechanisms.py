@@ -93,8 +93,8 @@ def test_directed_yield_hands_the_lp_to_a_waiting_target():
 
 
 def test_pv_sched_yield_is_a_kvm_guest_option():
-    # CFS host: there a successful KVM_HC_SCHED_YIELD always moves the sender off its LP, so it adds
-    # directed yields (under EEVDF a yield whose pick is the yielder changes nothing)
+    # CFS host: a successful KVM_HC_SCHED_YIELD moves the sender off its LP when its LP's queue holds
+    # another entity (under EEVDF a yield whose pick is the yielder changes nothing)
     kw = dict(partition__vps=8, partition__lps=4, workload__policy="ipi", partition__duration_us=40_000.0,
               partition__semantics="kvm", host__scheduler="cfs")
     on = simulate(make_config(**kw), seed=2)
@@ -104,16 +104,18 @@ def test_pv_sched_yield_is_a_kvm_guest_option():
     # KVM_HC_SCHED_YIELD: a hypercall the hypervisor handles, once per send with a preempted target
     hc = {name: r.vps.sched_yield_hypercalls.sum() for name, r in (("on", on), ("off", off), ("tlfs", tlfs))}
     assert on.exits[on.exits.reason == "HYPERCALL"]["count"].sum() == 0  # no exit to the stack
-    assert hc["on"] > hc["off"] and on.summary["directed_yields"] > off.summary["directed_yields"]
+    # (with per-LP run queues the PV yields replace pause-loop-exit yields rather than add to them: seed 2
+    # gives 4,370 directed yields with it and 5,675 without, so their count is not asserted)
+    assert hc["on"] > hc["off"] == 0 and hc["tlfs"] == 0
     # with pause-loop exits already yielding within microseconds, it changes little: one seed's run is too
     # noisy to say (0.29-0.42 of the time is work at seeds 2-7, either way), six seeds' means agree within 15 %
     work = {k: np.mean([simulate(make_config(**kw, **extra), seed=s).summary["guest_work_fraction"]
                         for s in range(2, 8)]) for k, extra in (("on", {}), ("off", {"guest__pv_sched_yield": "off"}))}
     assert 0.85 < work["on"] / work["off"] < 1.15, work
-    # on Hyper-V every directed yield comes from a spin exit (no PV sched yield), and the hyperv scheduler
-    # always moves the yielder off its LP: each taken yield is one spin yield, each follows a spin exit
+    # on Hyper-V every directed yield comes from a spin exit (no PV sched yield); the yielder leaves its LP
+    # (a spin yield) unless it is alone on its LP's queue (per-LP run queues: it keeps spinning there)
     assert tlfs.summary["directed_yields"] > 0
-    assert tlfs.vps.spin_yields.sum() == tlfs.summary["directed_yields"] <= tlfs.vps.spin_exits.sum()
+    assert 0 < tlfs.vps.spin_yields.sum() <= tlfs.summary["directed_yields"] <= tlfs.vps.spin_exits.sum()
     off_tlfs = simulate(make_config(guest__pv_sched_yield="off", **tlfs_kw), seed=2)
     assert hc["tlfs"] == off_tlfs.vps.sched_yield_hypercalls.sum() == 0  # auto: not on Hyper-V
 

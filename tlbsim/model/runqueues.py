@@ -282,7 +282,7 @@ class PerLpHost:
         order = sorted(rq._queue, key=lambda item: left.get(item[2], -math.inf))
         out = []
         for item in order:
-            if now - left.get(item[2], -math.inf) >= MIGRATION_COST_US:
+            if left.get(item[2], -math.inf) + MIGRATION_COST_US <= now:  # as _kick_idle computes it
                 out.append(item[2])
                 if len(out) == count:
                     break
