@@ -89,7 +89,7 @@ def test_derived_keys_follow_the_study_parameters_in_order():
     assert {p.overrides["workload.pages"] for p in s.points} == {8}
 
 
-def test_a_derived_sweep_records_its_parameters(tmp_path):
+def test_a_derived_sweep_records_its_parameters_and_plots_read_them(tmp_path):
     s = SweepSpec.from_dict({**DERIVED, "grid": {"partition.vps": [8], "active_fraction": [0.5],
                                                  "overcommit": [2]}})
     out = run_sweep(s, tmp_path / "o", jobs=1, progress=False)
@@ -97,6 +97,10 @@ def test_a_derived_sweep_records_its_parameters(tmp_path):
     assert (row["active_fraction"], row["overcommit"], row["workload.threads"], row["partition.lps"]) == (0.5, 2, 4, 2)
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["points"][0]["params"]["active_fraction"] == 0.5
+    from tlbsim.plots import load_sweep
+
+    points, _, _ = load_sweep(tmp_path / "o")
+    assert points["active_fraction"].tolist() == [0.5] and points["busy_vps_per_lp"].tolist() == [2.0]
 
 
 @pytest.mark.parametrize("change,message", [
