@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP     := $(VENV)/.stamp-run
 DEV_STAMP := $(VENV)/.stamp-dev
 
-.PHONY: run test lint check validate validate-quick sensitivity bench fuzz clean
+.PHONY: run test lint check validate validate-quick sensitivity large-partitions bench fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,15 @@ validate-quick: $(STAMP)
 sensitivity: $(STAMP)
 	$(BIN)/tlbsim sensitivity experiments/sensitivity/policy_choice.toml --resume
 	$(BIN)/tlbsim sensitivity experiments/sensitivity/policy_choice_kvm.toml --resume
+
+# Large partitions (experiments/large_partitions.toml): mask vs ALL_PROCESSORS vs linux against the active set's
+# share of the VPs, then its figures. Capped at 1,024 VPs by default (576 runs: about 6 minutes on 2 shared
+# cores); `make large-partitions LP_SETS=` runs every size up to 4,096 (README, "Large partitions").
+LP_SETS ?= --set 'grid.partition.vps=[64, 256, 1024]'
+LP_OUT  ?= results/large_partitions$(if $(strip $(LP_SETS)),_capped,)
+large-partitions: $(STAMP)
+	$(BIN)/tlbsim sweep experiments/large_partitions.toml $(LP_SETS) --out $(LP_OUT) --resume
+	$(BIN)/tlbsim plot $(LP_OUT)
 
 # The long fuzz: 1,000 fresh random cases of every output fuzz test (the suite runs a derandomized 50), then the
 # input fuzz.

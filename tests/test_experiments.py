@@ -2,6 +2,7 @@
 notebook executes end to end against a small sweep this test runs."""
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -47,12 +48,18 @@ def test_plots_render_png_and_svg(small_sweep, tmp_path):
 
 
 def _shrunk(path, out_root):
-    """A shipped spec, shrunk to run in seconds: 2 replications, short runs, at most 3 values per axis."""
+    """A shipped spec, shrunk to run in seconds: 2 replications, short runs (at most 8 ms), at most 3 values
+    per axis, fewer when that still makes more than 40 points (the large-partitions study: 2 per axis)."""
     spec = SweepSpec.from_toml(path, replications=2)
     source = dict(spec.source)
-    source["fixed"] = {**source.get("fixed", {}), "partition.duration_us": 8000.0}
-    source["grid"] = {k: v[:3] for k, v in source.get("grid", {}).items()}
-    source["zip"] = {k: v[:3] for k, v in source.get("zip", {}).items()}
+    fixed = source.get("fixed", {})
+    source["fixed"] = {**fixed, "partition.duration_us": min(8000.0, fixed.get("partition.duration_us", 8000.0))}
+    keep = 3
+    while keep > 1 and math.prod(min(len(v), keep) for v in source.get("grid", {}).values()) \
+            * min([len(v) for v in source.get("zip", {}).values()] + [keep]) > 40:
+        keep -= 1
+    source["grid"] = {k: v[:keep] for k, v in source.get("grid", {}).items()}
+    source["zip"] = {k: v[:keep] for k, v in source.get("zip", {}).items()}
     source["replications"] = 2
     source["base"] = str(ROOT / "experiments" / "configs" / "default.toml")
     out = out_root / spec.name

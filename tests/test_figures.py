@@ -264,3 +264,69 @@ def test_sensitivity_figure_is_legible():
     assert_legible(fig, spec.name)
     plt.close(fig)
 
+
+
+def synthetic_large_partitions(reps: int = 2):
+    """A large_partitions sweep as load_sweep gives it: ALL's latency ratio to the mask falls with the active
+    fraction when the other VPs idle and rises when they are busy (known, so the map can be checked)."""
+    rows, sds = [], []
+    point = 0
+    variants = ((1, "none"), (2, "none"), (1, "invlpgb"), (1, "rar"))
+    for policy in ("mask", "all", "linux"):
+        for vps in (64, 256, 1024):
+            for f in (1 / 64, 1 / 4, 1.0):
+                for busy in (0, 1):
+                    for over, mode in variants:
+                        active = max(1, round(vps * f))
+                        threads = vps if busy else active
+                        ratio = (1 + (1 - f) * 3) if busy and f < 1 else (1 - 0.2 * f)  # f = 1: the same runs
+                        base = 0.3 + 0.05 * active
+                        lat = base * (ratio if policy == "all" else 1.0) / over * (0.5 if mode != "none" else 1)
+                        for rep in range(reps):
+                            noise = 1.0 + 0.01 * rep  # the same in every policy: exact ratios
+                            rows.append({
+                                "point": point, "replication": rep, "status": "ok", "workload.policy": policy,
+                                "partition.vps": vps, "active_fraction": f, "workload.threads": threads,
+                                "others_busy": busy,
+                                "busy_vps_per_lp": float(over), "host.broadcast_flush": mode,
+                                "costs.vp_set_per_bank_us": 0.05, "latency_p50_us": lat * noise,
+                                "cost_per_shootdown_us": 3 * lat * noise,
+                                "guest_work_fraction": 0.95 - (0.5 * (1 - f) if busy and policy == "all" else 0)})
+                            n = 20
+                            hc = np.full(n, 0.7 + (0.02 * active if policy == "mask" else 0.0))
+                            sds.append(pd.DataFrame({"point": point, "replication": rep, "status": "SUCCESS",
+                                                     "hypercall_us": hc + 0.07 * active, "fanout_us": 0.07 * active}))
+                        point += 1
+    manifest = {"spec": {"plot": {"kind": "large_partitions"}, "grid": {}}}
+    return pd.DataFrame(rows), pd.concat(sds, ignore_index=True), manifest
+
+
+def test_large_partition_figures_are_legible_in_palette_colours_and_map_the_true_ratios(monkeypatch):
+    figures = {}
+    data = synthetic_large_partitions()
+    monkeypatch.setattr(plots, "load_sweep", lambda directory: data)
+    monkeypatch.setattr(plots, "_save", lambda fig, out, name: figures.setdefault(name, fig) and [])
+    plots.plot_sweep("unused", "unused")
+    assert set(figures) == {"all_vs_mask", "latency_vs_vps", "guest_work_vs_vps", "broadcast_vs_vps",
+                            "overcommit_vs_vps", "ex_call_cost"}
+    for name, fig in figures.items():
+        assert_legible(fig, name)
+        if name != "all_vs_mask":
+            assert assert_plain_log_ticks(fig, name)
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                policy = _line_policy(line)
+                if policy and policy.rstrip(",") in plots.POLICY_COLOURS:
+                    assert mcolors.to_hex(line.get_color()) == plots.POLICY_COLOURS[policy.rstrip(",")], name
+    # the map: each cell's number is ALL / mask of the dedicated, no-broadcast runs; Ex where the set passes 64
+    lat_idle, _cost_idle, lat_busy, _cost_busy = [ax for ax in figures["all_vs_mask"].axes if ax.images]
+    cells = {t.get_text() for t in lat_idle.texts}
+    assert "1.00" in cells  # a lone VP: no call differs
+    assert f"{1 - 0.2:.2f} Ex" in cells  # all VPs share, 256 and 1,024 of them: Ex calls
+    assert f"{1 + 3 * (1 - 1 / 4):.2f} Ex" in {t.get_text() for t in lat_busy.texts}  # 1/4 of 1,024 VPs, others busy
+    assert not any("Ex" in t.get_text() for t in lat_idle.texts if t.get_position()[1] == 0)  # 64 VPs: never Ex
+    ratios = plots.all_vs_mask_ratios(data[0], "latency_p50_us")
+    assert len(ratios) == 3 * 3 * 2 and ratios["ratio"].between(0.7, 4.0).all()
+    assert plots._others(data[0].drop(columns="others_busy")).tolist().count("busy") < (data[0].others_busy == 1).sum()
+    for fig in figures.values():
+        plt.close(fig)

@@ -61,6 +61,90 @@ def test_bad_specs_fail_before_any_work(tmp_path):
         SweepSpec.from_dict({**SMALL, "gird": {}})
 
 
+DERIVED = {
+    "name": "derived",
+    "base": str(ROOT / "experiments" / "configs" / "default.toml"),
+    "seed": 3,
+    "fixed": {"partition.duration_us": 1000.0, "total_rate_per_ms": 4.0},
+    "grid": {"partition.vps": [8, 16], "active_fraction": [0.25, 1.0], "overcommit": [1, 2]},
+    "derive": {"workload.threads": "max(1, round(partition.vps * active_fraction))",
+               "workload.rate_per_ms": "total_rate_per_ms / workload.threads",
+               "partition.lps": "max(1, workload.threads // overcommit)"},
+}
+
+
+def test_derived_keys_follow_the_study_parameters_in_order():
+    s = SweepSpec.from_dict(DERIVED)
+    assert len(s.points) == 8
+    by = {(p.overrides["partition.vps"], p.params["active_fraction"], p.params["overcommit"]): p for p in s.points}
+    p = by[(16, 0.25, 2)]
+    assert p.params == {"total_rate_per_ms": 4.0, "active_fraction": 0.25, "overcommit": 2}
+    assert (p.overrides["workload.threads"], p.overrides["workload.rate_per_ms"], p.overrides["partition.lps"]) \
+        == (4, 1.0, 2)
+    assert "active_fraction" not in p.overrides  # a study parameter is no config key
+    assert s.config(p).workload.threads == 4 and s.config(p).partition.lps == 2
+    assert by[(8, 1.0, 1)].overrides["partition.lps"] == 8
+    # an expression may read a base config value it does not vary: workload.group_size is 4 by default
+    s = SweepSpec.from_dict({**DERIVED, "derive": {**DERIVED["derive"], "workload.pages": "workload.group_size * 2"}})
+    assert {p.overrides["workload.pages"] for p in s.points} == {8}
+
+
+def test_a_derived_sweep_records_its_parameters_and_plots_read_them(tmp_path):
+    s = SweepSpec.from_dict({**DERIVED, "grid": {"partition.vps": [8], "active_fraction": [0.5],
+                                                 "overcommit": [2]}})
+    out = run_sweep(s, tmp_path / "o", jobs=1, progress=False)
+    row = out.points.iloc[0]
+    assert (row["active_fraction"], row["overcommit"], row["workload.threads"], row["partition.lps"]) == (0.5, 2, 4, 2)
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["points"][0]["params"]["active_fraction"] == 0.5
+    from tlbsim.plots import load_sweep
+
+    points, _, _ = load_sweep(tmp_path / "o")
+    assert points["active_fraction"].tolist() == [0.5] and points["busy_vps_per_lp"].tolist() == [2.0]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"grid": {"partition.vps": [8], "activ_fraction": [0.5]}}, "activ_fraction.*none uses"),
+    ({"derive": {"threads": "1"}}, "config key"),
+    ({"derive": {"partition.vps": "8"}}, "given in"),
+    ({"derive": {"workload.threads": "__import__('os').getpid()"}}, "calls only"),
+    ({"derive": {"workload.threads": "partition.vps.bit_length"}}, "neither"),
+    ({"derive": {"workload.threads": "'8'"}}, "numbers only"),
+    ({"derive": {"workload.threads": "[8][0]"}}, "arithmetic only"),
+    ({"derive": {"workload.threads": "8 +"}}, "cannot read"),
+    ({"derive": {"workload.threads": 8}}, "expression in a string"),
+    ({"derive": {"workload.threads": "partition.vps / 0"}}, "point 0.*division by zero"),
+    ({"derive": {"workload.threads": "partition.vps * 0.3"}}, "must be an integer"),  # 2.4 threads
+    ({"derive": {"workload.threads": "partition.vps * 4"}}, "threads"),  # more threads than VPs
+    ({"derive": {"workload.threads": "workload.policy"}}, "not a number"),
+])
+def test_bad_derivations_fail_before_any_work(change, message):
+    data = {**DERIVED, "grid": {"partition.vps": [8]}, "fixed": {}, "derive": {"workload.threads": "4"}}
+    with pytest.raises(ConfigError, match=message):
+        SweepSpec.from_dict({**data, **change})
+
+
+def test_sweep_set_replaces_spec_entries_and_resume_needs_the_same(tmp_path, capsys):
+    path = tmp_path / "d.toml"
+    path.write_text(
+        'name = "d"\nseed = 3\nbase = "' + DERIVED["base"] + '"\n[fixed]\n"partition.duration_us" = 1000.0\n'
+        'total_rate_per_ms = 4.0\n[grid]\n"partition.vps" = [8, 16, 32]\nactive_fraction = [0.5]\n[derive]\n'
+        '"workload.threads" = "round(partition.vps * active_fraction)"\n'
+        '"workload.rate_per_ms" = "total_rate_per_ms / workload.threads"\n')
+    s = SweepSpec.from_toml(path, sets=[("grid.partition.vps", [8]), ("fixed.total_rate_per_ms", 2.0),
+                                        ("replications", 2)])
+    assert len(s.points) == 1 and s.replications == 2 and s.points[0].overrides["workload.rate_per_ms"] == 0.5
+    out = str(tmp_path / "o")
+    args = ["sweep", str(path), "--out", out, "--no-progress", "--jobs", "1"]
+    assert main([*args, "--set", "grid.partition.vps=[8]"]) == 0
+    assert main([*args, "--set", "grid.partition.vps=[8]", "--resume"]) == 0
+    assert "1 finished runs kept" in capsys.readouterr().out
+    assert main([*args, "--resume"]) == 2  # the whole spec is another sweep: not mixed in
+    assert "different sweep spec" in capsys.readouterr().err
+    assert main([*args, "--set", "partition.vps=[8]"]) == 2
+    assert "fixed.KEY, grid.KEY" in capsys.readouterr().err
+
+
 def test_sweep_writes_tables_and_manifest(tmp_path):
     out = run_sweep(spec(), tmp_path / "s", jobs=2, progress=False)
     assert not out.failed and out.computed == 8

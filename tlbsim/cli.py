@@ -9,6 +9,7 @@ run.check_invariants is on (one line saying which).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -424,7 +425,8 @@ def cmd_sweep(args) -> int:
         raise UsageError("--force recomputes every run and --resume keeps the finished ones: give one of them")
     if args.dask_local is not None and args.dask_local < 1:
         raise UsageError("--dask-local needs a number of workers >= 1")
-    spec = SweepSpec.from_toml(args.spec, replications=args.replications)
+    spec = SweepSpec.from_toml(args.spec, replications=args.replications,
+                               sets=[parse_override(s) for s in args.set or ()])
     out = args.out or str(Path("results") / spec.name)
     n_tasks = len(spec.points) * spec.replications
 
@@ -444,6 +446,7 @@ def cmd_sweep(args) -> int:
         print(f"tlbsim: {how[0]}; finished runs are kept in {out}/parts: "
               f"`tlbsim sweep {args.spec} --out {out}"
               + (f" --replications {args.replications}" if args.replications else "")
+              + "".join(f" --set {shlex.quote(s)}" for s in args.set or ())
               + " --resume` finishes the rest", file=sys.stderr)
         return how[1]
     print(f"{outcome.computed} runs computed, {outcome.skipped} resumed, in {outcome.wall_s:.1f} s; "
@@ -669,6 +672,9 @@ def _add_sweep(sub) -> None:
     sw.add_argument("--out", metavar="DIR", help="output directory (default results/<name>)")
     sw.add_argument("--jobs", type=int, help="local worker processes (default: all cores)")
     sw.add_argument("--replications", type=int, help="override the spec's replications")
+    sw.add_argument("--set", action="append", metavar="TABLE.KEY=VALUE",
+                    help="replace an entry of the spec, e.g. --set 'grid.partition.vps=[64, 256]' or "
+                    "--set fixed.partition.duration_us=5000.0 (recorded with the sweep: --resume needs the same)")
     sw.add_argument("--resume", action="store_true", help="finish an interrupted sweep in --out")
     sw.add_argument("--retry-failed", action="store_true", help="with --resume: compute failed runs again")
     sw.add_argument("--force", action="store_true",

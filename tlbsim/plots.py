@@ -39,6 +39,8 @@ LABELS = {
     "host.guests": "guest partitions",
     "partition.vps": "virtual processors",
     "fraction_targeted": "fraction of VPs targeted",
+    "active_fraction": "share of the VPs in the address space's active set",
+    "active_vps": "VPs in the address space's active set",
     "cost_per_shootdown_us": "guest time lost per shootdown, all VPs (us)",
     "suspensions_per_shootdown": "suspensions per shootdown",
     "suspended_us_per_shootdown": "time suspended per shootdown (us)",
@@ -141,6 +143,11 @@ def add_derived(points: pd.DataFrame) -> pd.DataFrame:
     group = np.where(p["workload.sharing"] == "groups", p["workload.group_size"].clip(upper=vps),
                      np.where(p["workload.sharing"] == "all", vps, 1))
     p["fraction_targeted"] = group / vps
+    # the active set (workload.threads: VPs 0..threads-1 run a thread, the rest idle) and the busy VPs per LP
+    threads = p["workload.threads"].where(p["workload.threads"] > 0, vps) if "workload.threads" in p else vps
+    p["active_fraction"] = np.minimum(group, threads) / vps
+    busy = threads * guests + (p["host.cotenants"] * p["host.cotenant_vps"] if "host.cotenants" in p else 0)
+    p["busy_vps_per_lp"] = busy / p["partition.lps"]
     n = p["shootdowns_completed"].replace(0, np.nan)
     # cost_per_shootdown_us comes from the summary (records.summarize): every cost a policy causes
     p["suspensions_per_shootdown"] = p["suspensions"] / n
@@ -392,6 +399,219 @@ def vf_figures(points: pd.DataFrame, shootdowns: pd.DataFrame, out: Path, x: str
     return paths
 
 
+# ---------------------------------------------------------------- large partitions
+#: ALL_PROCESSORS / ProcessorMask ratios: the colour of the policy that wins (``all`` below 1, ``mask`` above)
+ADVANTAGE_CMAP = matplotlib.colors.LinearSegmentedColormap.from_list(
+    "all_vs_mask", [POLICY_COLOURS["all"], "#ffffff", POLICY_COLOURS["mask"]])
+EX_FROM_VPS = 64  # a VP index >= 64 forces the Ex calls (HV_VP_SET) for a ProcessorMask
+
+
+def _fraction_label(f: float) -> str:
+    """1/64, 1/4, 1 (an active fraction as a reader writes it)."""
+    return "1" if f >= 1 else f"1/{1 / f:g}" if (1 / f).is_integer() else f"{f:.3g}"
+
+
+def _others(points: pd.DataFrame) -> pd.Series:
+    """Whether the VPs outside the active set run (other processes) or idle, per run: the study's
+    others_busy parameter where the sweep has it (an active set of every VP is then drawn in both rows),
+    else whether more VPs run threads than the active set has."""
+    if "others_busy" in points:
+        return np.where(points["others_busy"].astype(bool), "busy", "idle")
+    threads = points["workload.threads"].where(points["workload.threads"] > 0, points["partition.vps"])
+    return np.where(threads > points["active_fraction"] * points["partition.vps"] + 0.5, "busy", "idle")
+
+
+def _baseline(points: pd.DataFrame) -> pd.DataFrame:
+    """Dedicated, no hardware broadcast: the runs the mask-vs-all comparisons are made on."""
+    p = points[points["status"] == "ok"]
+    if "busy_vps_per_lp" in p:
+        p = p[p["busy_vps_per_lp"] <= 1.0]
+    if "host.broadcast_flush" in p:
+        p = p[p["host.broadcast_flush"] == "none"]
+    return p
+
+
+def all_vs_mask_ratios(points: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """mean(``metric`` with ALL_PROCESSORS) / mean(``metric`` with the mask) at each (others, VPs, active
+    fraction) of the dedicated, no-broadcast runs; columns others, partition.vps, active_fraction, ratio,
+    all, mask."""
+    p = _baseline(points).assign(others=lambda d: _others(d))
+    m = p.groupby(["others", "partition.vps", "active_fraction", "workload.policy"])[metric].mean()
+    m = m.unstack("workload.policy")
+    if not {"all", "mask"} <= set(m.columns):
+        return pd.DataFrame(columns=["others", "partition.vps", "active_fraction", "ratio", "all", "mask"])
+    out = m[["all", "mask"]].reset_index()
+    out["ratio"] = out["all"] / out["mask"].where(out["mask"] > 0)
+    return out
+
+
+def advantage_figure(points: pd.DataFrame, out_dir, name: str = "all_vs_mask") -> list[Path]:
+    """Where ALL_PROCESSORS beats the mask: ALL / mask of the p50 latency (left) and of the guest time a
+    shootdown costs every VP together (right, cost_per_shootdown_us: interruptions, refills, collateral
+    included), per partition size (rows of a map) and active fraction (columns), for the VPs outside the
+    active set idle (top) and busy (bottom). Orange (below 1): ALL wins; blue: the mask wins. Cells whose
+    active set reaches VP 64 are marked Ex (the mask needs the Ex call's HV_VP_SET)."""
+    metrics = (("latency_p50_us", "p50 latency"), ("cost_per_shootdown_us", "guest time per shootdown"))
+    tables = {m: all_vs_mask_ratios(points, m) for m, _ in metrics}
+    others = [o for o in ("idle", "busy") if (tables[metrics[0][0]]["others"] == o).any()] or ["idle"]
+    ratios = np.concatenate([t["ratio"].dropna().to_numpy() for t in tables.values()] + [np.ones(1)])
+    logs = np.log2(ratios[ratios > 0])
+    # two slopes: ALL's wins (a few tens of percent) are as visible as the mask's (up to tens of times)
+    lo, hi = min(float(logs.min()), -0.5), max(float(logs.max()), 0.5)
+    norm = matplotlib.colors.TwoSlopeNorm(0.0, lo, hi)
+    fig, axes = plt.subplots(len(others), 2, figsize=(10.0, 1.2 + 2.6 * len(others)), layout="constrained",
+                             squeeze=False)
+    image = None
+    for r, other in enumerate(others):
+        for c, (metric, what) in enumerate(metrics):
+            ax = axes[r][c]
+            t = tables[metric]
+            t = t[t["others"] == other]
+            grid = t.pivot(index="partition.vps", columns="active_fraction", values="ratio").sort_index()
+            image = ax.imshow(np.log2(grid.to_numpy(dtype=float)), cmap=ADVANTAGE_CMAP, norm=norm, aspect="auto",
+                              origin="lower")
+            for i, vps in enumerate(grid.index):
+                for j, f in enumerate(grid.columns):
+                    v = grid.iloc[i, j]
+                    # the mask names a VP >= 64: the active set's own VPs 0..g-1, or (others busy) the other
+                    # groups' above it
+                    ex = " Ex" if (vps if other == "busy" else round(vps * f)) > EX_FROM_VPS else ""
+                    ax.text(j, i, ("-" if not np.isfinite(v) else f"{v:.2f}") + ex, ha="center", va="center",
+                            fontsize=7)
+            ax.set_xticks(range(len(grid.columns)), [_fraction_label(f) for f in grid.columns])
+            ax.set_yticks(range(len(grid.index)), [f"{v:,}" for v in grid.index])
+            ax.set_xlabel(LABELS["active_fraction"], fontsize=8)
+            ax.set_ylabel("virtual processors", fontsize=8)
+            ax.set_title(f"{what}, VPs outside the set {other}", fontsize=9)
+    bar = fig.colorbar(image, ax=axes, shrink=0.8, label="ALL / mask (log scale, two slopes)")
+    ticks = [np.log2(v) for v in (0.25, 0.5, 0.7, 0.8, 0.9, 1, 2, 4, 8, 16, 32, 64) if lo <= np.log2(v) <= hi]
+    bar.set_ticks(ticks, labels=[_plain(round(2.0 ** t, 2)) for t in ticks])
+    fig.suptitle(wrap("ALL_PROCESSORS / ProcessorMask, dedicated LPs, no hardware broadcast: below 1 (orange) "
+                      "ALL wins, above 1 (blue) the mask wins. Ex: the mask names a VP >= 64 (the Ex call's "
+                      "HV_VP_SET)", 110), fontsize=10)
+    return _save(fig, out_dir, name)
+
+
+def _panel_lines(ax, data: pd.DataFrame, x: str, metric: str, styles: dict, key: str | None, log: bool) -> None:
+    """One line per policy (its colour) and per value of ``key`` (its line style from ``styles``)."""
+    for value, style in styles.items():
+        sel = data if key is None else data[data[key] == value]
+        if sel.empty:
+            continue
+        suffix = f", {value}" if key is not None else ""
+        line_plot(ax, sel, x, metric, "workload.policy", style, suffix, log=log)
+
+
+def size_panels_figure(points: pd.DataFrame, metric: str, out_dir, name: str, title: str,
+                       key: str | None = None, styles: dict | None = None, where=None, logy: bool = True):
+    """``metric`` vs partition size, one panel per active fraction, a line per policy (and per value of
+    ``key``, drawn in ``styles``)."""
+    data = points[points["status"] == "ok"] if where is None else where(points[points["status"] == "ok"])
+    if key is None:
+        data = _baseline(data)
+    fractions = sorted(data["active_fraction"].unique())
+    ncols = min(2, len(fractions)) or 1
+    nrows = max(1, -(-len(fractions) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(10.4, 1.0 + 2.9 * nrows), layout="constrained", squeeze=False)
+    for ax in axes.flat[len(fractions):]:
+        ax.set_visible(False)
+    for ax, f in zip(axes.flat, fractions, strict=False):
+        _panel_lines(ax, data[data["active_fraction"] == f], "partition.vps", metric, styles or {"": "-"}, key,
+                     logy)
+        ax.set_title("active set: every VP" if f >= 1 else f"active set: {_fraction_label(f)} of the VPs", fontsize=9)
+        ax.axvline(EX_FROM_VPS, color="grey", lw=0.6, ls=":")
+        ax.set_xscale("log", base=2)
+        readable_log_axis(ax.xaxis, base=2)
+        if logy:
+            ax.set_yscale("log")
+            readable_log_axis(ax.yaxis)
+        ax.set_xlabel(LABELS["partition.vps"], fontsize=8)
+        ax.set_ylabel(wrap(LABELS.get(metric, metric), 30), fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    legend: dict = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), fontsize=8, frameon=False, loc="outside right upper")
+    fig.suptitle(wrap(title, 110), fontsize=10)
+    return _save(fig, out_dir, name)
+
+
+def ex_call_figure(points: pd.DataFrame, shootdowns: pd.DataFrame, out_dir, name: str = "ex_call_cost"):
+    """What a flush hypercall costs before its fan-out (entry, decode, the mask walk and, for the Ex call,
+    the HV_VP_SET bank words: hypercall_us - fanout_us), per shootdown, vs the active set's size (VPs
+    0..g-1, the others idle), mask and ALL (linux is one of them at each point), dedicated, no broadcast;
+    the bank words' own share (ceil(set / 64) x costs.vp_set_per_bank_us) drawn beside it, and VP 64,
+    where the Ex calls start."""
+    base = _baseline(points)
+    base = base[(base["workload.policy"].isin(["mask", "all"])) & (_others(base) == "idle")]
+    base = base.assign(active_vps=lambda d: (d["active_fraction"] * d["partition.vps"]).round())
+    base = base[["point", "replication", "workload.policy", "active_vps", "costs.vp_set_per_bank_us"]]
+    sd = shootdowns[shootdowns["status"] == "SUCCESS"][["point", "replication", "hypercall_us", "fanout_us"]]
+    sd = sd.merge(base, on=["point", "replication"])
+    sd = sd.assign(entry_us=sd["hypercall_us"] - sd["fanout_us"])
+    sd = sd[sd["hypercall_us"] > 0]  # IPI fallbacks and lone VPs make no call
+    per_run = sd.groupby(["point", "replication", "workload.policy", "active_vps"],
+                         as_index=False)[["entry_us", "costs.vp_set_per_bank_us"]].mean()
+    per_run["status"] = "ok"
+    fig, ax = new_figure((7.8, 4.4))
+    line_plot(ax, per_run, "active_vps", "entry_us", log=True)
+    sizes = np.array(sorted(per_run["active_vps"].unique()), dtype=float)
+    if sizes.size:
+        bank = float(per_run["costs.vp_set_per_bank_us"].iloc[0])
+        words = np.ceil(sizes / EX_FROM_VPS) * (sizes > EX_FROM_VPS)
+        shown = words > 0
+        if shown.any():
+            ax.plot(sizes[shown], words[shown] * bank, ":", color="grey", marker="s", ms=3,
+                    label="mask's bank words alone (Ex)")
+    ax.axvline(EX_FROM_VPS, color="grey", lw=0.6, ls="--")
+    ax.annotate("Ex calls to the right", (EX_FROM_VPS, 0.0), xycoords=("data", "axes fraction"), ha="left",
+                va="bottom", fontsize=7, color="grey", xytext=(3, 3), textcoords="offset points")
+    _finish(fig, ax, "active_vps", "hypercall time before the fan-out, per shootdown (us)",
+            "What a flush call costs before it reaches the targets: entry, decode, mask walk, bank words "
+            "(VPs outside the active set idle)",
+            True, True)
+    return _save(fig, out_dir, name)
+
+
+def large_partition_figures(points: pd.DataFrame, shootdowns: pd.DataFrame, out: Path) -> list[Path]:
+    """The large-partitions study (experiments/large_partitions.toml)."""
+    points = points.assign(others=_others(points))
+    paths = advantage_figure(points, out)
+    idle_busy = {"idle": "-", "busy": "--"}
+    paths += size_panels_figure(points, "latency_p50_us", out, "latency_vs_vps",
+                                "p50 shootdown latency vs partition size, dedicated, no broadcast; VPs outside the "
+                                "active set idle (solid) or busy (dashed); dotted: VP 64", "others", idle_busy,
+                                where=_baseline)
+    # with the other VPs idle, guest work is the active share whatever the policy: only the busy runs show it
+    paths += size_panels_figure(points, "guest_work_fraction", out, "guest_work_vs_vps",
+                                "Useful guest work vs partition size, every VP busy (the VPs outside the active "
+                                "set run other processes of the same size and load), dedicated, no broadcast",
+                                "others", {"busy": "-"},
+                                where=lambda d: _baseline(d)[lambda b: b["others"] == "busy"], logy=False)
+    if "host.broadcast_flush" in points and points["host.broadcast_flush"].nunique() > 1:
+        modes = dict(zip(["none", "invlpgb", "rar"], ["-", "--", ":"], strict=True))
+        paths += size_panels_figure(
+            points, "latency_p50_us", out, "broadcast_vs_vps",
+            "p50 latency by how the hypervisor reaches the targets: IPIs (none, solid), INVLPGB (dashed), RAR "
+            "(dotted); dedicated, VPs outside the active set idle", "host.broadcast_flush", modes,
+            where=lambda d: d[(d["busy_vps_per_lp"] <= 1.0) & (d["others"] == "idle")])
+    if "busy_vps_per_lp" in points and points["busy_vps_per_lp"].max() > 1.0:
+        data = points.assign(lps=np.where(points["busy_vps_per_lp"] > 1.0, "2:1", "1:1"))
+        over = data[(data["lps"] == "2:1") & (data["status"] == "ok")]
+        unfinished = float(over["incomplete_fraction"].max()) if "incomplete_fraction" in over else 0.0
+        note = (f"; 2:1 runs left up to {unfinished:.0%} of their arrivals unfinished (a VP waiting for an LP "
+                "issues nothing: latency counts only issued shootdowns)" if unfinished > 0.005 else "")
+        paths += size_panels_figure(
+            data, "latency_p50_us", out, "overcommit_vs_vps",
+            "p50 latency dedicated (1:1, solid) and overcommitted (2 busy VPs per LP, dashed); no broadcast, "
+            "VPs outside the active set idle" + note, "lps", {"1:1": "-", "2:1": "--"},
+            where=lambda d: d[(d["host.broadcast_flush"] == "none") & (d["others"] == "idle")])
+    if {"hypercall_us", "fanout_us"} <= set(shootdowns.columns):
+        paths += ex_call_figure(points, shootdowns, out)
+    return paths
+
+
 # ---------------------------------------------------------------- per experiment
 def plot_sweep(directory: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """The figures a sweep's spec asks for (its [plot] table), or a generic set."""
@@ -434,6 +654,8 @@ def plot_sweep(directory: str | Path, out_dir: str | Path | None = None) -> list
                                        title="Shootdown latency vs partition size")
         paths += metric_figure(points, "partition.vps", "guest_work_fraction", out, "guest_work_vs_vps", logx=True,
                                title="Guest work fraction vs partition size")
+    elif kind == "large_partitions":
+        paths += large_partition_figures(points, shootdowns, out)
     elif kind == "vf":
         paths += vf_figures(points, shootdowns, out, plot.get("x", "vf.pf_call_rate_per_ms"), plot.get("hue"))
     elif kind == "locks":

@@ -15,6 +15,18 @@ A sweep spec (TOML):
     "workload.sharing" = ["groups", "groups"]
     "workload.group_size" = [2, 8]
 
+Derived keys: a bare name (no dot) in [fixed], [grid] or [zip] is a study
+parameter, not a config key; [derive] computes config keys from it and from
+the point's other values, in the order written (arithmetic only: numbers,
+dotted keys, study parameters, + - * / // %, min, max, round, int, float):
+
+    [grid]
+    "partition.vps" = [64, 1024]
+    active_fraction = [0.0625, 1.0]    # a study parameter (a column of points.parquet)
+    [derive]
+    "workload.threads" = "max(1, round(partition.vps * active_fraction))"
+    "workload.rate_per_ms" = "20.0 / workload.threads"
+
 Seeds: replication r of every point runs with the seed
 ``SeedSequence(root, spawn_key=(r,))``: any point can be recomputed alone,
 and every point (every strategy) of a replication sees the same random
@@ -56,14 +68,16 @@ from tlbsim import __version__
 from tlbsim.config import Config, ConfigError, read_text, read_toml
 from tlbsim.results import atomic_write_parquet, atomic_write_text, git_revision, manifest_kind
 
-SPEC_KEYS = {"name", "base", "replications", "seed", "fixed", "grid", "zip", "description", "plot"}
+SPEC_KEYS = {"name", "base", "replications", "seed", "fixed", "grid", "zip", "derive", "description", "plot"}
+SPEC_TABLES = ("fixed", "grid", "zip", "derive")
 MAX_NAME = 100  # a sweep's name is a directory name (file systems allow 255 bytes)
 
 
 @dataclass(frozen=True)
 class Point:
     index: int
-    overrides: dict[str, Any]
+    overrides: dict[str, Any]  # config keys, derived ones resolved
+    params: dict[str, Any] = field(default_factory=dict)  # the study parameters (bare names) it was made from
 
 
 @dataclass(frozen=True)
@@ -77,9 +91,13 @@ class SweepSpec:
     source: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_toml(cls, path: str | Path, replications: int | None = None) -> SweepSpec:
+    def from_toml(cls, path: str | Path, replications: int | None = None,
+                  sets: list[tuple[str, Any]] | None = None) -> SweepSpec:
+        """The spec in ``path``; ``sets`` (``--set``) replace entries of it (``apply_spec_overrides``)."""
         path = Path(path)
         data = read_toml(path, "sweep spec")
+        if sets:
+            data = apply_spec_overrides(data, sets)
         return cls.from_dict(data, path.parent, replications)
 
     @classmethod
@@ -87,7 +105,7 @@ class SweepSpec:
         unknown = set(data) - SPEC_KEYS
         if unknown:
             raise ConfigError(sorted(unknown)[0], "unknown sweep spec key")
-        for key in ("fixed", "grid", "zip", "plot"):
+        for key in (*SPEC_TABLES, "plot"):
             if key in data and not isinstance(data[key], dict):
                 raise ConfigError(key, f"[{key}] must be a table")
         if "base" in data and not isinstance(data["base"], str):
@@ -111,13 +129,18 @@ class SweepSpec:
         lengths = {len(v) for v in zipped.values()}
         if len(lengths) > 1:
             raise ConfigError("zip", "all zipped lists must have the same length")
+        derive = _derivations(dict(data.get("derive", {})), [*fixed, *grid, *zipped])
         zip_rows = [dict(zip(zipped, row, strict=True)) for row in zip(*zipped.values(), strict=True)] or [{}]
         grid_rows = [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())] or [{}]
+        defaults = flatten(Config.from_dict(base).to_dict()) if derive else {}
         points = []
         for g in grid_rows:
             for z in zip_rows:
-                overrides = {**fixed, **g, **z}
-                points.append(Point(len(points), overrides))
+                merged = {**fixed, **g, **z}
+                params = {k: v for k, v in merged.items() if "." not in k}
+                overrides = {k: v for k, v in merged.items() if "." in k}
+                overrides.update(_derive(derive, params, overrides, defaults, len(points)))
+                points.append(Point(len(points), overrides, params))
         name = data.get("name", "sweep")
         if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name) \
                 or name.startswith("."):
@@ -127,7 +150,7 @@ class SweepSpec:
             raise ConfigError("name", f"a sweep name is at most {MAX_NAME} characters, not {len(name)} "
                               "(it names the output directory under results/)")
         spec = cls(name, base, tuple(points), reps, seed,
-                   tuple([*grid, *zipped]), source=data)
+                   tuple([*grid, *zipped, *derive]), source=data)
         for p in spec.points:  # validate every point up front: a typo fails before any work
             try:
                 spec.config(p)
@@ -147,6 +170,130 @@ class SweepSpec:
 
     def tasks(self) -> list[tuple[int, int]]:
         return [(p.index, r) for p in self.points for r in range(self.replications)]
+
+
+# ---------------------------------------------------------------- derived keys
+_DERIVE_CALLS = {"min": min, "max": max, "round": round, "int": int, "float": float}
+
+
+def _derivations(table: dict[str, Any], given: list[str]) -> dict[str, Any]:
+    """[derive] parsed and checked before any point is made: {config key: expression tree}. Every
+    bare name in [fixed] / [grid] / [zip] must be used by an expression (a typo is not a silent extra
+    column), and a derived key is not also given."""
+    import ast
+
+    out: dict[str, Any] = {}
+    used: set[str] = set()
+    for key, text in table.items():
+        where = f"derive.{key}"
+        if "." not in key:
+            raise ConfigError(where, "a derived key is a config key (section.key)")
+        if key in given:
+            raise ConfigError(where, "is also given in [fixed], [grid] or [zip]: give it once")
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(where, "must be an arithmetic expression in a string")
+        try:
+            tree = ast.parse(text.strip(), mode="eval")
+        except SyntaxError:
+            raise ConfigError(where, f"cannot read {text!r} as an expression") from None
+        called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+        for node in ast.walk(tree):
+            name = _dotted(node)
+            if name is not None:
+                used.add(name)
+            elif isinstance(node, ast.Name) and id(node) in called:
+                pass  # min, max... checked at their call
+            elif isinstance(node, ast.Call):
+                if not (isinstance(node.func, ast.Name) and node.func.id in _DERIVE_CALLS) or node.keywords:
+                    raise ConfigError(where, f"calls only {', '.join(_DERIVE_CALLS)} (positional arguments)")
+            elif isinstance(node, ast.Constant):
+                if isinstance(node.value, bool) or not isinstance(node.value, int | float):
+                    raise ConfigError(where, f"numbers only, not {node.value!r}")
+            elif not isinstance(node, ast.Expression | ast.BinOp | ast.UnaryOp | ast.Add | ast.Sub | ast.Mult
+                                | ast.Div | ast.FloorDiv | ast.Mod | ast.USub | ast.UAdd | ast.Load):
+                raise ConfigError(where, f"arithmetic only (numbers, keys, + - * / // %, "
+                                  f"{', '.join(_DERIVE_CALLS)}), not {type(node).__name__}")
+        out[key] = tree
+        used.add(key)
+    for name in given:
+        if "." not in name and name not in used:
+            raise ConfigError(name, "a bare name is a study parameter, used by a [derive] expression; none uses "
+                              "this one (a config key is section.key)")
+    return out
+
+
+def _dotted(node) -> str | None:
+    """``partition.vps`` (an attribute chain on a name) or ``active_fraction`` as its name, else None."""
+    import ast
+
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name) or (not parts and node.id in _DERIVE_CALLS):
+        return None
+    return ".".join([node.id, *reversed(parts)])
+
+
+def _derive(derive: dict[str, Any], params: dict, overrides: dict, defaults: dict, index: int) -> dict[str, Any]:
+    """The derived keys' values at one point: names are looked up in its study parameters, its config
+    keys, the keys derived before, then the base config's values."""
+    import ast
+
+    values: dict[str, Any] = {}
+
+    def ev(node):
+        name = _dotted(node)
+        if name is not None:
+            for table in (params, values, overrides, defaults):
+                if name in table:
+                    v = table[name]
+                    if isinstance(v, bool) or not isinstance(v, int | float):
+                        raise ValueError(f"{name} is {v!r}, not a number")
+                    return v
+            raise ValueError(f"{name} is neither a study parameter nor a config key")
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.UnaryOp):
+            return -ev(node.operand) if isinstance(node.op, ast.USub) else +ev(node.operand)
+        if isinstance(node, ast.BinOp):
+            a, b = ev(node.left), ev(node.right)
+            op = type(node.op)
+            return {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
+                    ast.Div: lambda: a / b, ast.FloorDiv: lambda: a // b, ast.Mod: lambda: a % b}[op]()
+        return _DERIVE_CALLS[node.func.id](*(ev(arg) for arg in node.args))
+
+    for key, tree in derive.items():
+        try:
+            values[key] = ev(tree)
+        except (ValueError, TypeError, ArithmeticError) as e:
+            shown = {**params, **{k: v for k, v in overrides.items() if k in ast.unparse(tree)}}
+            raise ConfigError(f"derive.{key}", f"point {index} {shown}: {e}") from None
+    return values
+
+
+def apply_spec_overrides(data: dict[str, Any], sets: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A spec's table with ``--set`` entries applied: ``grid.partition.vps`` = [64, 256] replaces the
+    entry "partition.vps" of [grid] (``fixed.``, ``zip.``, ``derive.`` likewise), ``replications`` = 1
+    a top-level value. The result is the spec a sweep records (a resume compares it)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for key, value in sets:
+        section, _, entry = key.partition(".")
+        if section in SPEC_TABLES and entry:
+            table = data.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(section, f"[{section}] must be a table")
+            table[entry] = value
+        elif key in ("replications", "seed", "name", "description"):
+            data[key] = value
+        else:
+            raise ConfigError(key, "a sweep --set names fixed.KEY, grid.KEY, zip.KEY, derive.KEY, replications, "
+                              "seed, name or description")
+    return data
 
 
 # ---------------------------------------------------------------- what a run was made with
@@ -226,6 +373,7 @@ def run_task(spec: SweepSpec, point_index: int, replication: int) -> dict:
     seed = spec.seed_for(replication)
     row: dict[str, Any] = {"point": point_index, "replication": replication, "seed": str(seed), "config_hash": ""}
     row.update({k: _scalar(v) for k, v in point.overrides.items() if k in spec.varied})
+    row.update({k: _scalar(v) for k, v in point.params.items() if k in spec.varied})
     t = time.perf_counter()
     try:
         config = spec.config(point)
@@ -695,7 +843,8 @@ def assemble(spec: SweepSpec, out: Path, wall_s: float, computed: int, skipped: 
         "name": spec.name,
         "spec": _jsonable(spec.source),
         "base_config": spec.base,
-        "points": [{"point": p.index, "overrides": p.overrides} for p in spec.points],
+        "points": [{"point": p.index, "overrides": p.overrides, **({"params": p.params} if p.params else {})}
+                   for p in spec.points],
         "replications": spec.replications,
         "root_seed": spec.seed,
         "seeds": {str(r): str(spec.seed_for(r)) for r in range(spec.replications)},
