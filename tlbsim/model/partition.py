@@ -15,7 +15,7 @@ import numpy as np
 
 from tlbsim import hv
 from tlbsim.config import Config, ExitSpec
-from tlbsim.model import InvariantError, rng
+from tlbsim.model import InvariantError, rng, vp_arrays
 from tlbsim.model.accounting import EXIT_REASONS
 from tlbsim.model.guest import make_policy
 from tlbsim.model.hypervisor import Hypervisor
@@ -26,6 +26,7 @@ from tlbsim.model.recorder import Records
 from tlbsim.model.spin import SpinYield
 from tlbsim.model.vf import PhysicalFunction, VirtualFunction
 from tlbsim.model.vp import GUEST, VP
+from tlbsim.model.vp_arrays import VpArrays, array_vp_class
 from tlbsim.model.workload import ClosedLoop, PoissonArrivals, TraceArrivals, TraceEvent
 
 #: Up to this many sharers of an address space, each VP's targets among them are a list of its own
@@ -107,6 +108,9 @@ class Partition:
         self.spin_yield = self._spin_yield(config)
         self.last_boosted = -1  # the VP the last directed yield went to (kvm_vcpu_on_spin's last_boosted_vcpu)
 
+        # large partitions keep their VPs' flush state in arrays (vp_arrays.py); not with a timeline,
+        # whose TracingVPs follow each VP's accounting one at a time
+        self.vp_arrays = (VpArrays(p.vps) if p.vps >= vp_arrays.ARRAYS_FROM_VPS and timeline is None else None)
         self._register_locks(config, streams)
         self.hypervisor = Hypervisor(self)
         self.policy = make_policy(w.policy, self)
@@ -185,6 +189,8 @@ class Partition:
 
             vp_class = TracingVP
             trace_recorder(self.recorder, timeline, self.index)
+        elif self.vp_arrays is not None:
+            vp_class = array_vp_class(VP, self.vp_arrays)
         threads = w.threads or p.vps  # VPs 0 .. threads - 1 run the workload's threads; the rest idle
         for i in range(p.vps):
             arrivals = self._arrivals(config, i, streams[i]["workload"], threads, initiators, per_vp_trace)
