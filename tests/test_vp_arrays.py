@@ -10,7 +10,7 @@ from tlbsim import Config, simulate
 from tlbsim.model import vp_arrays
 from tlbsim.model.partition import Partition
 from tlbsim.model.vp import VP
-from tlbsim.model.vp_arrays import ArrayTlb, VpArrays, row_sum
+from tlbsim.model.vp_arrays import HV_DEBT, NONGLOBAL, ArrayTlb, VpArrays, row_sum
 
 TABLES = ("shootdowns", "vps", "exits")
 
@@ -106,7 +106,9 @@ def test_array_vp_fields_read_and_write_their_arrays():
     vp.tlb.nonglobal = 7.25
     vp.on_lp = True
     vp.state_us[0] += 3.0
-    assert a.np["hv_debt_us"][2] == 1.5 and a.np["nonglobal"][2] == 7.25 and bool(a.on_lp[2])
+    assert a.f[HV_DEBT, 2] == 1.5 and a.f[NONGLOBAL, 2] == 7.25 and bool(a.on_lp[2])
+    vp.flushes_applied += 2
+    assert vp.flushes_applied == 2 and type(vp.flushes_applied) is int
     assert a.guest_us[2] == 3.0 and type(vp.hv_debt_us) is float and vp.on_lp is True
     assert part.vps[1].hv_debt_us == 0.0 and not part.vps[1].on_lp
     c = vp.clock()

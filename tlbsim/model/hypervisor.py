@@ -56,7 +56,7 @@ from tlbsim import hv
 from tlbsim.hv import FlushCall, HvStatus
 from tlbsim.model.accounting import GUEST, HYPERCALL, SPINNING, SUSPENDED
 from tlbsim.model.tlb import EVERYTHING, FlushScope
-from tlbsim.model.vp_arrays import flush_running
+from tlbsim.model.vp_arrays import HV_DEBT, flush_running
 
 if TYPE_CHECKING:
     from tlbsim.model.partition import Partition
@@ -314,7 +314,7 @@ class Hypervisor:
         if len(segments) > 1 and mode == IPI and running:  # each segment interrupts its targets again
             again = (len(segments) - 1) * self.target_hit_us
             if vectorised:
-                hv_debt = self.arrays.np["hv_debt_us"][plan.lo:plan.hi]
+                hv_debt = self.arrays.f[HV_DEBT, plan.lo:plan.hi]
                 np.add(hv_debt, again, out=hv_debt, where=plan.vmask & self.arrays.on_lp[plan.lo:plan.hi])
             else:
                 for t in targets:
@@ -398,7 +398,7 @@ class Hypervisor:
         k = int(np.count_nonzero(sel))
         if k:
             debt = self._debt_us(self.fanout_mode(k), scope)
-            required, removed = flush_running(self.arrays, lo, hi, sel, now, debt, scope, self.whole_context,
+            required, removed = flush_running(self.arrays, lo, sel, now, debt, scope, self.whole_context,
                                               self.costs.refill_us)
             self._record_ids(lo, sel, sd)
         else:
@@ -429,7 +429,7 @@ class Hypervisor:
                 self.recorder.flushed_off_lp(sd, len(off))
         k = int(np.count_nonzero(sel))
         if k:
-            required, removed = flush_running(self.arrays, lo, hi, sel, now, self._debt_us(mode, scope), scope,
+            required, removed = flush_running(self.arrays, lo, sel, now, self._debt_us(mode, scope), scope,
                                               whole_context, self.costs.refill_us)
             self._record_ids(lo, sel, sd)
         else:

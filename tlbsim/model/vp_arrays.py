@@ -29,64 +29,64 @@ from tlbsim.model.tlb import Tlb
 #: (docs/performance.md), so the arrays pay from about 100 targets a call.
 ARRAYS_FROM_VPS = 256
 
-_DOUBLE_FIELDS = ("since", "hv_debt_us", "refill_debt_us", "hv_flush_us", "refill_us", "refill_entries",
-                  "collateral_entries", "nonglobal", "global_entries")
+#: The rows of ``VpArrays.f``: the VP's fields, then its TLB's (occupancy, then the constants Tlb.__init__
+#: sets, read by the vectorised flush only). flushes_applied is counted in a double (exact below 2**53).
+ROWS = ("since", "hv_debt_us", "refill_debt_us", "hv_flush_us", "refill_us", "refill_entries", "collateral_entries",
+        "flushes_applied", "nonglobal", "global_entries", "nonglobal_cap", "global_cap", "rate_nonglobal",
+        "rate_global", "working_set", "address_space")
+(SINCE, HV_DEBT, REFILL_DEBT, HV_FLUSH, REFILL, REFILL_ENTRIES, COLLATERAL, FLUSHES, NONGLOBAL, GLOBAL,
+ NONGLOBAL_CAP, GLOBAL_CAP, RATE_NONGLOBAL, RATE_GLOBAL, WORKING_SET, ADDRESS_SPACE) = range(len(ROWS))
 
 
 class VpArrays:
-    """The per-VP flush state of one partition's ``n`` VPs: ``array.array`` buffers (``buf``) and
-    numpy views of the same memory (``np``), one per field; the TLB's constants as numpy arrays,
-    filled as the VPs are built."""
+    """The per-VP flush state of one partition's ``n`` VPs: the doubles in one ``array.array``
+    (``buf``, row r of the fields ``ROWS[r]`` at ``r * n``) with a (rows, n) numpy view of it (``f``),
+    the state (``state``, ``array('q')``) and whether each VP is on an LP (``on_lp_buf``,
+    ``array('b')``) with theirs, and each VP's time per state (``state_us_buf``, a row of
+    N_STATES per VP; ``guest_us`` its GUEST column)."""
 
     def __init__(self, n: int):
         self.n = n
-        self.buf: dict[str, array] = {name: array("d", bytes(8 * n)) for name in _DOUBLE_FIELDS}
-        self.buf["state"] = array("q", bytes(8 * n))
-        self.buf["on_lp"] = array("b", bytes(n))
-        self.buf["flushes_applied"] = array("q", bytes(8 * n))
+        self.buf = array("d", bytes(8 * n * len(ROWS)))
+        self.f = np.frombuffer(self.buf, dtype=np.float64).reshape(len(ROWS), n)
+        self.state_buf = array("q", bytes(8 * n))
+        self.state = np.frombuffer(self.state_buf, dtype=np.int64)
+        self.on_lp_buf = array("b", bytes(n))
+        self.on_lp = np.frombuffer(self.on_lp_buf, dtype=np.int8).view(np.bool_)
         self.state_us_buf = array("d", bytes(8 * n * N_STATES))
-        self.np = {name: np.frombuffer(b, dtype=np.float64 if b.typecode == "d" else
-                                       (np.int64 if b.typecode == "q" else np.int8))
-                   for name, b in self.buf.items()}
-        self.on_lp = self.np["on_lp"].view(np.bool_)
         self.guest_us = np.frombuffer(self.state_us_buf, dtype=np.float64).reshape(n, N_STATES)[:, GUEST]
-        self.state_rows = memoryview(self.state_us_buf)
-        # the TLB's constants (Tlb.__init__), by VP
-        self.nonglobal_cap = np.zeros(n)
-        self.global_cap = np.zeros(n)
-        self.rate_nonglobal = np.zeros(n)
-        self.rate_global = np.zeros(n)
-        self.working_set = np.zeros(n)
-        self.address_space = np.zeros(n, dtype=np.int64)
-        self.all_idle_traced = False
+        self._state_rows = memoryview(self.state_us_buf)
 
     def state_us_of(self, index: int) -> memoryview:
         """VP ``index``'s time per state: a row of the shared buffer (item reads are floats)."""
-        return self.state_rows[index * N_STATES:(index + 1) * N_STATES]
+        return self._state_rows[index * N_STATES:(index + 1) * N_STATES]
 
 
-def _field(buf: array, as_bool: bool = False) -> property:
-    if as_bool:
-        def get(self, _b=buf):
-            return _b[self.index] == 1
+def _field(buf: array, offset: int, attr: str = "index", kind=None) -> property:
+    """A property over ``buf[offset + self.index]`` (``self._i`` with ``attr`` "_i"): a float (an int
+    from an integer array), or with ``kind`` an int or a bool read from a double / byte."""
+    if kind is bool:
+        def get(self, _b=buf, _o=offset):
+            return _b[_o + self.index] == 1
 
-        def put(self, value, _b=buf):
-            _b[self.index] = 1 if value else 0
+        def put(self, value, _b=buf, _o=offset):
+            _b[_o + self.index] = 1 if value else 0
+        return property(get, put)
+    if kind is int:
+        def get(self, _b=buf, _o=offset):
+            return int(_b[_o + self.index])
+    elif attr == "index":
+        def get(self, _b=buf, _o=offset):
+            return _b[_o + self.index]
     else:
-        def get(self, _b=buf):
-            return _b[self.index]
-
-        def put(self, value, _b=buf):
-            _b[self.index] = value
-    return property(get, put)
-
-
-def _tlb_field(buf: array) -> property:
-    def get(self, _b=buf):
-        return _b[self._i]
-
-    def put(self, value, _b=buf):
-        _b[self._i] = value
+        def get(self, _b=buf, _o=offset):
+            return _b[_o + self._i]
+    if attr == "index":
+        def put(self, value, _b=buf, _o=offset):
+            _b[_o + self.index] = value
+    else:
+        def put(self, value, _b=buf, _o=offset):
+            _b[_o + self._i] = value
     return property(get, put)
 
 
@@ -99,21 +99,22 @@ class ArrayTlb(Tlb):
 
 def array_vp_class(vp_class: type, arrays: VpArrays) -> type:
     """A subclass of ``vp_class`` (``vp.VP``) whose flush state lives in ``arrays``."""
-    b = arrays.buf
-    tlb_ns = {"__slots__": (), "nonglobal": _tlb_field(b["nonglobal"]),
-              "global_entries": _tlb_field(b["global_entries"])}
+    b, n = arrays.buf, arrays.n
+    tlb_ns = {"__slots__": (), "nonglobal": _field(b, NONGLOBAL * n, "_i"),
+              "global_entries": _field(b, GLOBAL * n, "_i")}
     tlb_class = type("PartitionArrayTlb", (ArrayTlb,), tlb_ns)
+    f = arrays.f
 
     def build_tlb(self, index, address_space, capacity, working_set, global_pages, fill_rate_per_us, warm):
         tlb = tlb_class.__new__(tlb_class)
         tlb._i = index
         Tlb.__init__(tlb, address_space, capacity, working_set, global_pages, fill_rate_per_us, warm)
-        arrays.nonglobal_cap[index] = tlb.nonglobal_cap
-        arrays.global_cap[index] = tlb.global_cap
-        arrays.rate_nonglobal[index] = tlb._rate_nonglobal
-        arrays.rate_global[index] = tlb._rate_global
-        arrays.working_set[index] = tlb.working_set
-        arrays.address_space[index] = address_space
+        f[NONGLOBAL_CAP, index] = tlb.nonglobal_cap
+        f[GLOBAL_CAP, index] = tlb.global_cap
+        f[RATE_NONGLOBAL, index] = tlb._rate_nonglobal
+        f[RATE_GLOBAL, index] = tlb._rate_global
+        f[WORKING_SET, index] = tlb.working_set
+        f[ADDRESS_SPACE, index] = address_space
         return tlb
 
     def init(self, part, index, *args, **kwargs):
@@ -122,78 +123,79 @@ def array_vp_class(vp_class: type, arrays: VpArrays) -> type:
         self.state_us = arrays.state_us_of(index)  # nothing accounted yet: its run starts later
 
     ns = {"__slots__": (), "__init__": init, "_build_tlb": build_tlb, "arrays": arrays,
-          "state": _field(b["state"]), "since": _field(b["since"]), "on_lp": _field(b["on_lp"], True),
-          "flushes_applied": _field(b["flushes_applied"])}
-    for name in ("hv_debt_us", "refill_debt_us", "hv_flush_us", "refill_us", "refill_entries", "collateral_entries"):
-        ns[name] = _field(b[name])
+          "state": _field(arrays.state_buf, 0), "on_lp": _field(arrays.on_lp_buf, 0, kind=bool),
+          "flushes_applied": _field(b, FLUSHES * n, kind=int)}
+    for row in (SINCE, HV_DEBT, REFILL_DEBT, HV_FLUSH, REFILL, REFILL_ENTRIES, COLLATERAL):
+        ns[ROWS[row]] = _field(b, row * n)
     return type("ArrayVP", (vp_class,), ns)
 
 
-def flush_running(arrays: VpArrays, lo: int, hi: int, sel: np.ndarray, now: float, debt_us: float, scope,
+def flush_running(arrays: VpArrays, lo: int, sel: np.ndarray, now: float, debt_us: float, scope,
                   whole_context: bool, refill_us: float) -> tuple[np.ndarray, np.ndarray | None]:
     """``VP.flush_by_hypervisor`` (``flush_pages_by_hypervisor``'s arithmetic for a page scope) on
-    every VP ``lo + i`` with ``sel[i]`` (on an LP, a plain VP's state), at ``now``, vectorised: the
-    same operations in the same order on each VP, so the same bits. Returns the entries each
-    flush required, in VP order, and the entries removed (None for a page scope: exact, removed =
-    required). The scope is a page scope or a whole address space's non-global entries
-    (``Tlb.flush_space_nonglobal``); the caller keeps the others on the per-VP path."""
-    b = arrays.np
-    span = slice(lo, hi)
-    # advance_guest(now): VPs in guest code since before now account the guest time up to now
-    since = b["since"][span]
-    g = sel & (b["state"][span] == GUEST) & (since < now)
-    if g.any():
-        dt = now - since
-        for level, cap, rate in (("nonglobal", arrays.nonglobal_cap, arrays.rate_nonglobal),
-                                 ("global_entries", arrays.global_cap, arrays.rate_global)):
-            occ = b[level][span]
-            cap = cap[span]
-            below = g & (occ < cap)
-            if below.any():
-                filled = occ + rate[span] * dt
-                np.copyto(occ, np.where(filled < cap, filled, cap), where=below)
-        # debts repaid in order from the guest time (TimeAccount.account_guest): a debt of 0 takes 0
-        left = dt.copy()
-        for debt_name, paid_name in (("hv_debt_us", "hv_flush_us"), ("refill_debt_us", "refill_us")):
-            owed = b[debt_name][span]
-            take = np.where(owed < left, owed, left)
-            np.subtract(owed, take, out=owed, where=g)
-            paid = b[paid_name][span]
-            np.add(paid, take, out=paid, where=g)
-            np.subtract(left, take, out=left)
-        guest = arrays.guest_us[span]
-        np.add(guest, left, out=guest, where=g)
-        np.copyto(since, now, where=g)
-    hv_debt = b["hv_debt_us"][span]
-    np.add(hv_debt, debt_us, out=hv_debt, where=sel)
-    nonglobal = b["nonglobal"][span][sel]
+    every VP ``lo + i`` with ``sel[i]`` (each on an LP), at ``now``, vectorised: the same operations
+    in the same order on each VP, so the same bits. Returns the entries each flush required, in VP
+    order, and the entries removed (None for a page scope: exact, removed = required). The scope
+    is a page scope or a whole address space's non-global entries (``Tlb.flush_space_nonglobal``);
+    the caller keeps the others on the per-VP path.
+
+    It works in place on the span of VPs lo .. lo + len(sel) - 1 (views, no gather): a VP of the
+    span that is not selected, or not in guest code since before ``now``, gets a guest time of 0
+    and a flush of nothing, with which every step leaves its fields as they are, exactly (the
+    occupancy never exceeds its cap, min(debt, 0) = 0, and x + 0.0 = x for the non-negative
+    fields, none of which is ever -0.0)."""
+    hi = lo + len(sel)
+    g = arrays.f[:, lo:hi]
+    since = g[SINCE]
+    # advance_guest(now) (TimeAccount.account_guest): fill the TLB, repay the debts in order, the rest is work
+    dt = now - since
+    in_guest = (arrays.state[lo:hi] == GUEST) & (dt > 0.0)
+    in_guest &= sel
+    dt = np.where(in_guest, dt, 0.0)
+    for occ, cap, rate in ((NONGLOBAL, NONGLOBAL_CAP, RATE_NONGLOBAL), (GLOBAL, GLOBAL_CAP, RATE_GLOBAL)):
+        if occ == GLOBAL and not (g[GLOBAL] < g[GLOBAL_CAP]).any():
+            continue  # every one at its cap (advance leaves it)
+        filled = g[rate] * dt
+        filled += g[occ]
+        np.copyto(g[occ], np.where(filled < g[cap], filled, g[cap]))
+    left = dt
+    for debt, paid in ((HV_DEBT, HV_FLUSH), (REFILL_DEBT, REFILL)):
+        owed = g[debt]
+        take = np.where(owed < left, owed, left)
+        owed -= take
+        g[paid] += take
+        left -= take
+    guest = arrays.guest_us[lo:hi]
+    guest += left
+    np.copyto(since, now, where=in_guest)
+    np.add(g[HV_DEBT], debt_us, out=g[HV_DEBT], where=sel)
+    # the flush (Tlb.flush_pages / Tlb.flush_space_nonglobal)
+    nonglobal = g[NONGLOBAL]
     a_space = scope.address_space
-    matches = None if a_space is None else arrays.address_space[span][sel] == a_space
-    if scope.pages is not None:  # Tlb.flush_pages
-        working_set = arrays.working_set[span][sel]
-        has = working_set != 0
-        if matches is not None:
-            has &= matches
-        required = scope.pages * nonglobal / np.where(has, working_set, 1.0)
+    has = sel if a_space is None else sel & (g[ADDRESS_SPACE] == a_space)
+    if scope.pages is not None:
+        working_set = g[WORKING_SET]
+        has = has & (working_set != 0.0)
+        required = scope.pages * nonglobal
+        required /= np.where(has, working_set, 1.0)
         required = np.where(required > nonglobal, nonglobal, required)
         required = np.where(has, required, 0.0)
+        nonglobal -= required
         removed = None
-        b["nonglobal"][span][sel] = nonglobal - required
         booked = required
-    else:  # Tlb.flush_space_nonglobal
-        required = nonglobal if matches is None else np.where(matches, nonglobal, 0.0)
-        removed = nonglobal if whole_context else required
-        b["nonglobal"][span][sel] = nonglobal - removed
+    else:
+        required = np.where(has, nonglobal, 0.0)
+        removed = np.where(sel, nonglobal, 0.0) if whole_context else required
+        nonglobal -= removed
         booked = removed
-    for name, add in (("refill_debt_us", booked * refill_us), ("refill_entries", required)):
-        col = b[name][span]
-        col[sel] = col[sel] + add
+    g[REFILL_DEBT] += booked * refill_us
+    g[REFILL_ENTRIES] += required
     if removed is not None:
-        col = b["collateral_entries"][span]
-        col[sel] = col[sel] + (removed - required)
-    fa = b["flushes_applied"][span]
-    fa[sel] += 1
-    return required, removed
+        g[COLLATERAL] += removed - required
+    g[FLUSHES] += sel
+    if removed is None:
+        return required[sel], None
+    return required[sel], removed[sel]
 
 
 def row_sum(start: float, values: np.ndarray) -> float:
