@@ -147,21 +147,23 @@ def flush_running(arrays: VpArrays, lo: int, sel: np.ndarray, now: float, debt_u
     hi = lo + len(sel)
     g = arrays.f[:, lo:hi]
     since = g[SINCE]
-    # advance_guest(now) (TimeAccount.account_guest): fill the TLB, repay the debts in order, the rest is work
+    # advance_guest(now) (TimeAccount.account_guest): fill the TLB, repay the debts in order, the rest is work.
+    # min(a, b) is the model's "a if a < b else b" (the same double either way when they are equal)
     dt = now - since
-    in_guest = (arrays.state[lo:hi] == GUEST) & (dt > 0.0)
+    in_guest = arrays.state[lo:hi] == GUEST
     in_guest &= sel
-    dt = np.where(in_guest, dt, 0.0)
+    in_guest &= dt > 0.0
+    dt *= in_guest  # 0 (or -0.0: the same no-op below) where no guest time is accounted
     for occ, cap, rate in ((NONGLOBAL, NONGLOBAL_CAP, RATE_NONGLOBAL), (GLOBAL, GLOBAL_CAP, RATE_GLOBAL)):
         if occ == GLOBAL and not (g[GLOBAL] < g[GLOBAL_CAP]).any():
             continue  # every one at its cap (advance leaves it)
         filled = g[rate] * dt
         filled += g[occ]
-        np.copyto(g[occ], np.where(filled < g[cap], filled, g[cap]))
+        np.minimum(filled, g[cap], out=g[occ])
     left = dt
     for debt, paid in ((HV_DEBT, HV_FLUSH), (REFILL_DEBT, REFILL)):
         owed = g[debt]
-        take = np.where(owed < left, owed, left)
+        take = np.minimum(owed, left)
         owed -= take
         g[paid] += take
         left -= take
@@ -178,14 +180,14 @@ def flush_running(arrays: VpArrays, lo: int, sel: np.ndarray, now: float, debt_u
         has = has & (working_set != 0.0)
         required = scope.pages * nonglobal
         required /= np.where(has, working_set, 1.0)
-        required = np.where(required > nonglobal, nonglobal, required)
-        required = np.where(has, required, 0.0)
+        np.minimum(required, nonglobal, out=required)
+        required *= has  # 0.0 where the flush requires nothing (required is never negative)
         nonglobal -= required
         removed = None
         booked = required
     else:
-        required = np.where(has, nonglobal, 0.0)
-        removed = np.where(sel, nonglobal, 0.0) if whole_context else required
+        required = nonglobal * has
+        removed = nonglobal * sel if whole_context else required
         nonglobal -= removed
         booked = removed
     g[REFILL_DEBT] += booked * refill_us
@@ -199,8 +201,11 @@ def flush_running(arrays: VpArrays, lo: int, sel: np.ndarray, now: float, debt_u
 
 
 def row_sum(start: float, values: np.ndarray) -> float:
-    """``start`` plus each of ``values`` in order, one addition at a time (a Python loop's sum)."""
-    if not len(values):
+    """``start`` plus each of ``values`` in order, one addition at a time (a Python loop's sum; not
+    ``sum()``, which compensates from Python 3.12)."""
+    if len(values) < 64:
+        for v in values.tolist():
+            start += v
         return start
     acc = np.empty(len(values) + 1)
     acc[0] = start
