@@ -75,6 +75,12 @@ SNP_LIST_MAX = 16
 TDX_RING_RANGES = 32
 
 
+def _indices(targets) -> tuple[int, ...]:
+    """The VP index of each target, in order (a partition.OtherVPs view has them at hand)."""
+    indices = getattr(targets, "indices", None)
+    return indices() if indices is not None else tuple(map(_INDEX, targets))
+
+
 class CallPlan:
     """Everything about one (caller, call) pair that does not change during a
     run: the decoded call, its status, its target VPs and its segments by
@@ -161,7 +167,7 @@ class Hypervisor:
         if at < len(indices) and indices[at] == vp.index:  # the caller is no target of its own call
             indices = indices[:at] + indices[at + 1:]
         member = hv.bits_of(indices, hv.MAX_VP_INDEX)
-        if named is not None and len(named) == len(indices) and tuple(map(_INDEX, named)) == indices:
+        if named is not None and len(named) == len(indices) and _indices(named) == indices:
             targets = named  # the same VPs in the same (ascending) order: share the list
         else:
             targets = [vps[i] for i in indices]
@@ -185,9 +191,8 @@ class Hypervisor:
         plan = CallPlan(call, scope, validation, targets, member, rep_pages, entry)
         if self.arrays is not None and indices:
             plan.lo, plan.hi = indices[0], indices[-1] + 1
-            vmask = np.zeros(plan.hi - plan.lo, dtype=np.bool_)
-            vmask[np.array(indices, dtype=np.int64) - plan.lo] = True
-            plan.vmask = vmask
+            bits = np.frombuffer(member.to_bytes((plan.hi + 7) // 8, "little"), dtype=np.uint8)
+            plan.vmask = np.unpackbits(bits, bitorder="little")[plan.lo:plan.hi].view(np.bool_)
         return plan
 
     # ------------------------------------------------------------ costs

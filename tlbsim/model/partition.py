@@ -41,17 +41,24 @@ class OtherVPs:
     took n x (n - 1) pointers (134 MB at 4,096 VPs); this takes two fields. Iteration runs at C
     speed (two islices chained). Read-only, like the list it views."""
 
-    __slots__ = ("_vps", "_skip")
+    __slots__ = ("_vps", "_skip", "_indices")
 
-    def __init__(self, vps: list, skip: int):
+    def __init__(self, vps: list, skip: int, indices: tuple[int, ...] | None = None):
         self._vps = vps  # shared, never mutated after the partition is built
         self._skip = skip  # position of the VP left out
+        self._indices = indices  # the shared list's VP indices, shared too (None: read from the VPs)
 
     def __iter__(self):
         return chain(islice(self._vps, self._skip), islice(self._vps, self._skip + 1, None))
 
     def __len__(self) -> int:
         return len(self._vps) - 1
+
+    def indices(self) -> tuple[int, ...]:
+        """The VP index of each, in order (what a guest builds its call from: two tuple slices,
+        not 4,095 attribute reads)."""
+        every = self._indices if self._indices is not None else tuple(v.index for v in self._vps)
+        return every[:self._skip] + every[self._skip + 1:]
 
 
 class _LosingList(list):
@@ -129,6 +136,7 @@ class Partition:
                 vp.deferred = _LosingList()
         self._mask_targets = hv.mask_to_vps(w.processor_mask) if w.processor_mask else None
         self._targets: dict[tuple[int, int], tuple[list[VP], tuple[int, ...]]] = {}
+        self._sharer_indices: dict[int, tuple[int, ...]] = {}  # address space -> its sharers' indices
 
         self._build_vfs(config, seed, vf_trace)
 
@@ -252,8 +260,13 @@ class Partition:
                 sharers = self.sharers.get(address_space, [])
                 try:
                     skip = sharers.index(vp)
-                    found = (sharers[:skip] + sharers[skip + 1:] if len(sharers) <= TARGET_LISTS_UP_TO
-                             else OtherVPs(sharers, skip))
+                    if len(sharers) <= TARGET_LISTS_UP_TO:
+                        found = sharers[:skip] + sharers[skip + 1:]
+                    else:
+                        every = self._sharer_indices.get(address_space)
+                        if every is None:
+                            every = self._sharer_indices[address_space] = tuple(v.index for v in sharers)
+                        found = OtherVPs(sharers, skip, every)
                 except ValueError:  # not a sharer (its own address space is another): every sharer
                     found = sharers
             self._targets[key] = found
