@@ -287,7 +287,7 @@ class WindowsStylePolicy(HypercallPolicy):
         vps = [] if self.all_processors else index_list(targets)
         ex = bool(vps) and max(vps) >= 64
         vp_set = hv.vps_to_vp_set(vps) if ex else None
-        mask = 0 if self.all_processors else hv.vps_to_mask([v for v in vps if v < 64])
+        mask = 0 if self.all_processors or ex else hv.vps_to_mask(vps)  # an Ex call has no ProcessorMask
         if use_list:  # NON_GLOBAL is invalid on the List calls; a page flush is exact on every target
             gvas = hv.gva_ranges_for(0x1000, pages)
             call = (FlushCall.list_ex(scope.address_space, flags, vp_set, gvas) if ex
