@@ -56,7 +56,7 @@ from tlbsim import hv
 from tlbsim.hv import FlushCall, HvStatus
 from tlbsim.model.accounting import GUEST, HYPERCALL, SPINNING, SUSPENDED
 from tlbsim.model.tlb import EVERYTHING, FlushScope
-from tlbsim.model.vp_arrays import HV_DEBT, flush_running
+from tlbsim.model.vp_arrays import ADDRESS_SPACE, HV_DEBT, WORKING_SET, flush_running
 
 if TYPE_CHECKING:
     from tlbsim.model.partition import Partition
@@ -94,7 +94,8 @@ class CallPlan:
     only for the running-target counts that occur."""
 
     __slots__ = ("call", "scope", "status", "ok", "all_processors", "n_named", "call_code", "flags", "targets",
-                 "member", "rep_pages", "entry_us", "segments_us", "fanouts_us", "lo", "hi", "vmask")
+                 "member", "rep_pages", "entry_us", "segments_us", "fanouts_us", "lo", "hi", "vmask",
+                 "flushable")
 
     def __init__(self, call: FlushCall, scope: FlushScope, validation: hv.Validation, targets: list, member: int,
                  rep_pages: tuple[int, ...], entry_us: float):
@@ -115,6 +116,7 @@ class CallPlan:
         # array-backed partitions (vp_arrays.py): the targets as a mask over VPs lo .. hi - 1
         self.lo = self.hi = 0
         self.vmask = None
+        self.flushable = None  # ... of which those whose TLB the scope applies to (vp_arrays.flush_running)
 
 
 class Hypervisor:
@@ -193,6 +195,13 @@ class Hypervisor:
             plan.lo, plan.hi = indices[0], indices[-1] + 1
             bits = np.frombuffer(member.to_bytes((plan.hi + 7) // 8, "little"), dtype=np.uint8)
             plan.vmask = np.unpackbits(bits, bitorder="little")[plan.lo:plan.hi].view(np.bool_)
+            f = self.arrays.f[:, plan.lo:plan.hi]
+            flushable = plan.vmask.copy()
+            if scope.address_space is not None:
+                flushable &= f[ADDRESS_SPACE] == scope.address_space
+            if scope.pages is not None:
+                flushable &= f[WORKING_SET] != 0.0
+            plan.flushable = flushable
         return plan
 
     # ------------------------------------------------------------ costs
@@ -399,12 +408,13 @@ class Hypervisor:
         if hi <= lo:
             self.recorder.running_flushed_arrays(sd, 0, None, None)
             return 0
-        sel = plan.vmask[:hi - lo] & self.arrays.on_lp[lo:hi]
+        on = self.arrays.on_lp[lo:hi]
+        sel = plan.vmask[:hi - lo] & on
         k = int(np.count_nonzero(sel))
         if k:
             debt = self._debt_us(self.fanout_mode(k), scope)
-            required, removed = flush_running(self.arrays, lo, sel, now, debt, scope, self.whole_context,
-                                              self.costs.refill_us)
+            required, removed = flush_running(self.arrays, lo, sel, plan.flushable[:hi - lo] & on, now, debt,
+                                              scope.pages, self.whole_context, self.costs.refill_us)
             self._record_ids(lo, sel, sd)
         else:
             required = removed = None
@@ -434,8 +444,9 @@ class Hypervisor:
                 self.recorder.flushed_off_lp(sd, len(off))
         k = int(np.count_nonzero(sel))
         if k:
-            required, removed = flush_running(self.arrays, lo, sel, now, self._debt_us(mode, scope), scope,
-                                              whole_context, self.costs.refill_us)
+            required, removed = flush_running(self.arrays, lo, sel, plan.flushable & on, now,
+                                              self._debt_us(mode, scope), scope.pages, whole_context,
+                                              self.costs.refill_us)
             self._record_ids(lo, sel, sd)
         else:
             required = removed = None

@@ -289,16 +289,16 @@ class ShootdownRecorder:
             refill += r
         shootdown.refill_entries = refill
 
-    def running_flushed_arrays(self, shootdown: _Shootdown, count: int, required, removed) -> None:
+    def running_flushed_arrays(self, shootdown: _Shootdown, count: int, required, collateral) -> None:
         """``running_flushed`` of ``count`` running targets flushed by the vectorised path
-        (vp_arrays.flush_running): ``required`` and ``removed`` per target in target order as numpy
-        arrays (``removed`` None for a page flush: exact), summed one addition at a time in that
-        order, as the loop does."""
+        (vp_arrays.flush_running): ``required`` and ``collateral`` (removed - required; None for a
+        page flush: exact) per VP of the flushed span in VP order as numpy arrays, 0.0 for the VPs
+        not flushed, summed one addition at a time in that order, as the loop does."""
         shootdown.running_targets = count
         if count:
             shootdown.refill_entries = row_sum(shootdown.refill_entries, required)
-            if removed is not None:
-                shootdown.collateral_entries = row_sum(shootdown.collateral_entries, removed - required)
+            if collateral is not None:
+                shootdown.collateral_entries = row_sum(shootdown.collateral_entries, collateral)
 
     def deferred(self, shootdown: _Shootdown, count: int = 1) -> None:
         """``count`` targets were not on an LP: their flush waits for their next entry."""

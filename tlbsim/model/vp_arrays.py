@@ -56,6 +56,7 @@ class VpArrays:
         self.state_us_buf = array("d", bytes(8 * n * N_STATES))
         self.guest_us = np.frombuffer(self.state_us_buf, dtype=np.float64).reshape(n, N_STATES)[:, GUEST]
         self._state_rows = memoryview(self.state_us_buf)
+        self.working_set_or_1 = np.ones(n)  # the divisor of a page flush (1 where there is no working set)
 
     def state_us_of(self, index: int) -> memoryview:
         """VP ``index``'s time per state: a row of the shared buffer (item reads are floats)."""
@@ -115,6 +116,7 @@ def array_vp_class(vp_class: type, arrays: VpArrays) -> type:
         f[RATE_GLOBAL, index] = tlb._rate_global
         f[WORKING_SET, index] = tlb.working_set
         f[ADDRESS_SPACE, index] = address_space
+        arrays.working_set_or_1[index] = tlb.working_set or 1.0
         return tlb
 
     def init(self, part, index, *args, **kwargs):
@@ -122,7 +124,62 @@ def array_vp_class(vp_class: type, arrays: VpArrays) -> type:
         vp_class.__init__(self, part, index, *args, **kwargs)
         self.state_us = arrays.state_us_of(index)  # nothing accounted yet: its run starts later
 
+    # TimeAccount's hot methods on the arrays directly (the same statements, without a property call
+    # per field): every state change and every settle of a large partition's VP runs them
+    state_b = arrays.state_buf
+    o_since, o_ng, o_gl = SINCE * n, NONGLOBAL * n, GLOBAL * n
+    o_ng_cap, o_gl_cap, o_r_ng, o_r_gl = NONGLOBAL_CAP * n, GLOBAL_CAP * n, RATE_NONGLOBAL * n, RATE_GLOBAL * n
+    o_hv_debt, o_refill_debt, o_hv_flush, o_refill = HV_DEBT * n, REFILL_DEBT * n, HV_FLUSH * n, REFILL * n
+
+    def set_state(self, new, now=None):
+        if now is None:
+            now = self.env.now
+        i = self.index
+        dt = now - b[o_since + i]
+        if dt > 0:
+            old = state_b[i]
+            if old == GUEST:
+                self.account_guest(dt)
+            else:
+                self.state_us[old] += dt
+        state_b[i] = new
+        b[o_since + i] = now
+
+    def advance_guest(self, now):
+        i = self.index
+        if state_b[i] == GUEST and now > b[o_since + i]:
+            self.account_guest(now - b[o_since + i])
+            b[o_since + i] = now
+
+    def account_guest(self, dt):
+        i = self.index
+        occ, cap = b[o_ng + i], b[o_ng_cap + i]
+        if occ < cap:  # Tlb.advance
+            filled = occ + b[o_r_ng + i] * dt
+            b[o_ng + i] = filled if filled < cap else cap
+        occ, cap = b[o_gl + i], b[o_gl_cap + i]
+        if occ < cap:
+            filled = occ + b[o_r_gl + i] * dt
+            b[o_gl + i] = filled if filled < cap else cap
+        hv_debt, refill_debt = b[o_hv_debt + i], b[o_refill_debt + i]
+        if not (hv_debt or refill_debt):
+            self.state_us[GUEST] += dt
+            return
+        left = dt
+        if hv_debt:
+            take = hv_debt if hv_debt < left else left
+            b[o_hv_debt + i] = hv_debt - take
+            b[o_hv_flush + i] += take
+            left -= take
+        if refill_debt and left:
+            take = refill_debt if refill_debt < left else left
+            b[o_refill_debt + i] = refill_debt - take
+            b[o_refill + i] += take
+            left -= take
+        self.state_us[GUEST] += left
+
     ns = {"__slots__": (), "__init__": init, "_build_tlb": build_tlb, "arrays": arrays,
+          "set_state": set_state, "advance_guest": advance_guest, "account_guest": account_guest,
           "state": _field(arrays.state_buf, 0), "on_lp": _field(arrays.on_lp_buf, 0, kind=bool),
           "flushes_applied": _field(b, FLUSHES * n, kind=int)}
     for row in (SINCE, HV_DEBT, REFILL_DEBT, HV_FLUSH, REFILL, REFILL_ENTRIES, COLLATERAL):
@@ -130,14 +187,20 @@ def array_vp_class(vp_class: type, arrays: VpArrays) -> type:
     return type("ArrayVP", (vp_class,), ns)
 
 
-def flush_running(arrays: VpArrays, lo: int, sel: np.ndarray, now: float, debt_us: float, scope,
-                  whole_context: bool, refill_us: float) -> tuple[np.ndarray, np.ndarray | None]:
-    """``VP.flush_by_hypervisor`` (``flush_pages_by_hypervisor``'s arithmetic for a page scope) on
-    every VP ``lo + i`` with ``sel[i]`` (each on an LP), at ``now``, vectorised: the same operations
-    in the same order on each VP, so the same bits. Returns the entries each flush required, in VP
-    order, and the entries removed (None for a page scope: exact, removed = required). The scope
-    is a page scope or a whole address space's non-global entries (``Tlb.flush_space_nonglobal``);
-    the caller keeps the others on the per-VP path.
+def flush_running(arrays: VpArrays, lo: int, sel: np.ndarray, has: np.ndarray, now: float, debt_us: float,
+                  pages: int | None, whole_context: bool, refill_us: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """``VP.flush_by_hypervisor`` (``flush_pages_by_hypervisor``'s arithmetic for a page scope of
+    ``pages``) on every VP ``lo + i`` with ``sel[i]`` (each on an LP), at ``now``, vectorised: the
+    same operations in the same order on each VP, so the same bits. ``has[i]``: VP ``lo + i`` is
+    selected and the flush applies to its TLB (its address space matches the scope's and, for a
+    page scope, it has a working set; ``CallPlan.flushable``). ``pages`` None: a whole address
+    space's non-global entries (``Tlb.flush_space_nonglobal``); the caller keeps the scopes with
+    global entries on the per-VP path.
+
+    Returns the entries each flush required and the entries removed (None for a page scope:
+    exact, removed = required), over the whole span with 0.0 for the VPs not flushed (a row's
+    sum over them in order is the sum over the flushed ones: + 0.0 changes no sum that is never
+    -0.0).
 
     It works in place on the span of VPs lo .. lo + len(sel) - 1 (views, no gather): a VP of the
     span that is not selected, or not in guest code since before ``now``, gets a guest time of 0
@@ -173,13 +236,9 @@ def flush_running(arrays: VpArrays, lo: int, sel: np.ndarray, now: float, debt_u
     np.add(g[HV_DEBT], debt_us, out=g[HV_DEBT], where=sel)
     # the flush (Tlb.flush_pages / Tlb.flush_space_nonglobal)
     nonglobal = g[NONGLOBAL]
-    a_space = scope.address_space
-    has = sel if a_space is None else sel & (g[ADDRESS_SPACE] == a_space)
-    if scope.pages is not None:
-        working_set = g[WORKING_SET]
-        has = has & (working_set != 0.0)
-        required = scope.pages * nonglobal
-        required /= np.where(has, working_set, 1.0)
+    if pages is not None:
+        required = pages * nonglobal
+        required /= arrays.working_set_or_1[lo:hi]
         np.minimum(required, nonglobal, out=required)
         required *= has  # 0.0 where the flush requires nothing (required is never negative)
         nonglobal -= required
@@ -193,11 +252,10 @@ def flush_running(arrays: VpArrays, lo: int, sel: np.ndarray, now: float, debt_u
     g[REFILL_DEBT] += booked * refill_us
     g[REFILL_ENTRIES] += required
     if removed is not None:
-        g[COLLATERAL] += removed - required
+        removed = removed - required  # collateral
+        g[COLLATERAL] += removed
     g[FLUSHES] += sel
-    if removed is None:
-        return required[sel], None
-    return required[sel], removed[sel]
+    return required, removed
 
 
 def row_sum(start: float, values: np.ndarray) -> float:
