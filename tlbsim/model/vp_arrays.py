@@ -24,10 +24,11 @@ from tlbsim.model.accounting import GUEST, N_STATES
 from tlbsim.model.tlb import Tlb
 
 #: Partitions of at least this many VPs keep their VPs' flush state in arrays (tests override it
-#: to run both paths on the same configuration). The vectorised flush costs about 0.1 ms a call
-#: whatever the size below a few hundred targets and a Python loop costs 1.3-1.7 us a target
-#: (docs/performance.md), so the arrays pay from about 100 targets a call.
-ARRAYS_FROM_VPS = 256
+#: to run both paths on the same configuration). A numpy flush call costs about 30 us at reference
+#: speed whatever the span up to a few hundred targets, a Python loop 1.3-1.7 us a target, and the
+#: properties cost the run loop a little: default config x 10 ms, best of 3 alternating in one process
+#: (2026-12-02), arrays / plain 1.30 at 16 VPs, 1.26 at 64, 0.95 at 128, 0.72 at 256.
+ARRAYS_FROM_VPS = 128
 
 #: The rows of ``VpArrays.f``: the VP's fields, then its TLB's (occupancy, then the constants Tlb.__init__
 #: sets, read by the vectorised flush only). flushes_applied is counted in a double (exact below 2**53).
