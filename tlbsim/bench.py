@@ -371,6 +371,7 @@ peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("Vm
 print(json.dumps({"wall_s": wall, "peak_mb": peak, "events": rec.events, "shootdowns": len(rec.shootdowns["id"]),
                   "running_targets": int(sum(rec.shootdowns["running_targets"])),
                   "suspensions": int(sum(rec.shootdowns["suspensions"])),
+                  "target_flushes": int(sum(rec.vps["flushes_applied"])),
                   "raw_us": min(raw_before, raw_after)}))
 """
 
@@ -557,8 +558,10 @@ def _bench_large(figures: dict, quick: bool, dur: float, reps: int) -> None:
     big = large_partition(big_vps, big_dur)
     big_floor.sample()
     per_target = min(per_target, array_target_flush_us(big_vps, 50 if quick else 200))
-    # its floor: the events as raw timeouts, its running targets at the array-backed flush's cost
-    floor = (big["events"] * big_floor.raw_us + big["running_targets"] * per_target) / 1e6
+    # its floor: the events as raw timeouts, and every flush a VP took (those of calls that met a locked
+    # TLB and were reissued included: a row counts only the last try's running targets) at the
+    # array-backed flush's cost per running target
+    floor = (big["events"] * big_floor.raw_us + big["target_flushes"] * per_target) / 1e6
     f = _figure(figures, "large_partition_wall_s", big["wall_s"], "s", floor=floor)
     ref_s = big["wall_s"] * REFERENCE_RAW_US / big["raw_us"]
     _figure(figures, "large_partition_reference_s", ref_s, "s", target="<= 10 s" if not quick else "")
@@ -570,7 +573,8 @@ def _bench_large(figures: dict, quick: bool, dur: float, reps: int) -> None:
     print(f"\n6. {big_vps:,} VPs, {big_dur / 1000:g} ms simulated, default config: {big['wall_s']:.1f} s "
           f"({ref_s:.1f} s at reference speed: raw SimPy {big['raw_us']:.3f} us in its process against "
           f"{REFERENCE_RAW_US}), peak RSS {big['peak_mb']:,.0f} MB; {big['shootdowns']:,} shootdowns flushed "
-          f"{big['running_targets']:,} running targets ({big['suspensions']:,} suspensions): floor {floor:.1f} s, "
+          f"{big['running_targets']:,} running targets ({big['suspensions']:,} suspensions; {big['target_flushes']:,} "
+          f"flushes applied to VPs, the reissued tries' included): floor {floor:.1f} s, "
           f"{f['over_floor']:.2f} x floor")
     print(f"   a running target of its flush (array-backed, {big_vps - 1:,} targets a call): {per_target:.3f} us, "
           f"{ref_target:.3f} us at reference speed" + ("" if quick else " (target <= 0.1)"))
