@@ -123,3 +123,24 @@ def test_row_sum_adds_in_order():
         expect += v
     assert row_sum(0.5, values) == expect
     assert row_sum(2.0, np.array([])) == 2.0
+
+
+def test_array_plan_membership_is_the_plain_plans():
+    """An array-backed plan packs its membership bits from its target flags: the same int as
+    hv.bits_of, and the flags are the targets."""
+    from tlbsim import hv
+    from tlbsim.model.tlb import FlushScope
+
+    cfg = Config().with_overrides({"partition.vps": 300, "partition.lps": 300, "partition.duration_us": 10.0})
+    part = Partition(cfg, 0)
+    assert part.vp_arrays is not None
+    for caller in (0, 5, 299):
+        vp = part.vps[caller]
+        targets = part.targets_of(vp, vp.address_space)
+        for pages in (1, None):
+            call, scope = part.policy.build(vp, None, FlushScope(vp.address_space, True, pages), targets)
+            plan = part.hypervisor.plan(vp, call, scope, targets)
+            indices = [t.index for t in targets]
+            assert plan.member == hv.bits_of(indices, hv.MAX_VP_INDEX)
+            assert (np.flatnonzero(plan.vmask) + plan.lo).tolist() == indices
+            assert plan.flushable.tolist() == plan.vmask.tolist()  # one address space, a working set each

@@ -168,7 +168,16 @@ class Hypervisor:
         at = bisect_left(indices, vp.index)
         if at < len(indices) and indices[at] == vp.index:  # the caller is no target of its own call
             indices = indices[:at] + indices[at + 1:]
-        member = hv.bits_of(indices, hv.MAX_VP_INDEX)
+        flags = None
+        if self.arrays is not None and indices and indices[0] >= 0 and indices[-1] < self.n_vps:
+            # an array-backed plan's targets as flags over the VPs, and its membership bits packed from
+            # them: the same int as hv.bits_of (validated targets are ints of the partition), without
+            # its per-index type checks
+            flags = np.zeros(self.n_vps, dtype=np.bool_)
+            flags[np.fromiter(indices, np.int64, len(indices))] = True
+            member = int.from_bytes(np.packbits(flags, bitorder="little").tobytes(), "little")
+        else:
+            member = hv.bits_of(indices, hv.MAX_VP_INDEX)
         if named is not None and len(named) == len(indices) and _indices(named) == indices:
             targets = named  # the same VPs in the same (ascending) order: share the list
         else:
@@ -191,10 +200,9 @@ class Hypervisor:
             if call.vp_set is not None:
                 entry += c.vp_set_per_bank_us * len(call.vp_set.banks)
         plan = CallPlan(call, scope, validation, targets, member, rep_pages, entry)
-        if self.arrays is not None and indices:
+        if flags is not None:
             plan.lo, plan.hi = indices[0], indices[-1] + 1
-            bits = np.frombuffer(member.to_bytes((plan.hi + 7) // 8, "little"), dtype=np.uint8)
-            plan.vmask = np.unpackbits(bits, bitorder="little")[plan.lo:plan.hi].view(np.bool_)
+            plan.vmask = flags[plan.lo:plan.hi]
             f = self.arrays.f[:, plan.lo:plan.hi]
             flushable = plan.vmask.copy()
             if scope.address_space is not None:
