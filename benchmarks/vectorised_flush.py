@@ -10,8 +10,9 @@ the batched page flush of a 1-page List call) and a vectorised version of the sa
 guest time: TLB fill, debts repaid in order, the rest guest work; the interruption's debt; the
 page flush; the refill debt; the row's refill sum taken in target order by ``np.add.accumulate``)
 over 5 calls, compares every field bit for bit, and prints both costs (best of 5 rounds of 20
-calls). docs/performance.md quotes its figures. The model does not use this: the VPs' fields
-would have to live in the arrays for the whole run, and most partitions are small.
+calls). docs/performance.md quotes its figures. This was the feasibility study; the model's own
+array-backed path (issue 26) is tlbsim/model/vp_arrays.py, where the VPs' fields live in the arrays
+for the whole run in partitions of vp_arrays.ARRAYS_FROM_VPS VPs or more.
 """
 
 from __future__ import annotations

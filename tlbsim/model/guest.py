@@ -261,6 +261,12 @@ class HypercallPolicy(Policy):
         return self.part.hypervisor.flush(vp, plan, sd)
 
 
+def index_list(targets) -> list[int]:
+    """The VP index of each target, in order (a partition.OtherVPs view has them at hand)."""
+    indices = getattr(targets, "indices", None)
+    return list(indices()) if indices is not None else [t.index for t in targets]
+
+
 def _no_call():
     return HvStatus.SUCCESS
     yield  # a generator that issues nothing
@@ -278,10 +284,10 @@ class WindowsStylePolicy(HypercallPolicy):
         use_list = (self.part.config.guest.call_form == "list" and pages is not None
                     and pages <= self.costs.flush_ceiling_pages)
         flags = HvFlushFlags.ALL_PROCESSORS if self.all_processors else 0
-        vps = [] if self.all_processors else [t.index for t in targets]
+        vps = [] if self.all_processors else index_list(targets)
         ex = bool(vps) and max(vps) >= 64
         vp_set = hv.vps_to_vp_set(vps) if ex else None
-        mask = 0 if self.all_processors else hv.vps_to_mask([v for v in vps if v < 64])
+        mask = 0 if self.all_processors or ex else hv.vps_to_mask(vps)  # an Ex call has no ProcessorMask
         if use_list:  # NON_GLOBAL is invalid on the List calls; a page flush is exact on every target
             gvas = hv.gva_ranges_for(0x1000, pages)
             call = (FlushCall.list_ex(scope.address_space, flags, vp_set, gvas) if ex

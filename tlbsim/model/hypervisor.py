@@ -50,10 +50,13 @@ from bisect import bisect_left
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from tlbsim import hv
 from tlbsim.hv import FlushCall, HvStatus
 from tlbsim.model.accounting import GUEST, HYPERCALL, SPINNING, SUSPENDED
 from tlbsim.model.tlb import EVERYTHING, FlushScope
+from tlbsim.model.vp_arrays import ADDRESS_SPACE, HV_DEBT, WORKING_SET, flush_running
 
 if TYPE_CHECKING:
     from tlbsim.model.partition import Partition
@@ -72,6 +75,12 @@ SNP_LIST_MAX = 16
 TDX_RING_RANGES = 32
 
 
+def _indices(targets) -> tuple[int, ...]:
+    """The VP index of each target, in order (a partition.OtherVPs view has them at hand)."""
+    indices = getattr(targets, "indices", None)
+    return indices() if indices is not None else tuple(map(_INDEX, targets))
+
+
 class CallPlan:
     """Everything about one (caller, call) pair that does not change during a
     run: the decoded call, its status, its target VPs and its segments by
@@ -85,7 +94,8 @@ class CallPlan:
     only for the running-target counts that occur."""
 
     __slots__ = ("call", "scope", "status", "ok", "all_processors", "n_named", "call_code", "flags", "targets",
-                 "member", "rep_pages", "entry_us", "segments_us", "fanouts_us")
+                 "member", "rep_pages", "entry_us", "segments_us", "fanouts_us", "lo", "hi", "vmask",
+                 "flushable")
 
     def __init__(self, call: FlushCall, scope: FlushScope, validation: hv.Validation, targets: list, member: int,
                  rep_pages: tuple[int, ...], entry_us: float):
@@ -103,6 +113,10 @@ class CallPlan:
         self.entry_us = entry_us  # entry, decode and the VP-set walk: paid again at every continuation
         self.segments_us: dict[int, tuple[float, ...]] = {}  # by running targets
         self.fanouts_us: dict[int, tuple[float, ...]] = {}  # of each segment: reaching the running targets
+        # array-backed partitions (vp_arrays.py): the targets as a mask over VPs lo .. hi - 1
+        self.lo = self.hi = 0
+        self.vmask = None
+        self.flushable = None  # ... of which those whose TLB the scope applies to (vp_arrays.flush_running)
 
 
 class Hypervisor:
@@ -117,6 +131,9 @@ class Hypervisor:
         self.record_ids = part.config.run.check_invariants  # every VP keeps applied_ids (VP.__init__)
         self.traced = part.timeline is not None  # its VPs are TracingVPs
         self.n_vps = part.config.partition.vps
+        # large partitions: the VPs' flush state in arrays, flushed by vp_arrays.flush_running (the
+        # per-VP verbs where the arrays do not apply: a timeline's TracingVPs, scopes with global entries)
+        self.arrays = part.vp_arrays
         locks = part.config.locks
         self.lock_wait = self.profile.lock_wait if locks.wait == "profile" else locks.wait
         if not self.profile.suspends_on_tlb_lock:
@@ -151,8 +168,17 @@ class Hypervisor:
         at = bisect_left(indices, vp.index)
         if at < len(indices) and indices[at] == vp.index:  # the caller is no target of its own call
             indices = indices[:at] + indices[at + 1:]
-        member = hv.bits_of(indices, hv.MAX_VP_INDEX)
-        if named is not None and len(named) == len(indices) and tuple(map(_INDEX, named)) == indices:
+        flags = None
+        if self.arrays is not None and indices and indices[0] >= 0 and indices[-1] < self.n_vps:
+            # an array-backed plan's targets as flags over the VPs, and its membership bits packed from
+            # them: the same int as hv.bits_of (validated targets are ints of the partition), without
+            # its per-index type checks
+            flags = np.zeros(self.n_vps, dtype=np.bool_)
+            flags[np.fromiter(indices, np.int64, len(indices))] = True
+            member = int.from_bytes(np.packbits(flags, bitorder="little").tobytes(), "little")
+        else:
+            member = hv.bits_of(indices, hv.MAX_VP_INDEX)
+        if named is not None and len(named) == len(indices) and _indices(named) == indices:
             targets = named  # the same VPs in the same (ascending) order: share the list
         else:
             targets = [vps[i] for i in indices]
@@ -173,7 +199,18 @@ class Hypervisor:
                 entry += c.mask_per_vp_us * (len(validation.targets) + len(validation.ignored_vps))
             if call.vp_set is not None:
                 entry += c.vp_set_per_bank_us * len(call.vp_set.banks)
-        return CallPlan(call, scope, validation, targets, member, rep_pages, entry)
+        plan = CallPlan(call, scope, validation, targets, member, rep_pages, entry)
+        if flags is not None:
+            plan.lo, plan.hi = indices[0], indices[-1] + 1
+            plan.vmask = flags[plan.lo:plan.hi]
+            f = self.arrays.f[:, plan.lo:plan.hi]
+            flushable = plan.vmask.copy()
+            if scope.address_space is not None:
+                flushable &= f[ADDRESS_SPACE] == scope.address_space
+            if scope.pages is not None:
+                flushable &= f[WORKING_SET] != 0.0
+            plan.flushable = flushable
+        return plan
 
     # ------------------------------------------------------------ costs
     def fanout_mode(self, k_running: int) -> str:
@@ -269,30 +306,42 @@ class Hypervisor:
             # the first holder; the caller is then suspended until the first lock lifts and reissues the
             # whole call, which interrupts those targets again
             first = holders[0][2].index  # holders are in VP order
-            free = []
-            for t in targets:
-                if t.index >= first:
-                    break
-                if t.on_lp:
-                    free.append(t)
-            mode = self.fanout_mode(len(free))
-            k = self._flush_running(free, scope, sd, env.now, mode)
+            if plan.vmask is not None and self._vectorised(scope):
+                k = self._flush_running_arrays(plan, first, scope, sd, env.now)
+                mode = self.fanout_mode(k)
+            else:
+                free = []
+                for t in targets:
+                    if t.index >= first:
+                        break
+                    if t.on_lp:
+                        free.append(t)
+                mode = self.fanout_mode(len(free))
+                k = self._flush_running(free, scope, sd, env.now, mode)
             fanout = self.fanout_us(mode, k, self._reps(plan))
             yield from self._in_hypercall(vp, sd, c_range * len(plan.rep_pages) + fanout, fanout=fanout)
             yield from self._wait_for_locks(vp, sd, holders, reissue=True)
         now = env.now
+        vectorised = plan.vmask is not None and self._vectorised(scope)
         if self.broadcast != "none" and self.isolation == "none":  # broadcast or IPIs: by the running count
-            mode = self.fanout_mode(sum(1 for t in targets if t.on_lp))
+            mode = self.fanout_mode(self._running_count(plan) if vectorised else sum(1 for t in targets if t.on_lp))
         else:
             mode = self.fanout_mode(0)
-        running = self.flush_targets(targets, scope, sd, now, mode)
+        if vectorised:
+            running = self._flush_targets_arrays(plan, scope, sd, now, mode)
+        else:
+            running = self.flush_targets(targets, scope, sd, now, mode)
         segments = self.segments_us(plan, running)
         fanouts = plan.fanouts_us[running] if plan.ok else ()
         if len(segments) > 1 and mode == IPI and running:  # each segment interrupts its targets again
             again = (len(segments) - 1) * self.target_hit_us
-            for t in targets:
-                if t.on_lp:
-                    t.hv_debt_us += again
+            if vectorised:
+                hv_debt = self.arrays.f[HV_DEBT, plan.lo:plan.hi]
+                np.add(hv_debt, again, out=hv_debt, where=plan.vmask & self.arrays.on_lp[plan.lo:plan.hi])
+            else:
+                for t in targets:
+                    if t.on_lp:
+                        t.hv_debt_us += again
         first = segments[0] - plan.entry_us if checked else segments[0]  # the entry is paid already
         yield from self._in_hypercall(vp, sd, first, now, fanouts[0])
         for cost, fanout in zip(segments[1:], fanouts[1:], strict=True):
@@ -350,6 +399,74 @@ class Hypervisor:
             self.recorder.flushed_off_lp(sd, len(targets) - len(flushed))
         self.recorder.running_flushed(sd, flushed)
         return len(flushed)
+
+    # ------------------------------------------------------------ array-backed partitions
+    def _vectorised(self, scope: FlushScope) -> bool:
+        """Does ``vp_arrays.flush_running`` do this scope (a page scope, or an address space's
+        non-global entries)?"""
+        return scope.pages is not None or scope.non_global_only
+
+    def _running_count(self, plan: CallPlan) -> int:
+        return int(np.count_nonzero(plan.vmask & self.arrays.on_lp[plan.lo:plan.hi]))
+
+    def _flush_running_arrays(self, plan: CallPlan, first: int, scope: FlushScope, sd, now: float) -> int:
+        """``_flush_running`` of the running targets before VP ``first`` (the first lock holder), on
+        the arrays; returns how many."""
+        lo, hi = plan.lo, min(plan.hi, first)
+        if hi <= lo:
+            self.recorder.running_flushed_arrays(sd, 0, None, None)
+            return 0
+        on = self.arrays.on_lp[lo:hi]
+        sel = plan.vmask[:hi - lo] & on
+        k = int(np.count_nonzero(sel))
+        if k:
+            debt = self._debt_us(self.fanout_mode(k), scope)
+            required, removed = flush_running(self.arrays, lo, sel, plan.flushable[:hi - lo] & on, now, debt,
+                                              scope.pages, self.whole_context, self.costs.refill_us)
+            self._record_ids(lo, sel, sd)
+        else:
+            required = removed = None
+        self.recorder.running_flushed_arrays(sd, k, required, removed)
+        return k
+
+    def _flush_targets_arrays(self, plan: CallPlan, scope: FlushScope, sd, now: float, mode: str) -> int:
+        """``flush_targets`` on the arrays: the targets off their LPs one by one (deferred, or under
+        INVLPGB flushed now), then every running one by ``vp_arrays.flush_running``; returns how many
+        were running."""
+        lo, hi = plan.lo, plan.hi
+        on = self.arrays.on_lp[lo:hi]
+        sel = plan.vmask & on
+        off = np.flatnonzero(plan.vmask & ~on)
+        whole_context = self.whole_context
+        defer_idle = mode != INVLPGB
+        vps = self.part.vps
+        if len(off):
+            if defer_idle:  # VP.defer_flush, reported once
+                item = (sd, scope, whole_context)
+                for i in off.tolist():
+                    vps[lo + i].deferred.append(item)
+                self.recorder.deferred(sd, len(off))
+            else:
+                for i in off.tolist():
+                    vps[lo + i].flush_now_idle(scope, sd, whole_context)
+                self.recorder.flushed_off_lp(sd, len(off))
+        k = int(np.count_nonzero(sel))
+        if k:
+            required, removed = flush_running(self.arrays, lo, sel, plan.flushable & on, now,
+                                              self._debt_us(mode, scope), scope.pages, whole_context,
+                                              self.costs.refill_us)
+            self._record_ids(lo, sel, sd)
+        else:
+            required = removed = None
+        self.recorder.running_flushed_arrays(sd, k, required, removed)
+        return k
+
+    def _record_ids(self, lo: int, sel, sd) -> None:
+        """Under the invariant checks every flushed VP keeps the shootdown's id (VP.applied_ids)."""
+        if self.record_ids:
+            vps = self.part.vps
+            for i in np.flatnonzero(sel).tolist():
+                vps[lo + i].applied_ids.add(sd.id)
 
     def _flush_running(self, free, scope: FlushScope, sd, now: float, mode: str) -> int:
         """A call that met a locked TLB flushes the running targets that are not locked (they are

@@ -15,7 +15,7 @@ import numpy as np
 
 from tlbsim import hv
 from tlbsim.config import Config, ExitSpec
-from tlbsim.model import InvariantError, rng
+from tlbsim.model import InvariantError, rng, vp_arrays
 from tlbsim.model.accounting import EXIT_REASONS
 from tlbsim.model.guest import make_policy
 from tlbsim.model.hypervisor import Hypervisor
@@ -26,6 +26,7 @@ from tlbsim.model.recorder import Records
 from tlbsim.model.spin import SpinYield
 from tlbsim.model.vf import PhysicalFunction, VirtualFunction
 from tlbsim.model.vp import GUEST, VP
+from tlbsim.model.vp_arrays import VpArrays, array_vp_class
 from tlbsim.model.workload import ClosedLoop, PoissonArrivals, TraceArrivals, TraceEvent
 
 #: Up to this many sharers of an address space, each VP's targets among them are a list of its own
@@ -40,17 +41,24 @@ class OtherVPs:
     took n x (n - 1) pointers (134 MB at 4,096 VPs); this takes two fields. Iteration runs at C
     speed (two islices chained). Read-only, like the list it views."""
 
-    __slots__ = ("_vps", "_skip")
+    __slots__ = ("_vps", "_skip", "_indices")
 
-    def __init__(self, vps: list, skip: int):
+    def __init__(self, vps: list, skip: int, indices: tuple[int, ...] | None = None):
         self._vps = vps  # shared, never mutated after the partition is built
         self._skip = skip  # position of the VP left out
+        self._indices = indices  # the shared list's VP indices, shared too (None: read from the VPs)
 
     def __iter__(self):
         return chain(islice(self._vps, self._skip), islice(self._vps, self._skip + 1, None))
 
     def __len__(self) -> int:
         return len(self._vps) - 1
+
+    def indices(self) -> tuple[int, ...]:
+        """The VP index of each, in order (what a guest builds its call from: two tuple slices,
+        not 4,095 attribute reads)."""
+        every = self._indices if self._indices is not None else tuple(v.index for v in self._vps)
+        return every[:self._skip] + every[self._skip + 1:]
 
 
 class _LosingList(list):
@@ -107,6 +115,9 @@ class Partition:
         self.spin_yield = self._spin_yield(config)
         self.last_boosted = -1  # the VP the last directed yield went to (kvm_vcpu_on_spin's last_boosted_vcpu)
 
+        # large partitions keep their VPs' flush state in arrays (vp_arrays.py); not with a timeline,
+        # whose TracingVPs follow each VP's accounting one at a time
+        self.vp_arrays = (VpArrays(p.vps) if p.vps >= vp_arrays.ARRAYS_FROM_VPS and timeline is None else None)
         self._register_locks(config, streams)
         self.hypervisor = Hypervisor(self)
         self.policy = make_policy(w.policy, self)
@@ -125,6 +136,7 @@ class Partition:
                 vp.deferred = _LosingList()
         self._mask_targets = hv.mask_to_vps(w.processor_mask) if w.processor_mask else None
         self._targets: dict[tuple[int, int], tuple[list[VP], tuple[int, ...]]] = {}
+        self._sharer_indices: dict[int, tuple[int, ...]] = {}  # address space -> its sharers' indices
 
         self._build_vfs(config, seed, vf_trace)
 
@@ -185,6 +197,8 @@ class Partition:
 
             vp_class = TracingVP
             trace_recorder(self.recorder, timeline, self.index)
+        elif self.vp_arrays is not None:
+            vp_class = array_vp_class(VP, self.vp_arrays)
         threads = w.threads or p.vps  # VPs 0 .. threads - 1 run the workload's threads; the rest idle
         for i in range(p.vps):
             arrivals = self._arrivals(config, i, streams[i]["workload"], threads, initiators, per_vp_trace)
@@ -246,8 +260,13 @@ class Partition:
                 sharers = self.sharers.get(address_space, [])
                 try:
                     skip = sharers.index(vp)
-                    found = (sharers[:skip] + sharers[skip + 1:] if len(sharers) <= TARGET_LISTS_UP_TO
-                             else OtherVPs(sharers, skip))
+                    if len(sharers) <= TARGET_LISTS_UP_TO:
+                        found = sharers[:skip] + sharers[skip + 1:]
+                    else:
+                        every = self._sharer_indices.get(address_space)
+                        if every is None:
+                            every = self._sharer_indices[address_space] = tuple(v.index for v in sharers)
+                        found = OtherVPs(sharers, skip, every)
                 except ValueError:  # not a sharer (its own address space is another): every sharer
                     found = sharers
             self._targets[key] = found

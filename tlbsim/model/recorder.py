@@ -44,6 +44,7 @@ from tlbsim.model.accounting import (
     SUSPENDED,
     TIME_COLUMNS,
 )
+from tlbsim.model.vp_arrays import row_sum
 
 #: Latency anatomy: where the initiator's time went between issuing the shootdown and its completion
 #: (the run's end for one still in flight), by the state it was in. They add up to ``latency_us``
@@ -287,6 +288,17 @@ class ShootdownRecorder:
         for r in required:
             refill += r
         shootdown.refill_entries = refill
+
+    def running_flushed_arrays(self, shootdown: _Shootdown, count: int, required, collateral) -> None:
+        """``running_flushed`` of ``count`` running targets flushed by the vectorised path
+        (vp_arrays.flush_running): ``required`` and ``collateral`` (removed - required; None for a
+        page flush: exact) per VP of the flushed span in VP order as numpy arrays, 0.0 for the VPs
+        not flushed, summed one addition at a time in that order, as the loop does."""
+        shootdown.running_targets = count
+        if count:
+            shootdown.refill_entries = row_sum(shootdown.refill_entries, required)
+            if collateral is not None:
+                shootdown.collateral_entries = row_sum(shootdown.collateral_entries, collateral)
 
     def deferred(self, shootdown: _Shootdown, count: int = 1) -> None:
         """``count`` targets were not on an LP: their flush waits for their next entry."""

@@ -97,8 +97,8 @@ class VP(FlushTarget, InterruptTarget, LockHolder, LpUser, TimeAccount):
     def __init__(self, part: Partition, index: int, address_space: int, streams, arrivals, has_thread: bool = True):
         cfg = part.config
         t = cfg.tlb
-        super().__init__(part.env, Tlb(address_space, t.capacity, t.working_set_pages, t.global_pages,
-                                       t.fill_rate_per_us, t.start_warm))
+        super().__init__(part.env, self._build_tlb(index, address_space, t.capacity, t.working_set_pages,
+                                                   t.global_pages, t.fill_rate_per_us, t.start_warm))
         self.part = part
         self.host = part.host
         if has_thread:  # a VP that only wakes for interrupts does not make the host overcommitted
@@ -138,6 +138,11 @@ class VP(FlushTarget, InterruptTarget, LockHolder, LpUser, TimeAccount):
         # sleeps after its operation idles its VP until then (``_idle``)
         self.idle_until_us = 0.0 if has_thread else math.inf
         self.proc = self.env.process(self._run())
+
+    def _build_tlb(self, index: int, address_space: int, capacity: int, working_set: int, global_pages: int,
+                   fill_rate_per_us: float, warm: bool) -> Tlb:
+        """Its TLB (vp_arrays.array_vp_class: one whose occupancy lives in the partition's arrays)."""
+        return Tlb(address_space, capacity, working_set, global_pages, fill_rate_per_us, warm)
 
     def _init_exits(self, part: Partition, cfg) -> None:
         """The exit mix: cumulative probabilities over EXIT_REASONS by rate, and each one's cost."""
@@ -230,7 +235,7 @@ class VP(FlushTarget, InterruptTarget, LockHolder, LpUser, TimeAccount):
         """Time so far in each state (guest time with what it repaid, the current state up to now),
         then the IPI send, PV sched-yield, spin-exit and kick totals: a shootdown's latency anatomy is the
         change of its initiator's clock (ShootdownRecorder._anatomy)."""
-        c = self.state_us[:]
+        c = list(self.state_us)  # a copy (an array-backed VP's row is a memoryview)
         c[GUEST] += self.hv_flush_us + self.refill_us
         c[self.state] += self.env.now - self.since
         c += (self.ipi_send_us, self.sched_yield_us, self.spin_exit_us,
