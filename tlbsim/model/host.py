@@ -157,9 +157,10 @@ class Schedulable:
 
 
 class Host:
-    def __init__(self, env, n_lps: int, sched: SchedParams, lps=None, lp_busy_us=None):
+    def __init__(self, env, n_lps: int, sched: SchedParams, lps=None, lp_busy_us=None, lp_curr=None):
         """``lps``: the LPs this queue serves (all by default; one for a per-LP run queue,
-        runqueues.PerLpHost, which also shares one ``lp_busy_us`` among its queues)."""
+        runqueues.PerLpHost, which also shares one ``lp_busy_us`` and one ``lp_curr`` among its
+        queues, each writing its own LP's entry)."""
         self.env = env
         self.n_lps = n_lps
         self.sched = sched
@@ -170,7 +171,7 @@ class Host:
         # entities holding an LP, in dispatch order: a dict as an ordered set, so that releasing one
         # is O(1) (list.remove took a third of a 4,096-LP run)
         self.running: dict = {}
-        self._lp_curr: list = [None] * n_lps  # the entity on each LP
+        self._lp_curr: list = [None] * n_lps if lp_curr is None else lp_curr  # the entity on each LP
         self._idle_set: set[int] = set(range(n_lps) if lps is None else lps)  # (set.pop on ints is deterministic)
         # time each LP ran entities (to the last one that left it)
         self.lp_busy_us = [0.0] * n_lps if lp_busy_us is None else lp_busy_us
@@ -434,8 +435,8 @@ class EevdfHost(Host):
       the LP goes to pick_eevdf's choice, the yielder included (then the yield changes nothing).
     - DELAY_DEQUEUE (6.12+) and PICK_BUDDY are not modelled."""
 
-    def __init__(self, env, n_lps: int, sched: SchedParams, lps=None, lp_busy_us=None):
-        super().__init__(env, n_lps, sched, lps, lp_busy_us)
+    def __init__(self, env, n_lps: int, sched: SchedParams, lps=None, lp_busy_us=None, lp_curr=None):
+        super().__init__(env, n_lps, sched, lps, lp_busy_us, lp_curr)
         self.slice_us = sched.latency_us
         self._queued_sum = 0.0  # sum of the waiting entities' virtual runtimes
         self._running_base = 0.0  # sum over running entities of (virtual runtime at dispatch - dispatch time)

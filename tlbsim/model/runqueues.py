@@ -137,10 +137,11 @@ class PerLpHost:
         self.sched = sched
         self.slice_us = sched.latency_us
         self.lp_busy_us = [0.0] * n_lps
+        lp_curr: list = [None] * n_lps  # the entity on each LP (each queue writes its own)
         cls = EevdfLpQueue if sched.kind == "eevdf" else CfsLpQueue
         self.rqs = []
         for lp in range(n_lps):
-            rq = cls(env, n_lps, sched, lps=(lp,), lp_busy_us=self.lp_busy_us)
+            rq = cls(env, n_lps, sched, lps=(lp,), lp_busy_us=self.lp_busy_us, lp_curr=lp_curr)
             rq.owner, rq.lp_id, rq.next_buddy = self, lp, None
             self.rqs.append(rq)
         self.idle_lps: set[int] = set(range(n_lps))
