@@ -73,6 +73,18 @@ def test_the_shared_queue_would_have_run_it_at_once():
     assert a.log == [("on", 0.0), ("off", 3000.0), ("on", 3000.0)] and d.log[1] == ("off", 3000.0)
 
 
+def test_every_idle_lp_balances_when_entities_queue_elsewhere():
+    env, host = per_lp(3)
+    a = Entity(env, host, "a", lp=0)
+    b = Entity(env, host, "b", lp=0)
+    c = Entity(env, host, "c", lp=0)
+    env.run(until=10.0)
+    # b and c queue on LP 0 (their last LP, not woken) while LPs 1 and 2 idle; both LPs balance at once
+    # (b and c never ran: cold) and each pulls one, b first (the first in LP 0's queue)
+    assert (a.lp, b.lp, c.lp) == (0, 1, 2) and b.log == [("on", 0.0)] and c.log == [("on", 0.0)]
+    assert host.newidle_pulls == 2 and host.free_lps == 0
+
+
 def test_periodic_balancing_pulls_half_the_imbalance_after_the_busy_interval():
     env, host = per_lp(2)
     assert host.balance_interval_us == 2 * 1000.0 * BUSY_FACTOR  # sd_weight ms x busy_factor

@@ -59,6 +59,11 @@ def test_bad_specs_fail_before_any_work(tmp_path):
         spec(zip={"workload.sharing": ["all"], "workload.group_size": [1, 2]})
     with pytest.raises(ConfigError, match="unknown"):
         SweepSpec.from_dict({**SMALL, "gird": {}})
+    # a key in two tables: the later one would win without a word (the sweep ran half its points twice)
+    with pytest.raises(ConfigError, match=r"grid\.partition\.vps: is also in \[fixed\]"):
+        spec(fixed={"partition.vps": 8}, grid={"partition.vps": [4, 8]})
+    with pytest.raises(ConfigError, match=r"zip\.workload\.policy: is also in \[grid\]"):
+        spec(grid={"workload.policy": ["mask", "ipi"]}, zip={"workload.policy": ["all"]})
 
 
 DERIVED = {
@@ -87,6 +92,12 @@ def test_derived_keys_follow_the_study_parameters_in_order():
     # an expression may read a base config value it does not vary: workload.group_size is 4 by default
     s = SweepSpec.from_dict({**DERIVED, "derive": {**DERIVED["derive"], "workload.pages": "workload.group_size * 2"}})
     assert {p.overrides["workload.pages"] for p in s.points} == {8}
+    # ... but not a key derived later, which it would read at its base value
+    later = {"workload.rate_per_ms": "total_rate_per_ms / workload.threads",
+             "workload.threads": "max(1, round(partition.vps * active_fraction))",
+             "partition.lps": "max(1, partition.vps // overcommit)"}
+    with pytest.raises(ConfigError, match="uses workload.threads, which is derived later"):
+        SweepSpec.from_dict({**DERIVED, "derive": later})
 
 
 def test_a_derived_sweep_records_its_parameters_and_plots_read_them(tmp_path):

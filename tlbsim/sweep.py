@@ -126,6 +126,12 @@ class SweepSpec:
             for key, values in table.items():
                 if not isinstance(values, list) or not values:
                     raise ConfigError(f"{section}.{key}", "must be a non-empty list")
+        for a, b, first, second in (("fixed", "grid", fixed, grid), ("fixed", "zip", fixed, zipped),
+                                    ("grid", "zip", grid, zipped)):
+            both = sorted(set(first) & set(second))
+            if both:  # the later table would win without a word
+                raise ConfigError(f"{b}.{both[0]}", f"is also in [{a}]: give each key in one table (with "
+                                  "--set, name the table that holds it)")
         lengths = {len(v) for v in zipped.values()}
         if len(lengths) > 1:
             raise ConfigError("zip", "all zipped lists must have the same length")
@@ -184,7 +190,8 @@ def _derivations(table: dict[str, Any], given: list[str]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     used: set[str] = set()
-    for key, text in table.items():
+    order = list(table)
+    for position, (key, text) in enumerate(table.items()):
         where = f"derive.{key}"
         if "." not in key:
             raise ConfigError(where, "a derived key is a config key (section.key)")
@@ -201,6 +208,9 @@ def _derivations(table: dict[str, Any], given: list[str]) -> dict[str, Any]:
             name = _dotted(node)
             if name is not None:
                 used.add(name)
+                if name in table and order.index(name) >= position:  # it would read the base value
+                    raise ConfigError(where, f"uses {name}, which is derived {'here' if name == key else 'later'}: "
+                                      "derive a key before the expressions that use it")
             elif isinstance(node, ast.Name) and id(node) in called:
                 pass  # min, max... checked at their call
             elif isinstance(node, ast.Call):

@@ -62,6 +62,7 @@ class _LpQueue:
     owner: PerLpHost
     lp_id: int
     next_buddy: object
+    yield_target: object
 
     @property
     def overcommitted(self) -> bool:
@@ -72,14 +73,27 @@ class _LpQueue:
 
     def _pick(self):
         buddy = self.next_buddy
-        if buddy is not None:
+        if buddy is not None:  # pick_next_entity: the next buddy, unless too unfair to the leftmost
             self.next_buddy = None
+            gran = self.sched.wakeup_granularity_us
+            if gran == math.inf:  # no buddy rule published (hyperv): the slice bounds it
+                gran = self.sched.latency_us
             for i, item in enumerate(self._queue):
                 if item[2] is buddy:
-                    return self._unqueue(i)
-        entity = super()._pick()
+                    if item[0] - self._queue[0][0] <= gran:
+                        return self._counted(self._unqueue(i))
+                    break
+        entity = self._counted(super()._pick())
         if not self._queue:
             self.owner.waiting_lps.discard(self.lp_id)
+        return entity
+
+    def _counted(self, entity):
+        """The pick after a directed yield from another LP ran its target: count it."""
+        if self.yield_target is not None:
+            if entity is self.yield_target:
+                self.owner._yields_to_target += 1
+            self.yield_target = None
         return entity
 
     # the host keeps the set of LPs with someone waiting (balancing looks only there)
@@ -94,6 +108,7 @@ class _LpQueue:
         return entity
 
     def _yield_pick(self, target):
+        self.next_buddy = None  # this yield sets its own (Host._yield_pick applies it)
         entity = super()._yield_pick(target)
         if not self._queue:
             self.owner.waiting_lps.discard(self.lp_id)
@@ -142,7 +157,7 @@ class PerLpHost:
         self.rqs = []
         for lp in range(n_lps):
             rq = cls(env, n_lps, sched, lps=(lp,), lp_busy_us=self.lp_busy_us, lp_curr=lp_curr)
-            rq.owner, rq.lp_id, rq.next_buddy = self, lp, None
+            rq.owner, rq.lp_id, rq.next_buddy, rq.yield_target = self, lp, None, None
             self.rqs.append(rq)
         self.idle_lps: set[int] = set(range(n_lps))
         self.waiting_lps: set[int] = set()  # LPs whose queue holds a waiting entity
@@ -250,8 +265,8 @@ class PerLpHost:
             self.idle_lps.discard(lp)
         else:
             self._queued_on[entity] = lp
-            if self.idle_lps:  # the nohz kick: an idle LP balances once someone can move
-                self._kick_idle(min(self.idle_lps))
+            if self.idle_lps:  # the nohz kick: idle LPs balance once someone can move
+                self._kick_idle_lps()
         return ev
 
     def release(self, entity) -> None:
@@ -315,6 +330,15 @@ class PerLpHost:
         self.idle_lps.discard(lp)
         self.newidle_pulls += 1
         dst._dispatch_waiting(entity, lp)
+        if self.idle_lps and self.waiting_lps:  # others may still wait with LPs idle
+            self._kick_idle_lps()
+
+    def _kick_idle_lps(self) -> None:
+        """Every idle LP with no balance pending balances when the first waiting entity turns cold."""
+        due = self._retry_due
+        for lp in sorted(self.idle_lps):
+            if due[lp] == math.inf:
+                self._kick_idle(lp)
 
     def _kick_idle(self, lp: int, src=None) -> None:
         """Balance idle ``lp`` again when the first waiting entity of the busiest queue turns cold
@@ -392,16 +416,11 @@ class PerLpHost:
         """resched_curr(p_rq) with ``target`` as its next buddy: preempt the LP's running entity if
         the pick would now run another (CFS: the buddy if within the wakeup granularity of the
         leftmost, else the leftmost; EEVDF: pick_eevdf)."""
-        if not rq.running:  # the target waits on an idle LP (every candidate was hot): it runs now
-            lp = rq.lp_id
-            self._take(rq, target)
-            del self._queued_on[target]
-            rq._idle_set.discard(lp)
-            self.idle_lps.discard(lp)
-            self._yields_to_target += 1
-            rq._dispatch_waiting(target, lp)
-            return
+        assert rq.running, "an idle LP holds no waiting entity"
         curr = next(iter(rq.running))
+        rq.yield_target = target  # counted in directed_yields_to_target if the LP's next pick runs it
+        if self.sched.kind != "eevdf":
+            rq.next_buddy = target  # yield_to_task_fair's set_next_buddy, whatever follows
         if curr.preempt_pending:
             return
         if self.sched.kind == "eevdf":
@@ -411,7 +430,7 @@ class PerLpHost:
             if v_now <= big_v + 1e-9 + abs(big_v) * 1e-12:
                 return  # RUN_TO_PARITY: pick_eevdf keeps an eligible running entity within its slice
             saved, curr.vruntime_us = curr.vruntime_us, v_now
-            i, chosen = rq._best(also=curr)
+            i, _ = rq._best(also=curr)
             curr.vruntime_us = saved
             if i < 0:
                 return
@@ -420,13 +439,9 @@ class PerLpHost:
             gran = self.sched.wakeup_granularity_us
             if gran == math.inf:
                 gran = self.sched.latency_us
-            left_v = rq.vruntime_now(leftmost)
-            chosen = target if target.vruntime_us - left_v <= gran else leftmost
+            chosen = target if target.vruntime_us - rq.vruntime_now(leftmost) <= gran else leftmost
             if chosen is curr:
                 return
-            rq.next_buddy = chosen
-        if chosen is target:
-            self._yields_to_target += 1
         self.yield_reschedules += 1
         curr.preempt()
 
