@@ -32,6 +32,7 @@ from functools import partial
 from tlbsim import hv
 from tlbsim.hv import FlushCall, HvFlushFlags, HvStatus, VpSet
 from tlbsim.model.accounting import CHARGE_SCHED_YIELD, CHARGE_SEND, I_HYPERCALL, I_MSR
+from tlbsim.model.hypervisor import target_indices
 from tlbsim.model.tlb import EVERYTHING, FlushScope
 from tlbsim.model.vp import EXIT, FLUSH, HALTED
 from tlbsim.model.vp_interrupts import wake_for_ipi
@@ -261,12 +262,6 @@ class HypercallPolicy(Policy):
         return self.part.hypervisor.flush(vp, plan, sd)
 
 
-def index_list(targets) -> list[int]:
-    """The VP index of each target, in order (a partition.OtherVPs view has them at hand)."""
-    indices = getattr(targets, "indices", None)
-    return list(indices()) if indices is not None else [t.index for t in targets]
-
-
 def _no_call():
     return HvStatus.SUCCESS
     yield  # a generator that issues nothing
@@ -284,7 +279,7 @@ class WindowsStylePolicy(HypercallPolicy):
         use_list = (self.part.config.guest.call_form == "list" and pages is not None
                     and pages <= self.costs.flush_ceiling_pages)
         flags = HvFlushFlags.ALL_PROCESSORS if self.all_processors else 0
-        vps = [] if self.all_processors else index_list(targets)
+        vps = () if self.all_processors else target_indices(targets)
         ex = bool(vps) and max(vps) >= 64
         vp_set = hv.vps_to_vp_set(vps) if ex else None
         mask = 0 if self.all_processors or ex else hv.vps_to_mask(vps)  # an Ex call has no ProcessorMask

@@ -103,6 +103,13 @@ class SchedParams:
     def hyperv(cls, slice_us: float) -> SchedParams:
         return cls("hyperv", slice_us, slice_us, math.inf, slice_us / 2)
 
+    @property
+    def buddy_granularity_us(self) -> float:
+        """How far a next buddy may be ahead of the leftmost entity and still be picked
+        (pick_next_entity's wakeup_preempt_entity < 1): the wakeup granularity; the slice under the
+        hyperv scheduler, which publishes no buddy rule."""
+        return self.latency_us if self.wakeup_granularity_us == math.inf else self.wakeup_granularity_us
+
     def slice_for(self, nr_running: int) -> float:
         """sched_slice for one of ``nr_running`` equal-weight entities on an LP (fixed for hyperv)."""
         if self.kind != "cfs" or nr_running <= 1:
@@ -200,6 +207,10 @@ class Host:
         """More entities than LPs: an LP a VP left may run another VP before it returns."""
         return self.entities > self.n_lps
 
+    def balance_counters(self) -> dict[str, int]:
+        """What balancing between run queues did (none here: one queue; runqueues.PerLpHost)."""
+        return {}
+
     # ------------------------------------------------------------ fair-class bookkeeping
     def vruntime_now(self, entity) -> float:
         """``entity``'s virtual runtime now (a running one's includes its time on the LP so far)."""
@@ -288,7 +299,7 @@ class Host:
 
     def _pick(self):
         """The waiting entity an LP runs next, taken off the queue (CFS: the least-run)."""
-        return self._queue.pop(0)[2]
+        return self._unqueue(0)
 
     def _unqueue(self, index: int):
         """Take the waiting entity at ``index`` off the queue (a migration, a buddy)."""
@@ -350,13 +361,11 @@ class Host:
         """The entity the yielder's LP runs, taken off the queue: CFS's pick_next_entity runs the
         next buddy (``target``) if its virtual runtime is within the wakeup granularity of the
         leftmost's, else the leftmost."""
-        leftmost = self._queue[0][2]
-        gran = self.sched.wakeup_granularity_us
-        if gran == math.inf:  # no buddy rule published (hyperv): the yield goes to the target
-            gran = self.sched.latency_us
-        chosen = target if target is leftmost or target.vruntime_us - leftmost.vruntime_us <= gran else leftmost
-        self._queue = [e for e in self._queue if e[2] is not chosen]
-        return chosen
+        queue = self._queue
+        leftmost = queue[0][2]
+        if target is leftmost or target.vruntime_us - leftmost.vruntime_us > self.sched.buddy_granularity_us:
+            return self._unqueue(0)
+        return self._unqueue(next(i for i, e in enumerate(queue) if e[2] is target))
 
     # ------------------------------------------------------------ slices
     def slice_us_now(self) -> float:

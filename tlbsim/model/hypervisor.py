@@ -75,7 +75,7 @@ SNP_LIST_MAX = 16
 TDX_RING_RANGES = 32
 
 
-def _indices(targets) -> tuple[int, ...]:
+def target_indices(targets) -> tuple[int, ...]:
     """The VP index of each target, in order (a partition.OtherVPs view has them at hand)."""
     indices = getattr(targets, "indices", None)
     return indices() if indices is not None else tuple(map(_INDEX, targets))
@@ -178,7 +178,7 @@ class Hypervisor:
             member = int.from_bytes(np.packbits(flags, bitorder="little").tobytes(), "little")
         else:
             member = hv.bits_of(indices, hv.MAX_VP_INDEX)
-        if named is not None and len(named) == len(indices) and _indices(named) == indices:
+        if named is not None and len(named) == len(indices) and target_indices(named) == indices:
             targets = named  # the same VPs in the same (ascending) order: share the list
         else:
             targets = [vps[i] for i in indices]

@@ -168,7 +168,5 @@ class Machine:
                   "guest_partitions": len(self.guests),
                   "cotenant_vps": len(self.cotenants),
                   "cotenant_run_us": sum(c.run_us for c in self.cotenants),
-                  **({"lp_migrations": host.migrations, "newidle_pulls": host.newidle_pulls,
-                      "balance_pulls": host.balance_pulls, "idle_kicks": host.idle_kicks,
-                      "yield_reschedules": host.yield_reschedules} if hasattr(host, "migrations") else {})},
+                  **host.balance_counters()},
         )

@@ -75,18 +75,12 @@ class _LpQueue:
         buddy = self.next_buddy
         if buddy is not None:  # pick_next_entity: the next buddy, unless too unfair to the leftmost
             self.next_buddy = None
-            gran = self.sched.wakeup_granularity_us
-            if gran == math.inf:  # no buddy rule published (hyperv): the slice bounds it
-                gran = self.sched.latency_us
             for i, item in enumerate(self._queue):
                 if item[2] is buddy:
-                    if item[0] - self._queue[0][0] <= gran:
+                    if item[0] - self._queue[0][0] <= self.sched.buddy_granularity_us:
                         return self._counted(self._unqueue(i))
                     break
-        entity = self._counted(super()._pick())
-        if not self._queue:
-            self.owner.waiting_lps.discard(self.lp_id)
-        return entity
+        return self._counted(super()._pick())
 
     def _counted(self, entity):
         """The pick after a directed yield from another LP ran its target: count it."""
@@ -109,10 +103,7 @@ class _LpQueue:
 
     def _yield_pick(self, target):
         self.next_buddy = None  # this yield sets its own (Host._yield_pick applies it)
-        entity = super()._yield_pick(target)
-        if not self._queue:
-            self.owner.waiting_lps.discard(self.lp_id)
-        return entity
+        return super()._yield_pick(target)
 
     def _put_prev(self, entity) -> int:
         self.update_min_vruntime()  # the kernel's update_curr keeps it moving while an entity runs
@@ -218,6 +209,11 @@ class PerLpHost:
         return self.rqs[lp]._nr_running()
 
     can_yield_to = staticmethod(Host.can_yield_to)
+
+    def balance_counters(self) -> dict[str, int]:
+        return {"lp_migrations": self.migrations, "newidle_pulls": self.newidle_pulls,
+                "balance_pulls": self.balance_pulls, "idle_kicks": self.idle_kicks,
+                "yield_reschedules": self.yield_reschedules}
 
     # ------------------------------------------------------------ placement
     def _select_lp(self, entity) -> int:
@@ -436,10 +432,8 @@ class PerLpHost:
                 return
         else:
             leftmost = rq.leftmost_other(curr)
-            gran = self.sched.wakeup_granularity_us
-            if gran == math.inf:
-                gran = self.sched.latency_us
-            chosen = target if target.vruntime_us - rq.vruntime_now(leftmost) <= gran else leftmost
+            near = target.vruntime_us - rq.vruntime_now(leftmost) <= self.sched.buddy_granularity_us
+            chosen = target if near else leftmost
             if chosen is curr:
                 return
         self.yield_reschedules += 1
